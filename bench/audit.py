@@ -1,0 +1,232 @@
+"""Ahead-of-time audit of every kernel for Hopper (sm_90a) and Ampere (sm_80), with no GPU.
+
+Each kernel launch of the library is captured (the launchers run on CPU tensors with the
+launch itself intercepted), specialised the way Triton's JIT would (pointer and integer
+arguments divisible by 16 get ``tt.divisibility``), compiled with ``triton.compile`` for the
+target, and read back with the tools in Triton's wheel (../shared/DESIGN.md, fact 5):
+``cuobjdump --dump-resource-usage`` for registers, spills (LOCAL) and shared memory, and
+``nvdisasm`` for the instruction mix: ``HGMMA`` (Hopper's warpgroup matrix multiply) and 128-bit
+global loads (``LDG.E.128``).
+
+Run ``python -m bench audit``; it exits non-zero on a spill or on an attention kernel without HGMMA
+on sm_90a. Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
+"""
+
+import contextlib
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from .shapes import MODELS
+
+_TRITON_DTYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1",
+}
+
+# Per-SM limits for the occupancy estimate (CUDA C programming guide, compute capability tables).
+_SM_LIMITS = {
+    90: dict(regs=65536, smem=228 * 1024, threads=2048, blocks=32),
+    80: dict(regs=65536, smem=164 * 1024, threads=2048, blocks=32),
+}
+
+
+@dataclasses.dataclass
+class Launch:
+    """One captured kernel launch: the kernel, its bound arguments and its launch options."""
+
+    kernel: object
+    args: dict
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass
+class Report:
+    case: str
+    kernel: str
+    arch: int
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    occupancy: float
+    hgmma: int
+    ldg128: int
+    ldg_other: int
+    problems: list
+
+
+def _bind(kernel, args, kwargs) -> dict:
+    names = kernel.arg_names
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    for p in kernel.params:
+        if p.name not in bound and p.default is not p.default.__class__:
+            bound.setdefault(p.name, p.default)
+    return bound
+
+
+@contextlib.contextmanager
+def capture_launches() -> Iterator[list]:
+    """Within the block, Triton kernel launches are recorded instead of run."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    launches: list[Launch] = []
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, _bind(self, args, kwargs), kwargs.get("num_warps", 4), kwargs.get("num_stages", 3)))
+
+    def autotune_run(self, *args, **kwargs):
+        for config in self.configs:
+            merged = {**kwargs, **config.all_kwargs()}
+            merged.pop("grid", None)
+            jit_run(self.fn, *args, grid=None, warmup=False, **merged)
+
+    saved = (JITFunction.run, Autotuner.run)
+    JITFunction.run, Autotuner.run = jit_run, autotune_run
+    try:
+        yield launches
+    finally:
+        JITFunction.run, Autotuner.run = saved
+
+
+def _specialise(launch: Launch):
+    kernel = launch.kernel
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        value = launch.args[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TRITON_DTYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"audit: cannot specialise argument {param.name}={value!r}")
+    return signature, constexprs, attrs
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _resources(cubin: bytes) -> tuple[dict, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(path)],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), str(path)], capture_output=True, text=True, check=True).stdout
+    fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    return fields, sass
+
+
+def _occupancy(arch: int, registers: int, shared: int, num_warps: int) -> float:
+    """Fraction of the SM's warp slots a kernel can fill (register allocation rounded per warp to 256)."""
+    limits = _SM_LIMITS[arch]
+    threads = 32 * num_warps
+    regs_per_block = num_warps * (((max(registers, 1) * 32) + 255) // 256 * 256)
+    blocks = min(limits["blocks"], limits["threads"] // threads, limits["regs"] // regs_per_block)
+    if shared:
+        blocks = min(blocks, limits["smem"] // shared)
+    return blocks * threads / limits["threads"]
+
+
+def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
+    """Compile one launch for ``arch`` and report it. ``kind`` is "memory" (must issue 128-bit
+    loads) or "matrix" (must use HGMMA on sm_90a)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = _specialise(launch)
+    source = ASTSource(launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    fields, sass = _resources(compiled.asm["cubin"])
+    registers, spill = fields.get("REG", 0), fields.get("LOCAL", 0)
+    shared = max(compiled.metadata.shared, fields.get("SHARED", 0))
+    hgmma = len(re.findall(r"\bHGMMA\b", sass))
+    ldg128 = len(re.findall(r"\bLDG\.E\.128\b", sass))
+    ldg_all = len(re.findall(r"\bLDG\.E[.\w]*", sass))
+    problems = []
+    if spill:
+        problems.append(f"spills {spill} bytes to local memory")
+    if kind == "matrix" and arch == 90 and hgmma == 0:
+        problems.append("no HGMMA on sm_90a")
+    if kind == "memory" and ldg128 == 0:
+        problems.append("no 128-bit global loads")
+    return Report(case, launch.kernel.__name__, arch, launch.num_warps, launch.num_stages, registers, spill, shared,
+                  _occupancy(arch, registers, shared, launch.num_warps), hgmma, ldg128, ldg_all - ldg128, problems)
+
+
+def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[], object], str]]:
+    from llama_fast.kernels import rmsnorm, rope, swiglu
+
+    tokens, batch, seq = 4096, 2, 2048
+    bf16 = torch.bfloat16
+    x = torch.empty(tokens, model.hidden, dtype=bf16)
+    w = torch.empty(model.hidden, dtype=bf16)
+    rstd = torch.empty(tokens, dtype=torch.float32)
+    yield "rms_norm fwd", lambda: rmsnorm.rms_norm_fwd(x, w, 1e-5), "memory"
+    yield "rms_norm bwd", lambda: rmsnorm.rms_norm_bwd(x, x, w, rstd), "memory"
+    q = torch.empty(batch, seq, model.q_heads, model.head_dim, dtype=bf16).transpose(1, 2)
+    k = torch.empty(batch, seq, model.kv_heads, model.head_dim, dtype=bf16).transpose(1, 2)
+    cos = torch.empty(batch, seq, model.head_dim, dtype=bf16)
+    yield "rope fwd", lambda: rope.rope(q, k, cos, cos), "memory"
+    yield "rope bwd", lambda: rope.rope(q, k, cos, cos, backward=True), "memory"
+    gate = torch.empty(tokens, model.intermediate, dtype=bf16)
+    yield "swiglu fwd", lambda: swiglu.swiglu_fwd(gate, gate), "memory"
+    yield "swiglu bwd", lambda: swiglu.swiglu_bwd(gate, gate, gate), "memory"
+
+
+CASE_GROUPS = {"memory": _memory_bound_cases}
+
+
+def audit(models=None, archs=(90, 80), groups=None) -> list[Report]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("bench audit compiles real kernels: unset TRITON_INTERPRET")
+    reports = []
+    for model_name in models or MODELS:
+        model = MODELS[model_name]
+        for group in groups or CASE_GROUPS:
+            for case, launcher, kind in CASE_GROUPS[group](model):
+                with capture_launches() as launches:
+                    launcher()
+                for launch in launches:
+                    for arch in archs:
+                        reports.append(compile_launch(f"{model_name} {case}", launch, arch, kind))
+    return reports
+
+
+def format_table(reports: list[Report]) -> str:
+    header = f"{'case':<34} {'kernel':<28} {'sm':>3} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} " \
+             f"{'smem':>7} {'occ':>5} {'hgmma':>5} {'ldg128':>6} {'ldg<128':>7}  problems"
+    lines = [header, "-" * len(header)]
+    for r in reports:
+        lines.append(
+            f"{r.case:<34} {r.kernel:<28} {r.arch:>3} {r.num_warps:>5} {r.num_stages:>3} {r.registers:>4} "
+            f"{r.spill_bytes:>5} {r.shared_bytes:>7} {r.occupancy:>5.0%} {r.hgmma:>5} {r.ldg128:>6} "
+            f"{r.ldg_other:>7}  {'; '.join(r.problems) or 'ok'}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Small helpers shared by the launchers: nothing here touches a GPU at import time."""
+
+import functools
+
+import torch
+import triton
+
+# Programs per launch when the kernel loops over rows itself and the device has no SM count
+# (the interpreter on CPU tensors). The interpreter runs programs one after another, so a small
+# number keeps tests fast while still exercising the multi-program reduction.
+_CPU_PROGRAMS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, work_items: int, per_sm: int = 1) -> int:
+    """How many programs a row-looping (persistent) kernel should launch."""
+    if device.type == "cuda":
+        slots = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+    else:
+        slots = _CPU_PROGRAMS
+    return max(1, min(work_items, slots))
+
+
+def row_block(n_cols: int) -> int:
+    """The power-of-two block that holds a whole row of ``n_cols`` elements."""
+    return triton.next_power_of_2(n_cols)
+
+
+def warps_for_row(block: int, element_bytes: int) -> int:
+    """Warps for a one-row-per-program kernel: enough that each thread holds about two 16-byte
+    vectors of the row (so loads are 128-bit), between 1 and 16."""
+    per_warp = 32 * 16 // element_bytes * 2
+    return max(1, min(16, block // per_warp))

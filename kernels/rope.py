@@ -1,0 +1,120 @@
+"""Rotary position embedding in the rotate_half layout (transformers' ``apply_rotary_pos_emb``).
+
+Shapes: q (B, Hq, S, D) and k (B, Hk, S, D), any strides with unit stride along D; cos and sin
+(B or 1, S, D) with unit stride along D (a stride of 0 along B broadcasts one table to the batch).
+Writing x = [x1, x2] and c = [c1, c2], s = [s1, s2] as halves of width D/2:
+
+Forward (x · cos + rotate_half(x) · sin, with rotate_half(x) = [−x2, x1]):
+    y1 = x1 · c1 − x2 · s1
+    y2 = x2 · c2 + x1 · s2
+Backward (the transpose of that linear map; rotate_halfᵀ(y) = [y2, −y1]):
+    dx1 = dy1 · c1 + dy2 · s2
+    dx2 = dy2 · c2 − dy1 · s1
+The map is linear in x, so backward saves only cos and sin. Maths in fp32, one rounding at the
+store (eager PyTorch rounds after each multiply and add).
+
+One program per token (b, s) rotates every head of q and of k, so the cos/sin row is read once.
+Bytes: forward and backward both move B·S·D·(Hq + Hk)·(in + out) + 2·B'·S·D·cos bytes.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(
+    in_ptr, out_ptr, n_heads, stride_in_h, stride_out_h,
+    c1, c2, s1, s2, d, d_mask,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    h = tl.arange(0, BLOCK_H)[:, None]
+    mask = (h < n_heads) & d_mask[None, :]
+    in_off = h * stride_in_h + d[None, :]
+    out_off = h * stride_out_h + d[None, :]
+    x1 = tl.load(in_ptr + in_off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(in_ptr + in_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    tl.store(out_ptr + out_off, y1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_off + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    # pointers
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+    # sizes
+    seq_len, n_q_heads, n_k_heads,
+    # strides (elements; D has unit stride everywhere)
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_qo_b, stride_qo_h, stride_qo_s,
+    stride_ko_b, stride_ko_h, stride_ko_s,
+    stride_cs_b, stride_cs_s,
+    # meta-parameters
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    b = token // seq_len
+    s = token % seq_len
+
+    d = tl.arange(0, BLOCK_HALF)
+    d_mask = d < HALF
+    cs_off = b * stride_cs_b + s * stride_cs_s + d
+    c1 = tl.load(cos_ptr + cs_off, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + cs_off + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + cs_off, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + cs_off + HALF, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+
+    _rotate_heads(
+        q_ptr + b * stride_q_b + s * stride_q_s, q_out_ptr + b * stride_qo_b + s * stride_qo_s,
+        n_q_heads, stride_q_h, stride_qo_h, c1, c2, s1, s2, d, d_mask,
+        HALF, BLOCK_HQ, BACKWARD,
+    )
+    _rotate_heads(
+        k_ptr + b * stride_k_b + s * stride_k_s, k_out_ptr + b * stride_ko_b + s * stride_ko_s,
+        n_k_heads, stride_k_h, stride_ko_h, c1, c2, s1, s2, d, d_mask,
+        HALF, BLOCK_HK, BACKWARD,
+    )
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backward: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, Hq, S, D) and k (B, Hk, S, D) by cos, sin (B or broadcast, S, D).
+
+    With ``backward=True`` q and k are the incoming gradients and the transpose is applied.
+    Outputs keep their input's memory layout (``empty_like``), so a transposed view of a
+    projection stays one.
+    """
+    batch, n_q_heads, seq_len, head_dim = q.shape
+    n_k_heads = k.shape[1]
+    out_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), cos.dtype)
+    q_out = torch.empty_like(q, dtype=q.dtype if backward else out_dtype)
+    k_out = torch.empty_like(k, dtype=k.dtype if backward else out_dtype)
+    if q.numel() == 0 and k.numel() == 0:
+        return q_out, k_out
+    half = head_dim // 2
+    block_hq = triton.next_power_of_2(n_q_heads)
+    block_hk = triton.next_power_of_2(n_k_heads)
+    block_half = triton.next_power_of_2(half)
+    elements = (block_hq + block_hk) * block_half * 2
+    _rope_kernel[(batch * seq_len,)](
+        q, k, cos, sin, q_out, k_out,
+        seq_len, n_q_heads, n_k_heads,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
+        k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        cos.stride(0), cos.stride(1),
+        HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BACKWARD=backward,
+        # About 16 values per thread: Llama-3-8B (32 + 8 heads, D 128) gets 8 warps.
+        num_warps=max(1, min(8, elements // (32 * 16))),
+    )
+    return q_out, k_out

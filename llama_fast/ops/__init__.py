@@ -1,0 +1,9 @@
+"""Public ops of llama_fast. Each checks its inputs, picks a backend (``backend_for``) and runs
+Triton kernels through autograd, or the eager reference."""
+
+from ..backend import BACKENDS, backend_for
+from .rms_norm import rms_norm
+from .rope import apply_rotary_pos_emb
+from .swiglu import swiglu
+
+__all__ = ["BACKENDS", "apply_rotary_pos_emb", "backend_for", "rms_norm", "swiglu"]

@@ -1,0 +1,34 @@
+"""Input checks shared by the ops: each raises with a message that names the problem."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(op: str, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported are float32, float16 and bfloat16")
+
+
+def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name} {d}" for name, d in dtypes.items())
+        raise TypeError(f"{op}: inputs must share one dtype, got {listed}")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"{op}: inputs must be on one device, got {listed}")
+
+
+def unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` flattened to 2-D (rows, last dim) with unit stride along the last dim.
+
+    A view when the leading dims collapse to one stride (the usual case); a copy otherwise.
+    """
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()

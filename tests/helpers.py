@@ -1,0 +1,67 @@
+"""Tolerances by the error-ratio rule, and input builders shared by the test modules.
+
+The rule (flash-attention's, ../shared/STYLE.md): against a reference computed in float64 from the
+same inputs (more precise than any dtype under test, fp32 included), the kernel's error may be at
+most RATIO times the error of eager PyTorch computing the same thing in the same dtype, plus a
+floor of one unit in the last place of the dtype at the scale of the values (the eager error can
+be exactly zero on tiny cases).
+"""
+
+import torch
+
+RATIO = 2.0
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_error_ratio(actual, eager_lowp, reference, *, name="", dtype=None):
+    """actual: the kernel's output; eager_lowp: eager PyTorch in the same dtype; reference: float64."""
+    assert actual.shape == reference.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    assert actual.dtype == eager_lowp.dtype, f"{name}: dtype {actual.dtype} != eager {eager_lowp.dtype}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    dtype = dtype or actual.dtype
+    scale = reference.double().abs().max().item() if reference.numel() else 0.0
+    floor = torch.finfo(dtype).eps * max(scale, 1e-3)
+    err = max_err(actual, reference)
+    eager = max_err(eager_lowp, reference)
+    bound = RATIO * eager + floor
+    assert err <= bound, f"{name}: error {err:.3e} > {RATIO} x eager {eager:.3e} + floor {floor:.3e}"
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def grads(outputs, inputs, grad_outputs):
+    """torch.autograd.grad that tolerates a tuple or a single tensor."""
+    if isinstance(outputs, torch.Tensor):
+        outputs, grad_outputs = (outputs,), (grad_outputs,)
+    return torch.autograd.grad(outputs, inputs, grad_outputs)
+
+
+def check_op(fn, ref_fn, inputs, dtype, *, names, backward=True):
+    """Run fn and ref_fn on ``inputs`` cast to ``dtype``, and ref_fn on them in float64; compare
+    outputs and input gradients by the error-ratio rule. ``inputs``: list of (tensor, requires_grad)."""
+    low = [leaf(t.to(dtype)) if rg else t.to(dtype) for t, rg in inputs]
+    eager = [leaf(t.to(dtype)) if rg else t.to(dtype) for t, rg in inputs]
+    fp64 = [leaf(t.double()) if rg else t.double() for t, rg in inputs]
+    out = fn(*low)
+    out_eager = ref_fn(*eager)
+    out_ref = ref_fn(*fp64)
+    outs = out if isinstance(out, tuple) else (out,)
+    outs_eager = out_eager if isinstance(out_eager, tuple) else (out_eager,)
+    outs_ref = out_ref if isinstance(out_ref, tuple) else (out_ref,)
+    for i, (a, e, r) in enumerate(zip(outs, outs_eager, outs_ref)):
+        assert_error_ratio(a, e, r, name=f"{names[0]} output {i}", dtype=dtype)
+    if not backward:
+        return
+    dys = [torch.randn_like(r) for r in outs_ref]
+    want = [i for i, (_, rg) in enumerate(inputs) if rg]
+    g = torch.autograd.grad(outs, [low[i] for i in want], [d.to(a.dtype) for d, a in zip(dys, outs)])
+    g_eager = torch.autograd.grad(outs_eager, [eager[i] for i in want], [d.to(a.dtype) for d, a in zip(dys, outs_eager)])
+    g_ref = torch.autograd.grad(outs_ref, [fp64[i] for i in want], dys)
+    for j, i in enumerate(want):
+        assert_error_ratio(g[j], g_eager[j], g_ref[j], name=f"{names[0]} grad of {names[1][i]}", dtype=dtype)

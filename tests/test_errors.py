@@ -1,0 +1,76 @@
+"""Bad input raises an error that names the problem; backend choice is explicit and reported."""
+
+import pytest
+import torch
+
+import llama_fast
+from llama_fast import ops
+from llama_fast.backend import interpreting
+
+
+def test_backend_for_reports_the_path_taken():
+    x = torch.randn(2, 8)
+    expected = "triton" if interpreting() else "reference"
+    assert ops.backend_for(x) == expected == llama_fast.backend_for(x)
+    assert ops.backend_for(x, "reference") == "reference"
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.backend_for(x, "tpu")
+
+
+def test_reference_backend_is_selectable():
+    x, w = torch.randn(3, 64), torch.randn(64)
+    torch.testing.assert_close(ops.rms_norm(x, w, backend="reference"), llama_fast.references.rms_norm(x, w))
+
+
+def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 8)
+    assert ops.backend_for(x) == "reference"
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ops.rms_norm(x, torch.randn(8), backend="triton")
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: ops.rms_norm(torch.randn(4, 8), torch.randn(7)), ValueError, r"weight must have shape \(8,\)"),
+    (lambda: ops.rms_norm(torch.randn(4, 8), torch.randn(8, 1)), ValueError, "weight must have shape"),
+    (lambda: ops.rms_norm(torch.randint(0, 3, (4, 8)), torch.randn(8)), TypeError, "x has dtype torch.int64"),
+    (lambda: ops.rms_norm(torch.randn(4, 8), torch.randn(8, dtype=torch.float64)), TypeError, "weight has dtype torch.float64"),
+    (lambda: ops.rms_norm(torch.randn(4, 8), torch.randn(8, device="meta")), ValueError, "one device"),
+    (lambda: ops.rms_norm(torch.randn(2, 40000), torch.randn(40000)), ValueError, "hidden size 40000"),
+    (lambda: ops.rms_norm(torch.randn(()), torch.randn(1)), ValueError, "at least one dimension"),
+    (lambda: ops.swiglu(torch.randn(4, 8), torch.randn(4, 9)), ValueError, "one shape"),
+    (lambda: ops.swiglu(torch.randn(4, 8), torch.randn(4, 8).half()), TypeError, "share one dtype"),
+    (lambda: ops.swiglu(torch.randn(4, 8).double(), torch.randn(4, 8).double()), TypeError, "float64"),
+    (lambda: ops.swiglu(torch.randn(4, 8), torch.randn(4, 8, device="meta")), ValueError, "one device"),
+    (lambda: ops.swiglu(torch.randn(4, 0), torch.randn(4, 0)), ValueError, "non-empty last dim"),
+])
+def test_bad_input_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def _qk(n_q=4, n_k=2, seq=5, d=64):
+    return torch.randn(2, n_q, seq, d), torch.randn(2, n_k, seq, d), torch.randn(2, seq, d), torch.randn(2, seq, d)
+
+
+def test_rope_bad_input_is_named():
+    q, k, cos, sin = _qk()
+    rope = ops.apply_rotary_pos_emb
+    with pytest.raises(ValueError, match="4-D"):
+        rope(q[0], k, cos, sin)
+    with pytest.raises(ValueError, match="unsqueeze_dim must be 1"):
+        rope(q, k, cos, sin, unsqueeze_dim=0)
+    with pytest.raises(ValueError, match="differ in batch, seq or head_dim"):
+        rope(q, k[..., :32], cos, sin)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        rope(q[..., :63], k[..., :63], cos[..., :63], sin[..., :63])
+    with pytest.raises(ValueError, match=r"must be \(batch or 1, seq, head_dim\)"):
+        rope(q, k, cos[:, :4], sin[:, :4])
+    with pytest.raises(ValueError, match="one shape"):
+        rope(q, k, cos, sin[:1])
+    with pytest.raises(TypeError, match="share one dtype"):
+        rope(q, k.half(), cos, sin)
+    with pytest.raises(ValueError, match="one device"):
+        rope(q, k, cos.to("meta"), sin)
+    with pytest.raises(ValueError, match="gradients with respect to cos and sin"):
+        rope(q, k, cos.requires_grad_(), sin)
