@@ -88,7 +88,8 @@ def capture_launches() -> Iterator[list]:
     def autotune_run(self, *args, **kwargs):
         for config in self.configs:
             merged = {**kwargs, **config.all_kwargs()}
-            merged.pop("grid", None)
+            for launch_only in ("grid", "warmup"):
+                merged.pop(launch_only, None)
             jit_run(self.fn, *args, grid=None, warmup=False, **merged)
 
     saved = (JITFunction.run, Autotuner.run)
@@ -153,8 +154,14 @@ def _occupancy(arch: int, registers: int, shared: int, num_warps: int) -> float:
 
 
 def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
-    """Compile one launch for ``arch`` and report it. ``kind`` is "memory" (must issue 128-bit
-    loads) or "matrix" (must use HGMMA on sm_90a)."""
+    """Compile one launch for ``arch`` and report it.
+
+    ``kind`` is the case's: "memory" kernels must issue 128-bit loads; in a "matrix" case the
+    kernels with matrix products (``tl.dot``) must use HGMMA on sm_90a and the others (attention's
+    δ pre-pass) count as memory-bound.
+    """
+    if kind == "matrix" and "tl.dot" not in launch.kernel.src:
+        kind = "memory"
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -200,7 +207,29 @@ def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[], object], str]
     yield "swiglu bwd", lambda: swiglu.swiglu_bwd(gate, gate, gate), "memory"
 
 
-CASE_GROUPS = {"memory": _memory_bound_cases}
+def _attention_cases(model) -> Iterator[tuple[str, Callable[[], object], str]]:
+    from llama_fast.kernels import attention
+
+    batch, seq, decode_kv = 1, 4096, 8192
+    bf16 = torch.bfloat16
+
+    def bshd(heads, length):  # the attention module's layout: (B, S, H, D) viewed as (B, H, S, D)
+        return torch.empty(batch, length, heads, model.head_dim, dtype=bf16).transpose(1, 2)
+
+    q, k, v = bshd(model.q_heads, seq), bshd(model.kv_heads, seq), bshd(model.kv_heads, seq)
+    out = bshd(model.q_heads, seq)
+    lse = torch.empty(batch, model.q_heads, seq, dtype=torch.float32)
+    scale = model.head_dim ** -0.5
+    yield "attention fwd", lambda: attention.attention_fwd(q, k, v, causal=True, softmax_scale=scale, pad=None,
+                                                           splits=0), "matrix"
+    yield "attention bwd", lambda: attention.attention_bwd(out, q, k, v, out, lse, causal=True, softmax_scale=scale,
+                                                           pad=None), "matrix"
+    q1, k1, v1 = bshd(model.q_heads, 1), bshd(model.kv_heads, decode_kv), bshd(model.kv_heads, decode_kv)
+    yield "attention decode", lambda: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale, pad=None,
+                                                              splits=32), "memory"
+
+
+CASE_GROUPS = {"memory": _memory_bound_cases, "attention": _attention_cases}
 
 
 def audit(models=None, archs=(90, 80), groups=None) -> list[Report]:

@@ -35,3 +35,35 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The gating of ``LlamaMLP``: act_fn(gate_proj(x)) * up_proj(x) with act_fn = SiLU."""
     return F.silu(gate) * up
+
+
+def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None, key_padding_mask=None):
+    """Softmax attention over an explicitly masked score matrix, the reference for flash_attention.
+
+    q (B, Hq, Sq, D); k, v (B, Hk, Skv, D), Hq a multiple of Hk. Causal visibility is aligned
+    bottom-right: query i sees keys j <= i + Skv - Sq. key_padding_mask (B, Skv) bool, True for
+    real keys. Rows that see no key give zeros (and zero gradients). Scores and softmax are
+    computed in fp32 (float64 for float64 inputs), the products in the input dtype, as eager
+    attention in transformers does.
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(compute) * scale  # (B, Hq, Sq, Skv)
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(q_len, device=q.device)[:, None]
+        j = torch.arange(kv_len, device=q.device)[None, :]
+        visible = j <= i + (kv_len - q_len)
+    visible = visible[None, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :].bool()
+    sees_any = visible.any(-1, keepdim=True)
+    # Rows with no visible key get finite scores before the softmax (so neither it nor its
+    # gradient makes NaN) and are zeroed after it.
+    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~sees_any, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(~sees_any, 0.0)
+    return torch.matmul(probs.to(v.dtype), v)

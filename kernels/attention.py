@@ -1,0 +1,571 @@
+"""Causal flash attention with grouped-query heads, key padding and the KV-cache alignment.
+
+Shapes: q (B, Hq, Sq, D); k, v (B, Hk, Skv, D) with Hq = G·Hk (G = 1 MHA, Hk = 1 MQA); any strides
+with unit stride along D. K and V are never expanded: query head h reads KV head h // G.
+out (B, Hq, Sq, D), stored in a (B, Sq, Hq, D) buffer so that transformers' final
+``transpose(1, 2).contiguous()`` is free; lse (B, Hq, Sq) fp32.
+
+Maths, for one query row i with scale s (default D^-1/2), in base 2 so the GPU's exp2 is used
+(log2(e) is folded into the scale, s2 = s·log2 e):
+    x_j   = s2 · q_i·k_j                for keys j that row i may see, −∞ for the others
+    m     = max_j x_j,  l = Σ_j 2^(x_j − m)
+    out_i = Σ_j 2^(x_j − m) v_j / l,    lse_i = m + log2 l    (saved for backward, base 2)
+computed online over key blocks (flash attention): a running max m, a running sum l and an
+accumulator rescaled by 2^(m_old − m_new) whenever the max grows.
+
+Visibility of key j from query i:
+    causal: j ≤ i + Skv − Sq (the diagonal aligned bottom-right: the KV-cache convention of
+            transformers' generate; with Sq == Skv it is the usual lower triangle)
+    key_padding_mask (B, Skv) bool: key j of batch b is seen only where mask[b, j] is True.
+A row that sees no key returns zeros and lse = +∞, so that backward's 2^(x − lse) is 0: its
+gradients are zero, never NaN.
+
+Backward, with P_ij = 2^(x_ij − lse_i), dO the output gradient and δ_i = Σ_d dO_id·O_id:
+    dV_j = Σ_i P_ij dO_i
+    dS_ij = P_ij (dO_i·v_j − δ_i)
+    dQ_i = s Σ_j dS_ij k_j,      dK_j = s Σ_i dS_ij q_i
+Two kernels, no atomics, so the result is deterministic: one program per KV block accumulates
+dK and dV over every query block of all G query heads of its group (the GQA sum happens in
+registers); one program per query block accumulates dQ. P is recomputed from lse, never stored.
+
+Decode (few query rows, long KV): split-KV flash-decoding. The G·Sq query rows of one KV head are
+packed into one tile, so K and V are read once per KV head, not once per query head; the KV
+length is cut into splits that run as separate programs, each writing a partial out and lse,
+and a combine kernel merges them with weights 2^(lse_split − lse). Chosen automatically when
+the packed rows fit one tile and the ordinary grid would leave the GPU idle.
+
+FLOPs (matrix work only): forward 4·B·Hq·Sq·Skv·D, halved for causal Sq == Skv; backward 2.5×
+forward (five matrix products instead of two). Bytes for decode (memory-bound): K and V read
+once, 2·B·Hk·Skv·D·elem, plus q and out.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import persistent_programs
+
+_LOG2E = 1.4426950408889634
+# Read once, as triton.jit itself does when it decorates: the interpreter takes one autotuning
+# config only (../shared/DESIGN.md, fact 3) and runs faster on small tiles.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _configs(gpu: list[tuple[int, int, int, int]], interpreted: tuple[int, int]) -> list[triton.Config]:
+    """Autotuning configs (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter accepts only one
+    (../shared/DESIGN.md, fact 3); its blocks are small so short test sequences still cross blocks."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": interpreted[0], "BLOCK_N": interpreted[1]}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    """Wide heads (D > 128) need smaller tiles to stay in registers and shared memory."""
+    if named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 0)) <= 128 or len(configs) == 1:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return small or configs[:1]
+
+
+# Tiles for Hopper: BLOCK_M a multiple of 64 per warpgroup (4 warps) so tl.dot lowers to wgmma.
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (16, 16))
+_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 16))
+_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (16, 16))
+_TUNE_KEY = ["q_len_bucket", "kv_len_bucket", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
+
+
+@triton.jit
+def _fwd_block_loop(
+    acc, l_i, m_i, q, k_base, v_base, pad_base,
+    lo, hi, offs_m, offs_d, offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    """Online softmax over key blocks [lo, hi). MASKED adds the bounds and causal masks; blocks
+    wholly below the diagonal and inside Skv skip them."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        in_kv = cols < kv_len
+        kv_tile = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_base + cols[:, None] * stride_k_s + offs_d[None, :], mask=kv_tile, other=0.0)
+        x = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            visible = in_kv[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+            x = tl.where(visible, x, float("-inf"))
+        if HAS_PAD:
+            real = tl.load(pad_base + cols, mask=in_kv, other=0) != 0
+            x = tl.where(real[None, :], x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        # A row with no visible key yet has m = −∞: subtract 0 instead so 2^(−∞ − m) stays 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(x - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_v_s + offs_d[None, :], mask=kv_tile, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _finish_rows(acc, l_i, m_i):
+    """Normalised output and base-2 lse; rows that saw no key give zeros and lse = +∞."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    return out, lse
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _attn_fwd_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr,
+    # sizes
+    q_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket,
+    # strides (elements; unit stride along D)
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_o_b, stride_o_h, stride_o_s,
+    stride_pad_b,
+    # parameters
+    qk_scale,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // q_heads
+    h = bh % q_heads
+    kv_h = h // group
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_q = offs_m < q_len
+    tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s + offs_d[None, :],
+                mask=tile, other=0.0)
+    k_base = k_ptr + b * stride_k_b + kv_h * stride_k_h
+    v_base = v_ptr + b * stride_v_b + kv_h * stride_v_h
+    pad_base = pad_ptr + b * stride_pad_b
+
+    # Query i sees keys j <= i + offset. Keys below `full` are seen by every row of this block.
+    offset = kv_len - q_len
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + offset), 0)
+        full = tl.maximum(tl.minimum(start_m + offset + 1, kv_len), 0)
+    else:
+        hi = kv_len
+        full = kv_len
+    full = full // BLOCK_N * BLOCK_N
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, pad_base, 0, full, offs_m, offs_d,
+                                    offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+                                    HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_PAD)
+    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, pad_base, full, hi, offs_m, offs_d,
+                                    offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD)
+    out, lse = _finish_rows(acc, l_i, m_i)
+    tl.store(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=tile)
+    tl.store(lse_ptr + bh * q_len + offs_m, lse, mask=in_q)
+
+
+@triton.jit
+def _attn_decode_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, pad_ptr,
+    # sizes
+    kv_heads, group, q_len, kv_len, split_len, n_splits,
+    # strides (elements; unit stride along D)
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_pad_b,
+    # parameters
+    qk_scale,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (split, batch, KV head): the G·Sq query rows of the KV head against keys
+    [split·split_len, (split + 1)·split_len). Writes a partial out and lse per row and split."""
+    split = tl.program_id(0)
+    b_kv = tl.program_id(1).to(tl.int64)
+    b = b_kv // kv_heads
+    kv_h = b_kv % kv_heads
+
+    # Packed row r is query position r % Sq of query head kv_h·G + r // Sq.
+    r = tl.arange(0, BLOCK_R)
+    in_rows = r < group * q_len
+    h = kv_h * group + r // q_len
+    qi = r % q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    tile = in_rows[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_q_b + h[:, None] * stride_q_h + qi[:, None] * stride_q_s + offs_d[None, :],
+                mask=tile, other=0.0)
+
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, kv_len)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_ptr + b * stride_k_b + kv_h * stride_k_h,
+                                    v_ptr + b * stride_v_b + kv_h * stride_v_h, pad_ptr + b * stride_pad_b,
+                                    lo, hi, qi, offs_d, kv_len - q_len, kv_len, stride_k_s, stride_v_s, qk_scale,
+                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # A split a row sees nothing of weighs 2^(−∞) = 0 in the combine.
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    # Partials are (B, Hq, Sq, splits[, D]) fp32, contiguous.
+    row = (b * kv_heads * group + h) * q_len + qi
+    tl.store(o_part_ptr + (row * n_splits + split)[:, None] * HEAD_DIM + offs_d[None, :], out, mask=tile)
+    tl.store(lse_part_ptr + row * n_splits + split, lse, mask=in_rows)
+
+
+@triton.jit
+def _attn_decode_combine_kernel(
+    # pointers
+    o_part_ptr, lse_part_ptr, o_ptr, lse_ptr,
+    # sizes
+    q_heads, q_len, n_splits,
+    # strides (elements)
+    stride_o_b, stride_o_h, stride_o_s,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """out = Σ_s 2^(lse_s − lse) out_s with lse = log2 Σ_s 2^lse_s, one program per query row."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // (q_heads * q_len)
+    h = row // q_len % q_heads
+    i = row % q_len
+    s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_s = s < n_splits
+    lse_s = tl.load(lse_part_ptr + row * n_splits + s, mask=in_s, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    o_s = tl.load(o_part_ptr + (row * n_splits + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=in_s[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    empty = total == 0.0
+    out = tl.sum(w[:, None] * o_s, 0) / tl.where(empty, 1.0, total)
+    lse = tl.where(empty, float("inf"), m_safe + tl.math.log2(tl.where(empty, 1.0, total)))
+    tl.store(o_ptr + b * stride_o_b + h * stride_o_h + i * stride_o_s + offs_d, out.to(o_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    # pointers
+    o_ptr, do_ptr, delta_ptr,
+    # sizes
+    q_heads, q_len,
+    # strides (elements)
+    stride_o_b, stride_o_h, stride_o_s,
+    stride_do_b, stride_do_h, stride_do_s,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """δ_i = Σ_d dO_id · O_id in fp32, (B, Hq, Sq) contiguous."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // q_heads
+    h = bh % q_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    in_q = offs_m < q_len
+    tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s + offs_d[None, :],
+                mask=tile, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_s + offs_d[None, :],
+                 mask=tile, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh * q_len + offs_m, tl.sum(o * do, 1), mask=in_q)
+
+
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pad_ptr,
+    # sizes
+    kv_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket,
+    # strides (elements; unit stride along D)
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_do_b, stride_do_h, stride_do_s,
+    stride_dk_b, stride_dk_h, stride_dk_s,
+    stride_dv_b, stride_dv_h, stride_dv_s,
+    stride_pad_b,
+    # parameters
+    sm_scale, qk_scale,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV of one KV block, summed over all query blocks of the G query heads of its group."""
+    start_n = tl.program_id(0) * BLOCK_N
+    b_kv = tl.program_id(1).to(tl.int64)
+    b = b_kv // kv_heads
+    kv_h = b_kv % kv_heads
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_kv = offs_n < kv_len
+    kv_tile = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_ptr + b * stride_k_b + kv_h * stride_k_h + offs_n[:, None] * stride_k_s + offs_d[None, :],
+                mask=kv_tile, other=0.0)
+    v = tl.load(v_ptr + b * stride_v_b + kv_h * stride_v_h + offs_n[:, None] * stride_v_s + offs_d[None, :],
+                mask=kv_tile, other=0.0)
+    key_ok = in_kv
+    if HAS_PAD:
+        key_ok = key_ok & (tl.load(pad_ptr + b * stride_pad_b + offs_n, mask=in_kv, other=0) != 0)
+
+    offset = kv_len - q_len
+    q_lo = 0
+    if CAUSAL:
+        # The first query that sees key start_n is start_n − offset.
+        q_lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group):
+        h = kv_h * group + g
+        bh = b * kv_heads * group + h
+        q_base = q_ptr + b * stride_q_b + h * stride_q_h
+        do_base = do_ptr + b * stride_do_b + h * stride_do_h
+        for start_m in range(q_lo, q_len, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            in_q = offs_m < q_len
+            q_tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
+            q = tl.load(q_base + offs_m[:, None] * stride_q_s + offs_d[None, :], mask=q_tile, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_do_s + offs_d[None, :], mask=q_tile, other=0.0)
+            lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_q, other=float("inf"))
+            delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_q, other=0.0)
+
+            # Transposed tiles (keys × queries), so dK and dV accumulate without a transpose.
+            p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+            visible = key_ok[:, None] & in_q[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :] + offset)
+            p_t = tl.where(visible, p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk)
+
+    tl.store(dk_ptr + b * stride_dk_b + kv_h * stride_dk_h + offs_n[:, None] * stride_dk_s + offs_d[None, :],
+             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_tile)
+    tl.store(dv_ptr + b * stride_dv_b + kv_h * stride_dv_h + offs_n[:, None] * stride_dv_s + offs_d[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_tile)
+
+
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, pad_ptr,
+    # sizes
+    q_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket,
+    # strides (elements; unit stride along D)
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_do_b, stride_do_h, stride_do_s,
+    stride_dq_b, stride_dq_h, stride_dq_s,
+    stride_pad_b,
+    # parameters
+    sm_scale, qk_scale,
+    # meta-parameters
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one query block, over the key blocks it sees."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // q_heads
+    h = bh % q_heads
+    kv_h = h // group
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_q = offs_m < q_len
+    q_tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s + offs_d[None, :],
+                mask=q_tile, other=0.0)
+    do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_s + offs_d[None, :],
+                 mask=q_tile, other=0.0)
+    lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_q, other=float("inf"))
+    delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_q, other=0.0)
+    k_base = k_ptr + b * stride_k_b + kv_h * stride_k_h
+    v_base = v_ptr + b * stride_v_b + kv_h * stride_v_h
+
+    offset = kv_len - q_len
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + offset), 0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_kv = offs_n < kv_len
+        kv_tile = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :], mask=kv_tile, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_d[None, :], mask=kv_tile, other=0.0)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        visible = in_q[:, None] & in_kv[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+        if HAS_PAD:
+            real = tl.load(pad_ptr + b * stride_pad_b + offs_n, mask=in_kv, other=0) != 0
+            visible = visible & real[None, :]
+        p = tl.where(visible, p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+
+    tl.store(dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_s + offs_d[None, :],
+             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_tile)
+
+
+# Decode tiles: rows are the packed G·Sq query rows (at least 16 for tl.dot); keys 64 at a time
+# (32 under the interpreter, so short test caches still cross blocks and splits).
+_DECODE_BLOCK_N = 32 if _INTERPRET else 64
+_DECODE_MAX_ROWS = 64
+_DECODE_MAX_SPLITS = 128
+
+
+def _bucket(n: int) -> int:
+    """Autotuning key for a length: its power of two, so a growing KV cache does not retune per token."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def decode_splits(batch: int, q_heads: int, kv_heads: int, q_len: int, kv_len: int, target_programs: int) -> int:
+    """Number of KV splits for the flash-decoding path, or 0 to use the ordinary forward.
+
+    Decode whenever the G·Sq packed query rows fit one tile (K and V are then read once per KV
+    head); split the keys so that about ``target_programs`` programs run (two per SM), each with
+    at least one key block.
+    """
+    group = q_heads // kv_heads
+    if group * q_len > _DECODE_MAX_ROWS:
+        return 0
+    splits = -(-target_programs // (batch * kv_heads))
+    return max(1, min(splits, triton.cdiv(kv_len, _DECODE_BLOCK_N), _DECODE_MAX_SPLITS))
+
+
+def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
+                  splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (q's shape, in a (B, Sq, Hq, D) buffer) and base-2 lse (B, Hq, Sq) fp32.
+
+    q, k, v with unit stride along D; ``pad`` a (B, Skv) uint8 view of the key padding mask or
+    None. ``splits``: force the decode path with that many splits (0: the ordinary forward);
+    default chosen by ``decode_splits``.
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    out = torch.empty((batch, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    qk_scale = softmax_scale * _LOG2E
+    has_pad = pad is not None
+    pad_arg = pad if has_pad else q  # never read when HAS_PAD is False
+    stride_pad = pad.stride(0) if has_pad else 0
+    block_d = _block_d(head_dim)
+    if splits is None:
+        target = persistent_programs(q.device, 1 << 30, per_sm=2)
+        splits = decode_splits(batch, q_heads, kv_heads, q_len, kv_len, target)
+
+    if splits:
+        split_len = triton.cdiv(triton.cdiv(kv_len, splits), _DECODE_BLOCK_N) * _DECODE_BLOCK_N
+        splits = triton.cdiv(kv_len, split_len)
+        o_part = torch.empty((batch, q_heads, q_len, splits, head_dim), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((batch, q_heads, q_len, splits), dtype=torch.float32, device=q.device)
+        _attn_decode_kernel[(splits, batch * kv_heads)](
+            q, k, v, o_part, lse_part, pad_arg,
+            kv_heads, group, q_len, kv_len, split_len, splits,
+            *_strides(q), *_strides(k), *_strides(v), stride_pad,
+            qk_scale,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad,
+            BLOCK_R=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=_DECODE_BLOCK_N,
+            num_warps=4, num_stages=1 if _INTERPRET else 3,
+        )
+        _attn_decode_combine_kernel[(batch * q_heads * q_len,)](
+            o_part, lse_part, out, lse,
+            q_heads, q_len, splits,
+            *_strides(out),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+            num_warps=4 if block_d >= 128 else 2,
+        )
+        return out, lse
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
+
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, pad_arg,
+        q_heads, group, q_len, kv_len, _bucket(q_len), _bucket(kv_len),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_pad,
+        qk_scale,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad,
+    )
+    return out, lse
+
+
+def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None):
+    """dq, dk, dv (each in its input's layout) from the output gradient ``do`` (unit stride along D)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = _block_d(head_dim)
+    has_pad = pad is not None
+    pad_arg = pad if has_pad else q
+    stride_pad = pad.stride(0) if has_pad else 0
+    qk_scale = softmax_scale * _LOG2E
+    buckets = (_bucket(q_len), _bucket(kv_len))
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad)
+
+    delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
+    delta_rows = 16 if _INTERPRET else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(q_len, delta_rows), batch * q_heads)](
+        out, do, delta, q_heads, q_len, *_strides(out), *_strides(do),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows, num_warps=4,
+    )
+    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)](
+        q, k, v, do, lse, delta, dk, dv, pad_arg,
+        kv_heads, group, q_len, kv_len, *buckets,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_pad,
+        softmax_scale, qk_scale, **meta,
+    )
+    _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * q_heads)](
+        q, k, v, do, lse, delta, dq, pad_arg,
+        q_heads, group, q_len, kv_len, *buckets,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), stride_pad,
+        softmax_scale, qk_scale, **meta,
+    )
+    return dq, dk, dv

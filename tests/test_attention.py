@@ -1,0 +1,160 @@
+"""flash_attention against the reference (softmax over an explicitly masked score matrix),
+forward and backward, by the error-ratio rule: causal and not, q_len == kv_len, q_len < kv_len
+(after a cache), q_len == 1 (decode), MHA/GQA/MQA, odd lengths, padding with a fully padded row,
+every dtype, non-contiguous inputs, the split-KV decode path, determinism, and bad input."""
+
+import pytest
+import torch
+
+from helpers import DTYPES, assert_error_ratio, check_op
+from llama_fast import ops, references
+from llama_fast.kernels import attention as kernel
+
+
+def _qkv(device, batch, q_heads, kv_heads, q_len, kv_len, head_dim, layout="bhsd"):
+    if layout == "bshd":  # the attention module's view: projections (B, S, H, D) transposed
+        q = torch.randn(batch, q_len, q_heads, head_dim, device=device).transpose(1, 2)
+        k = torch.randn(batch, kv_len, kv_heads, head_dim, device=device).transpose(1, 2)
+        v = torch.randn(batch, kv_len, kv_heads, head_dim, device=device).transpose(1, 2)
+        return q, k, v
+    return (torch.randn(batch, q_heads, q_len, head_dim, device=device),
+            torch.randn(batch, kv_heads, kv_len, head_dim, device=device),
+            torch.randn(batch, kv_heads, kv_len, head_dim, device=device))
+
+
+def _check(q, k, v, dtype, *, causal=True, mask=None, scale=None, backward=True):
+    def ours(q, k, v):
+        return ops.flash_attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=mask)
+
+    def ref(q, k, v):
+        return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=mask)
+
+    check_op(ours, ref, [(q, True), (k, True), (v, True)], dtype, names=("attention", ("q", "k", "v")),
+             backward=backward, floor_scale=4 * q.shape[1] // k.shape[1] * q.shape[-1] ** 0.5)
+
+
+MHA, GQA, MQA = (4, 4), (4, 2), (3, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,q_len,kv_len,causal", [
+    (MHA, 1, 1, True), (GQA, 1, 1, False), (MQA, 1, 1, True),
+    (MHA, 7, 7, True), (GQA, 7, 7, True), (MQA, 7, 7, False),
+    (MHA, 63, 63, True), (GQA, 63, 63, False),
+    (GQA, 65, 65, True), (MQA, 65, 65, True), (MHA, 65, 65, False),
+    (GQA, 7, 129, True), (MQA, 7, 129, False),  # q_len < kv_len: prefill after a cache
+    (MHA, 1, 65, True), (GQA, 1, 65, False),  # decode
+    (GQA, 20, 9, True),  # q_len > kv_len: the first rows see no key
+], ids=lambda x: str(x))
+def test_attention(device, dtype, heads, q_len, kv_len, causal):
+    q, k, v = _qkv(device, 2 if q_len < 64 else 1, *heads, q_len, kv_len, 64, layout="bshd")
+    _check(q, k, v, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [16, 80, 128, 256])
+def test_attention_head_dims(device, dtype, head_dim):
+    q, k, v = _qkv(device, 1, 2, 1, 17, 33, head_dim)
+    _check(q, k, v, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_len", [1, 5, 40])
+def test_attention_padding(device, dtype, q_len):
+    """Left padding as generate() makes it, plus a batch row whose keys are all padding."""
+    kv_len = 40
+    q, k, v = _qkv(device, 3, 4, 2, q_len, kv_len, 64, layout="bshd")
+    mask = torch.ones(3, kv_len, dtype=torch.bool, device=device)
+    mask[0, :13] = False
+    mask[2, :] = False
+    _check(q, k, v, dtype, mask=mask)
+    out = ops.flash_attention(q.to(dtype), k.to(dtype), v.to(dtype), key_padding_mask=mask)
+    assert torch.equal(out[2], torch.zeros_like(out[2])), "a fully padded row must give zeros"
+
+
+def test_attention_fully_masked_rows_have_zero_gradient(device):
+    """Causal with q_len > kv_len: the first queries see no key. Zeros out, zero grads, no NaN."""
+    q, k, v = (t.requires_grad_() for t in _qkv(device, 1, 2, 2, 9, 4, 64))
+    out = ops.flash_attention(q, k, v)
+    assert torch.equal(out[:, :, :5], torch.zeros_like(out[:, :, :5]))
+    dq, dk, dv = torch.autograd.grad(out.square().sum(), [q, k, v])
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    assert torch.equal(dq[:, :, :5], torch.zeros_like(dq[:, :, :5]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_scale_and_non_contiguous(device, dtype):
+    q, k, v = _qkv(device, 2, 4, 2, 19, 19, 64)
+    # Every other position of a longer buffer, and a head-dim-strided copy that must be made contiguous.
+    k = torch.randn(2, 2, 38, 64, device=device)[:, :, ::2]
+    v = torch.randn(2, 2, 19, 128, device=device)[..., ::2]
+    _check(q, k, v, dtype, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize("q_len,heads", [(1, (8, 2)), (4, (4, 1)), (3, (3, 3))])
+def test_decode_split_kv(device, dtype, splits, q_len, heads):
+    """The split-KV path against the reference, causal, with left padding, for a forced number of splits."""
+    kv_len = 150
+    q, k, v = (t.to(dtype) for t in _qkv(device, 2, *heads, q_len, kv_len, 64, layout="bshd"))
+    mask = torch.ones(2, kv_len, dtype=torch.bool, device=device)
+    mask[1, :37] = False
+    out, _ = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=mask.view(torch.uint8), splits=splits)
+    eager = references.attention(q, k, v, softmax_scale=0.125, key_padding_mask=mask)
+    ref = references.attention(q.double(), k.double(), v.double(), softmax_scale=0.125, key_padding_mask=mask)
+    assert_error_ratio(out, eager, ref, name=f"decode splits={splits}", floor_scale=4 * heads[0] // heads[1] * 8)
+
+
+def test_decode_path_is_chosen_for_decode_shapes():
+    h100_target = 2 * 132
+    # Llama-3-8B decoding one sequence: 8 KV heads alone would fill 8 of 132 SMs.
+    assert kernel.decode_splits(1, 32, 8, 1, 8192, h100_target) == 33
+    assert kernel.decode_splits(8, 32, 8, 1, 128 * 1024, h100_target) == 5
+    assert kernel.decode_splits(1, 32, 8, 512, 8192, h100_target) == 0  # prefill: the ordinary grid
+    assert kernel.decode_splits(1, 9, 3, 1, 16, h100_target) == 1  # one key block: nothing to split
+    assert kernel.decode_splits(64, 32, 8, 1, 8192, h100_target) == 1  # the batch fills the GPU
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_backward(device, dtype):
+    """Gradients through a forward that took the decode path (lse from the combine)."""
+    q, k, v = _qkv(device, 1, 4, 2, 2, 100, 64)
+    assert kernel.decode_splits(1, 4, 2, 2, 100, target_programs=4) > 1  # 4: the launcher's CPU target
+    _check(q, k, v, dtype)
+
+
+def test_backward_is_deterministic(device):
+    q, k, v = (t.requires_grad_() for t in _qkv(device, 1, 4, 1, 33, 47, 64))
+    dout = torch.randn(1, 4, 33, 64, device=device)
+    first = torch.autograd.grad(ops.flash_attention(q, k, v), [q, k, v], dout)
+    second = torch.autograd.grad(ops.flash_attention(q, k, v), [q, k, v], dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_output_layout_makes_transformers_transpose_free(device):
+    q, k, v = _qkv(device, 2, 4, 2, 7, 7, 64, layout="bshd")
+    out = ops.flash_attention(q, k, v)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q, k, v: ops.flash_attention(q, k[:, :1].expand(2, 3, 7, 64), v[:, :1].expand(2, 3, 7, 64)),
+     ValueError, r"q_heads \(4\) must be a multiple of kv_heads \(3\)"),
+    (lambda q, k, v: ops.flash_attention(q, k[..., :32], v[..., :32]), ValueError, "head_dim 64 but k and v have head_dim 32"),
+    (lambda q, k, v: ops.flash_attention(q, k, v[:, :, :5]), ValueError, "must have one shape"),
+    (lambda q, k, v: ops.flash_attention(q, k.half(), v), TypeError, "share one dtype"),
+    (lambda q, k, v: ops.flash_attention(q.double(), k.double(), v.double()), TypeError, "float64"),
+    (lambda q, k, v: ops.flash_attention(q[0], k, v), ValueError, "must be 4-D"),
+    (lambda q, k, v: ops.flash_attention(q[..., :40], k[..., :40], v[..., :40]), ValueError, "multiple of 16"),
+    (lambda q, k, v: ops.flash_attention(q[:1], k, v), ValueError, "batch"),
+    (lambda q, k, v: ops.flash_attention(q, k, v, key_padding_mask=torch.ones(2, 6, dtype=torch.bool)),
+     ValueError, r"key_padding_mask must have shape \(batch, kv_len\) = \(2, 7\)"),
+    (lambda q, k, v: ops.flash_attention(q, k, v, key_padding_mask=torch.ones(2, 7)), TypeError, "must be bool"),
+    (lambda q, k, v: ops.flash_attention(q, k.to("meta"), v), ValueError, "one device"),
+])
+def test_bad_input_is_named(call, error, match):
+    q, k, v = torch.randn(2, 4, 7, 64), torch.randn(2, 2, 7, 64), torch.randn(2, 2, 7, 64)
+    with pytest.raises(error, match=match):
+        call(q, k, v)
