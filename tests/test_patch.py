@@ -1,0 +1,235 @@
+"""llama_fast.patch on tiny Llama models, against the same model unpatched: logits and loss,
+every parameter's gradient, greedy generation with the KV cache, left-padded batches, gradient
+checkpointing, PEFT LoRA, a short training run, unpatch, isolation, and refusals."""
+
+from unittest import mock
+
+import pytest
+import torch
+from transformers import LlamaForSequenceClassification, LlamaModel
+
+import llama_fast
+from helpers import assert_error_ratio
+from llama_fast.kernels import attention as attention_kernel
+from llama_fast.kernels import rmsnorm as rmsnorm_kernel
+from llama_fast.kernels import rope as rope_kernel
+from llama_fast.kernels import swiglu as swiglu_kernel
+from models import clone, tiny_model, tokens
+
+
+def _forward_loss(model, ids):
+    out = model(input_ids=ids, labels=ids)
+    return out.logits, out.loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_and_backward_match(dtype):
+    """Points 1 and 2: logits, loss and the gradient of every parameter, by the error-ratio rule
+    against the unpatched model in float64."""
+    base = tiny_model()
+    patched = llama_fast.patch(clone(base, dtype))
+    eager, ref = clone(base, dtype), clone(base, torch.float64)
+    ids = tokens(2, 13)
+    results = {}
+    for name, model in (("patched", patched), ("eager", eager), ("ref", ref)):
+        logits, loss = _forward_loss(model, ids)
+        loss.backward()
+        results[name] = (logits, loss, {n: p.grad for n, p in model.named_parameters()})
+    (lp, sp, gp), (le, se, ge), (lr, sr, gr) = results["patched"], results["eager"], results["ref"]
+    assert_error_ratio(lp, le, lr, name="logits", floor_scale=8)
+    assert_error_ratio(sp, se, sr, name="loss", floor_scale=8)
+    assert set(gp) == set(gr) and all(g is not None for g in gp.values())
+    for n in gp:
+        assert_error_ratio(gp[n], ge[n], gr[n], name=f"grad {n}", floor_scale=8)
+
+
+def test_every_kernel_runs():
+    """The patched model really runs each Triton kernel (forward and backward)."""
+    model = llama_fast.patch(tiny_model())
+    spies = {name: mock.patch.object(module, fn, wraps=getattr(module, fn)) for name, module, fn in [
+        ("rms_norm", rmsnorm_kernel, "rms_norm_fwd"), ("rms_norm_bwd", rmsnorm_kernel, "rms_norm_bwd"),
+        ("rope", rope_kernel, "rope"), ("swiglu", swiglu_kernel, "swiglu_fwd"),
+        ("swiglu_bwd", swiglu_kernel, "swiglu_bwd"), ("attention", attention_kernel, "attention_fwd"),
+        ("attention_bwd", attention_kernel, "attention_bwd"),
+    ]}
+    mocks = {name: spy.start() for name, spy in spies.items()}
+    try:
+        _, loss = _forward_loss(model, tokens(1, 9))
+        loss.backward()
+    finally:
+        for spy in spies.values():
+            spy.stop()
+    layers = 2
+    assert mocks["rms_norm"].call_count == 2 * layers + 1
+    assert mocks["rms_norm_bwd"].call_count == 2 * layers + 1
+    assert mocks["rope"].call_count == 2 * layers  # forward and its transpose in backward
+    assert mocks["swiglu"].call_count == mocks["swiglu_bwd"].call_count == layers
+    assert mocks["attention"].call_count == mocks["attention_bwd"].call_count == layers
+
+
+def _generate(model, ids, attention_mask=None, new=10):
+    return model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=new, do_sample=False,
+                          pad_token_id=0)
+
+
+def test_greedy_generation_matches():
+    """Point 3: greedy generate() with the KV cache gives the same tokens (prefill, then decode
+    through the split-KV path)."""
+    base = tiny_model()
+    patched = llama_fast.patch(clone(base))
+    ids = tokens(2, 7)
+    want = _generate(base, ids, new=12)
+    got = _generate(patched, ids, new=12)
+    assert torch.equal(got, want)
+
+
+def test_left_padded_batch_generation_matches_each_prompt_alone():
+    """Point 4: a left-padded batch gives, row by row, the tokens of each prompt generated alone."""
+    base = tiny_model()
+    patched = llama_fast.patch(clone(base))
+    prompts = [tokens(1, 5, seed=3)[0], tokens(1, 11, seed=4)[0], tokens(1, 8, seed=5)[0]]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    batch = _generate(patched, ids, attention_mask=mask)[:, width:]
+    for row, p in enumerate(prompts):
+        alone_eager = _generate(base, p[None])[:, len(p):]
+        alone_patched = _generate(patched, p[None])[:, len(p):]
+        assert torch.equal(alone_patched, alone_eager), f"prompt {row} alone"
+        assert torch.equal(batch[row:row + 1], alone_eager), f"prompt {row} in the padded batch"
+
+
+def test_gradient_checkpointing():
+    """Point 5: with gradient checkpointing, training gradients match the unpatched model's."""
+    base = tiny_model()
+    models = {"patched": llama_fast.patch(clone(base)), "eager": clone(base), "ref": clone(base, torch.float64)}
+    grads = {}
+    for name, model in models.items():
+        model.gradient_checkpointing_enable()
+        model.train()
+        _, loss = _forward_loss(model, tokens(2, 10))
+        loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
+    for n in grads["ref"]:
+        assert_error_ratio(grads["patched"][n], grads["eager"][n], grads["ref"][n], name=f"grad {n}", floor_scale=8)
+
+
+def test_peft_lora_gradients_match():
+    """Point 6: a PEFT LoRA model trains on the kernels; its LoRA gradients match unpatched LoRA."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    base = tiny_model()
+    torch.manual_seed(7)
+    lora = peft.get_peft_model(base, config)
+    models = {"patched": llama_fast.patch(clone(lora)), "eager": clone(lora), "ref": clone(lora, torch.float64)}
+    assert llama_fast.is_patched(models["patched"])
+    grads = {}
+    for name, model in models.items():
+        model.train()
+        _, loss = _forward_loss(model, tokens(2, 10))
+        loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["ref"] and all("lora_" in n for n in grads["ref"])
+    for n in grads["ref"]:
+        assert_error_ratio(grads["patched"][n], grads["eager"][n], grads["ref"][n], name=f"grad {n}", floor_scale=8)
+
+
+def test_training_loss_curve_matches():
+    """Point 7: a few AdamW steps give the eager loss curve: at every step the patched fp32 run is
+    no further from the float64 run than twice the eager fp32 run is (plus a floor)."""
+    base = tiny_model()
+    runs = {"patched": llama_fast.patch(clone(base)), "eager": clone(base), "ref": clone(base, torch.float64)}
+    ids = tokens(4, 12)
+    curves = {}
+    for name, model in runs.items():
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(6):
+            opt.zero_grad()
+            _, loss = _forward_loss(model, ids)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        curves[name] = torch.stack(losses)
+    assert curves["ref"][-1] < curves["ref"][0] - 0.05, "the run must actually train"
+    assert_error_ratio(curves["patched"], curves["eager"], curves["ref"], name="loss curve", floor_scale=8)
+
+
+def test_unpatch_restores_bit_identical_and_other_models_untouched():
+    """Point 8: unpatch gives bit-identical outputs; another model built from the same config
+    object keeps running transformers' code, bit for bit, while the first is patched."""
+    a = tiny_model()
+    b = type(a)(a.config).eval()  # shares a's config object
+    b.load_state_dict(a.state_dict())
+    ids = tokens(2, 9)
+    with torch.no_grad():
+        a_before, b_before = a(ids).logits, b(ids).logits
+        impl = b.config._attn_implementation
+        llama_fast.patch(a)
+        assert a.config._attn_implementation == "llama_fast" and b.config._attn_implementation == impl
+        assert torch.equal(b(ids).logits, b_before)
+        assert not torch.equal(a(ids).logits, a_before)  # the kernels do run, and round differently
+        llama_fast.unpatch(a)
+        assert torch.equal(a(ids).logits, a_before)
+        assert a.config is b.config and a.config._attn_implementation == impl
+    assert not llama_fast.is_patched(a)
+    assert all("forward" not in vars(m) for m in a.modules())
+
+
+def test_patch_twice_and_flags():
+    base = tiny_model()
+    model = clone(base)
+    ids = tokens(1, 9)
+    with torch.no_grad():
+        once = llama_fast.patch(model)(ids).logits
+        assert torch.equal(llama_fast.patch(model)(ids).logits, once)
+        llama_fast.patch(model, attention=False, rope=False)
+        assert llama_fast.patch.__module__ == "llama_fast.patch"
+        assert llama_fast.is_patched(model) and model.config._attn_implementation != "llama_fast"
+        partial = model(ids).logits
+        llama_fast.unpatch(model)
+        assert torch.equal(model(ids).logits, base(ids).logits)
+    torch.testing.assert_close(partial, base(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [LlamaModel, LlamaForSequenceClassification])
+def test_other_heads_on_the_backbone(cls):
+    base = tiny_model(cls=cls)
+    patched = llama_fast.patch(clone(base))
+    ids = tokens(2, 9)
+    with torch.no_grad():
+        want, got = base(ids), patched(ids)
+    first = "last_hidden_state" if cls is LlamaModel else "logits"
+    torch.testing.assert_close(got[first], want[first], rtol=1e-4, atol=1e-5)
+
+
+def test_refusals_name_the_problem():
+    with pytest.raises(ValueError, match="not a Llama-family model"):
+        llama_fast.patch(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="needs the SiLU activation, this model uses 'gelu'"):
+        llama_fast.patch(tiny_model(hidden_act="gelu"))
+    llama_fast.patch(tiny_model(hidden_act="gelu"), swiglu=False)
+    training = tiny_model(attention_dropout=0.1).train()
+    with pytest.raises(ValueError, match="attention dropout 0.1 in training"):
+        llama_fast.patch(training)
+    assert not llama_fast.is_patched(training), "a refused patch changes nothing"
+    with pytest.raises(ValueError, match="head_dim 24 is not supported"):
+        llama_fast.patch(tiny_model(head_dim=24, hidden_size=96))
+    with pytest.raises(ValueError, match="float64"):
+        llama_fast.patch(tiny_model(dtype=torch.float64))
+
+
+def test_unsupported_inputs_raise_at_call_time():
+    model = llama_fast.patch(tiny_model())
+    with pytest.raises(NotImplementedError, match="output_attentions=True"):
+        model(tokens(1, 5), output_attentions=True)
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with pytest.raises(NotImplementedError, match="static and sliding caches are not supported"):
+        model(tokens(1, 5), past_key_values=cache, use_cache=True)
