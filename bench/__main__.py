@@ -1,37 +1,140 @@
-"""``python -m bench``: the bench suites and the GPU-free audit."""
+"""``python -m bench``: llama_fast's bench suites and the GPU-free checks.
+
+  python -m bench [all]      every suite that is meaningful on this machine, then a summary
+  python -m bench ops        rms_norm / RoPE / SwiGLU vs eager, torch.compile, Liger-Kernel
+  python -m bench attention  flash attention prefill and decode vs SDPA and eager
+  python -m bench e2e        training step and generate(), patched vs unpatched
+  python -m bench audit      compile every kernel for sm_90a / sm_80: registers, spills, HGMMA, 128-bit loads
+  python -m bench traffic    bytes eager PyTorch moves per op vs the fused kernel's minimum
+
+With --out DIR, each suite writes DIR/<suite>.json (every figure, the device, the versions and the
+date) and DIR/<suite>.png. On a machine with no GPU the suites time on the CPU and say so; those
+figures are CPU timings, never GPU performance.
+"""
 
 import argparse
 import dataclasses
-import json
+import os
 import sys
+
+SUITES = ("ops", "attention", "e2e")
 
 
 def _audit(args) -> int:
     from .audit import audit, format_table
+    from .report import write_json
 
-    reports = audit(models=args.model, archs=tuple(args.arch), groups=args.group)
+    reports = audit(models=args.model, archs=tuple(args.arch or (90, 80)), groups=args.group)
     print(format_table(reports))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
     bad = [r for r in reports if r.problems]
     print(f"\n{len(reports)} compiled, {len(bad)} with problems")
+    if args.json or args.out:
+        write_json(args.json or os.path.join(args.out, "audit.json"), {"what": "ahead-of-time audit, no GPU used"},
+                   [dataclasses.asdict(r) for r in reports])
     return 1 if bad else 0
 
 
+def _traffic(args, write: bool = True) -> int:
+    from .report import write_json
+    from .traffic import format_table, traffic
+
+    rows = traffic(args.model)
+    print(format_table(rows))
+    if args.out and write:
+        write_json(os.path.join(args.out, "traffic.json"), {"what": "bytes counted on meta tensors, no GPU used"}, rows)
+    return 0
+
+
+def _suite_cases(name, device, args):
+    import torch
+
+    from . import attention, e2e, ops
+
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    if name == "ops":
+        models = args.model or (["smollm2-135m", "llama3-8b", "llama3-70b"] if gpu else ["smollm2-135m"])
+        if gpu:
+            tokens = [2048, 8192] if args.quick else [1024, 4096, 16384]
+        else:
+            tokens = [256] if args.quick else [256, 2048]
+        modes = ["fwd", "bwd", "fwdbwd"] if gpu else ["fwd", "bwd"]
+        return ops.cases(device, dtype, models, tokens, modes, compile_too=gpu or args.compile)
+    if name == "attention":
+        if not gpu:
+            return attention.prefill_cases(device, [(dtype, 64, 4, 2)], [256], ["fwd"], tokens_total=256)
+        seqs = [1024, 4096, 16384] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+        configs = [(torch.bfloat16, 128, 32, 8), (torch.bfloat16, 64, 16, 16)]
+        if not args.quick:
+            configs.append((torch.float16, 128, 32, 8))
+        cases = list(attention.prefill_cases(device, configs, seqs, ["fwd", "bwd"]))
+        kv_lens = [1024, 16384, 131072] if args.quick else [1024, 4096, 16384, 65536, 131072]
+        return cases + list(attention.decode_cases(device, torch.bfloat16, kv_lens, [1, 8]))
+    return e2e.cases(device, dtype, layers=args.layers, include_smollm2=not args.no_smollm2)
+
+
+def _suites(args, names) -> int:
+    import torch
+
+    from . import device as dev
+    from .report import format_table, plot, run, write_json
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = dev.describe(device)
+    peaks = meta.get("peaks")
+    if device.type == "cpu":
+        print("No GPU on this machine: timings below are CPU timings (labelled CPU), not GPU performance. "
+              "Triton kernels cannot run here except in the interpreter, so llama_fast's rows show the "
+              "backend that ran.\n")
+    else:
+        meta["copy_bytes_per_s"] = dev.copy_bandwidth(device)
+        print(f"{meta['device']}: peaks {peaks}, measured copy bandwidth {meta['copy_bytes_per_s'] / 1e9:.0f} GB/s\n")
+    for name in names:
+        rows = run(_suite_cases(name, device, args), device, peaks, rep_ms=args.rep_ms, progress=not args.no_progress)
+        print(f"== {name} on {meta['device']} ==")
+        print(format_table(rows) + "\n", flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            write_json(os.path.join(args.out, f"{name}.json"), meta, rows)
+            plot(os.path.join(args.out, f"{name}.png"), rows, f"{name} on {meta['device']} ({meta['date']})")
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("audit", help="compile every kernel for sm_90a/sm_80 and check spills, HGMMA, 128-bit loads")
-    p.add_argument("--model", action="append", help="model shapes (default: all)")
-    p.add_argument("--arch", action="append", type=int, help="compute capability, 90 or 80 (default: both)")
-    p.add_argument("--group", action="append", help="kernel group (default: all)")
-    p.add_argument("--json", help="write the reports to this JSON file")
-    p.set_defaults(func=_audit)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="all", choices=("all", *SUITES, "audit", "traffic"))
+    parser.add_argument("--out", help="folder for JSON files and plots")
+    parser.add_argument("--model", action="append", help="model shapes (ops, audit, traffic; default: all)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes (the GPU script uses it)")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile on the CPU too (always on a GPU)")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the Llama-3-8B-shaped e2e model")
+    parser.add_argument("--no-smollm2", action="store_true", help="e2e without the real SmolLM2 model")
+    parser.add_argument("--rep-ms", type=int, default=100, help="milliseconds of repetitions per measurement")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--arch", action="append", type=int, help="audit: compute capability, 90 or 80 (default both)")
+    parser.add_argument("--group", action="append", help="audit: kernel group (memory, attention; default all)")
+    parser.add_argument("--json", help="audit: write the reports to this JSON file")
     args = parser.parse_args(argv)
-    if args.command == "audit" and not args.arch:
-        args.arch = [90, 80]
-    return args.func(args)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the bench compiles and times real kernels")
+    if args.command == "audit":
+        return _audit(args)
+    if args.command == "traffic":
+        return _traffic(args)
+    if args.command in SUITES:
+        return _suites(args, [args.command])
+    import torch
+
+    gpu = torch.cuda.is_available()
+    status = _suites(args, list(SUITES))
+    # On a lent GPU only 8 files come back (bench/gpu.sh): the traffic count is printed, not saved,
+    # and the audit, which needs no GPU, is left to CI.
+    status |= _traffic(args, write=not gpu)
+    if not gpu:
+        status |= _audit(args)
+    return status
 
 
 if __name__ == "__main__":

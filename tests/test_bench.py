@@ -1,0 +1,82 @@
+"""The bench machinery on the CPU: the formulas, the traffic count, the suites' JSON and plots
+(labelled CPU, never GPU), and the ops cases through pytest-benchmark."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import formulas, ops as ops_suite
+from bench.traffic import traffic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_formulas():
+    assert formulas.attention_pairs(4, 4, causal=True) == 10  # the lower triangle with its diagonal
+    assert formulas.attention_pairs(4, 4, causal=False) == 16
+    assert formulas.attention_pairs(2, 5, causal=True) == 4 + 5  # bottom-right: query 0 sees keys 0..3
+    assert formulas.attention_pairs(5, 2, causal=True) == 0 + 0 + 0 + 1 + 2  # early queries see nothing
+    assert formulas.attention_flops(1, 1, 4, 4, 64, True, "bwd") == int(2.5 * 4 * 10 * 64)
+    assert formulas.rms_norm_bytes(10, 8, 2, 4, "fwd") == 10 * 8 * 2 * 2 + 8 * 4
+    assert formulas.swiglu_bytes(3, 5, 2, "fwdbwd") == 3 * 5 * 8 * 2
+
+
+def test_traffic_count_shows_what_fusion_saves():
+    rows = {(r["op"], r["mode"]): r for r in traffic(["llama3-8b"])}
+    assert len(rows) == 6
+    # Eager RMSNorm upcasts, squares, reduces, rescales and casts back: 9 kernels forward and about
+    # 9x the bytes of one fused pass over x and y (4096 x 4096 bf16).
+    fwd = rows[("rms_norm", "fwd")]
+    assert fwd["eager_kernels"] == 9 and 8.5 < fwd["ratio"] < 9.5
+    for r in rows.values():
+        assert r["ratio"] > 1.5, r
+
+
+def _bench(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(tmp_path), "--no-progress", "--rep-ms", "20"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("suite,extra", [("ops", ["--quick"]), ("attention", []), ("e2e", ["--no-smollm2"])])
+def test_suites_on_cpu_are_labelled_cpu(tmp_path, suite, extra):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU labelling")
+    proc = _bench(tmp_path, suite, *extra)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "No GPU on this machine: timings below are CPU timings" in proc.stdout
+    data = json.loads((tmp_path / f"{suite}.json").read_text())
+    assert data["meta"]["kind"] == "cpu" and data["meta"]["device"].startswith("CPU") and data["meta"]["peaks"] is None
+    for key in ("date", "torch", "triton", "transformers"):
+        assert data["meta"][key]
+    rows = data["results"]
+    assert rows and not [r for r in rows if "error" in r]
+    assert all("pct_peak" not in r for r in rows), "no % of a GPU peak from a CPU timing"
+    ours = [r for r in rows if r["provider"].startswith("llama_fast")]
+    assert ours and all(r["speedup_over"] for r in ours)
+    assert all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] for r in rows)
+    assert (tmp_path / f"{suite}.png").stat().st_size > 10_000
+
+
+def _ops_cases():
+    device = torch.device(os.environ.get("LLAMA_FAST_TEST_DEVICE", "cpu"))
+    tokens = [16] if device.type == "cpu" else [4096]
+    for case in ops_suite.cases(device, torch.float32, ["smollm2-135m"], tokens, ["fwd", "bwd"], compile_too=False):
+        for provider, setup in case.providers.items():
+            yield pytest.param(setup, id=f"{case.op}-{case.mode}-{case.shape}-{provider}".replace(" ", "_"))
+
+
+@pytest.mark.parametrize("setup", list(_ops_cases()))
+def test_ops_cases_through_pytest_benchmark(benchmark, setup):
+    """The bench's own ops cases under pytest-benchmark (timed with ``--benchmark-enable``; CI runs each once).
+    On the CPU the Triton kernels run in the interpreter: a few rounds check the path, not speed."""
+    fn = setup()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        benchmark.pedantic(fn, rounds=3, iterations=1)
+    else:
+        benchmark(fn)
