@@ -88,7 +88,9 @@ def cases(device, dtype, *, layers=4, train_seq=4096, gen_new=128, include_smoll
         specs = [(f"llama3-8b-shaped x{layers} layers", _llama3_8b_shaped(layers), 1, train_seq, gen_new)]
     if include_smollm2:
         specs.append(("smollm2-135m", "smollm2", 1, 1024 if device.type == "cuda" else 64, gen_new if device.type == "cuda" else 8))
-    backend_label = "triton" if device.type == "cuda" else "reference"
+    from llama_fast import ops
+
+    backend_label = ops.backend_for(torch.empty(0, device=device))
     for label, spec, batch, seq, new in specs:
         vocab = 49152 if spec == "smollm2" else spec.vocab_size
         train = Case("e2e", "train_step", "fwdbwd+adamw", f"{label} B={batch} S={seq}", seq, dname, tokens=batch * seq)

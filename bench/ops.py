@@ -2,7 +2,8 @@
 shapes of SmolLM2-135M, Llama-3-8B and Llama-3-70B over a sweep of token counts.
 
 Providers: eager PyTorch (the references), ``torch.compile`` of the references, Liger-Kernel
-when installed, and llama_fast (labelled with the backend that ran).
+when installed, and llama_fast labelled with the backend that ran: Triton on a GPU (plus the C++
+extension's CUDA kernels when built), the extension's CPU kernels on a CPU.
 """
 
 import functools
@@ -38,6 +39,8 @@ def _compiled(fn):
 def _providers(device, ours, reference, liger, compile_too: bool):
     backend = ops.backend_for(torch.empty(0, device=device))
     providers = {"eager": reference, f"{OURS}[{backend}]": ours}
+    if device.type == "cuda" and "cuda" in ops.available_backends():
+        providers[f"{OURS}[cuda]"] = functools.partial(ours, backend="cuda")
     if compile_too:
         providers["torch.compile"] = _compiled(reference)
     if liger is not None and device.type == "cuda":
@@ -76,7 +79,7 @@ def cases(device: torch.device, dtype: torch.dtype, models, token_counts, modes,
                 return references.rms_norm(x, w, eps)
 
             specs = [
-                ("rms_norm", lambda x, w: ops.rms_norm(x, w, 1e-5), rms, liger.get("rms_norm"), norm_inputs,
+                ("rms_norm", functools.partial(ops.rms_norm, eps=1e-5), rms, liger.get("rms_norm"), norm_inputs,
                  lambda mode: formulas.rms_norm_bytes(tokens, m.hidden, e, e, mode)),
                 ("apply_rotary_pos_emb", ops.apply_rotary_pos_emb, references.apply_rotary_pos_emb,
                  liger.get("rope"), rope_inputs,

@@ -25,6 +25,7 @@ is harmless. A model the kernels cannot serve is refused at ``patch()`` time wit
 
 import copy
 import dataclasses
+import functools
 import types
 
 import torch
@@ -93,16 +94,16 @@ def _validate(model: torch.nn.Module, options: dict) -> None:
                          "(float32, float16, bfloat16)")
 
 
-def _rms_norm_forward(self, hidden_states):
+def _rms_norm_forward(self, hidden_states, *, backend=None):
     from . import ops
 
-    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
 
 
-def _mlp_forward(self, x):
+def _mlp_forward(self, x, *, backend=None):
     from . import ops
 
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
 
 
 def _with_globals(fn, replacements: dict):
@@ -126,11 +127,11 @@ def _with_globals(fn, replacements: dict):
     return copy
 
 
-def _attention_forward_with_our_rope(attention_module):
+def _attention_forward_with_our_rope(attention_module, backend):
     from . import ops
 
     forward = type(attention_module).forward
-    return _with_globals(forward, {"apply_rotary_pos_emb": ops.apply_rotary_pos_emb})
+    return _with_globals(forward, {"apply_rotary_pos_emb": functools.partial(ops.apply_rotary_pos_emb, backend=backend)})
 
 
 def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -204,15 +205,22 @@ def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
         raise RuntimeError(f"llama_fast.patch: {type(model).__name__} did not accept attention implementation {name!r}")
 
 
-def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, attention: bool = True):
+def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, attention: bool = True,
+          backend: str | None = None):
     """Put llama_fast's kernels into ``model`` in place and return it.
 
     ``model``: a transformers Llama model (``LlamaForCausalLM``, ``LlamaModel`` or another head on
     the Llama backbone), or a PEFT ``PeftModel`` wrapping one. Each flag turns one kernel on or
-    off. Raises ``ValueError`` naming what is unsupported, before changing anything. Patching a
-    patched model re-patches it with the new flags.
+    off. ``backend`` ("triton", "cuda", "cpu", "reference"; default: chosen per tensor, see
+    ``llama_fast.backend``) applies to RMSNorm, RoPE and SwiGLU; attention always runs the Triton
+    kernel (or, on a CPU without the interpreter, the reference). Raises ``ValueError`` naming what
+    is unsupported, before changing anything. Patching a patched model re-patches it.
     """
-    options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention)
+    from .backend import BACKENDS
+
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"llama_fast.patch: unknown backend {backend!r}; choose one of {BACKENDS}")
+    options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, backend=backend)
     backbone = _backbone(model)
     _validate(backbone, options)
     if getattr(backbone, _RECORD, None) is not None:
@@ -226,11 +234,11 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
 
     for module in backbone.modules():
         if rms_norm and isinstance(module, llama.LlamaRMSNorm):
-            give_forward(module, _rms_norm_forward)
+            give_forward(module, functools.partial(_rms_norm_forward, backend=backend))
         elif swiglu and isinstance(module, llama.LlamaMLP):
-            give_forward(module, _mlp_forward)
+            give_forward(module, functools.partial(_mlp_forward, backend=backend))
         elif rope and isinstance(module, llama.LlamaAttention):
-            give_forward(module, _attention_forward_with_our_rope(module))
+            give_forward(module, _attention_forward_with_our_rope(module, backend))
     if attention:
         _register_attention()
         record.config = backbone.config

@@ -82,7 +82,7 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     """
     _check(q, k, v, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if backend_for(q, backend) == "reference":
+    if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask)
     pad = None
     if key_padding_mask is not None:

@@ -2,7 +2,7 @@
 
 import torch
 
-from .. import references
+from .. import extension, references
 from ..backend import backend_for
 from ._checks import check_dtype, check_same_device, check_same_dtype
 
@@ -76,14 +76,23 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1, *, backend: str
     q's layout, differentiable in q and k.
     """
     _check(q, k, cos, sin, unsqueeze_dim)
-    if backend_for(q, backend) == "reference":
+    chosen = backend_for(q, backend)
+    if chosen == "reference":
         return references.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
     if unsqueeze_dim == 2:
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D) views
     shape = (q.shape[0], q.shape[2], q.shape[3])
     cos = _unit_stride_d(cos.expand(shape))
     sin = _unit_stride_d(sin.expand(shape))
-    q_embed, k_embed = _RoPEFunction.apply(_unit_stride_d(q), _unit_stride_d(k), cos, sin)
+    if chosen in ("cpu", "cuda"):
+        extension.available()  # loads it (and its fake/autograd parts) once
+        # The extension rotates in q's dtype; the result dtype of transformers' function is
+        # promote(q, cos) (fp32 tables with bf16 q give fp32), so promote first.
+        out_dtype = torch.promote_types(q.dtype, cos.dtype)
+        q, k = q.to(out_dtype), k.to(out_dtype)
+        q_embed, k_embed = torch.ops.llama_fast.rope_fwd(_unit_stride_d(q), _unit_stride_d(k), cos, sin)
+    else:
+        q_embed, k_embed = _RoPEFunction.apply(_unit_stride_d(q), _unit_stride_d(k), cos, sin)
     if unsqueeze_dim == 2:
         q_embed, k_embed = q_embed.transpose(1, 2), k_embed.transpose(1, 2)
     return q_embed, k_embed

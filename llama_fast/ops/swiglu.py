@@ -2,7 +2,7 @@
 
 import torch
 
-from .. import references
+from .. import extension, references
 from ..backend import backend_for
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_rows
 
@@ -34,7 +34,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
         raise ValueError(f"swiglu: gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     if gate.dim() == 0 or gate.shape[-1] == 0:
         raise ValueError(f"swiglu: inputs need a non-empty last dim, got shape {tuple(gate.shape)}")
-    if backend_for(gate, backend) == "reference":
+    chosen = backend_for(gate, backend)
+    if chosen == "reference":
         return references.swiglu(gate, up)
-    out = _SwiGLUFunction.apply(unit_stride_rows(gate), unit_stride_rows(up))
+    if chosen in ("cpu", "cuda"):
+        extension.available()  # loads it (and its fake/autograd parts) once
+        out = torch.ops.llama_fast.swiglu_fwd(unit_stride_rows(gate), unit_stride_rows(up))
+    else:
+        out = _SwiGLUFunction.apply(unit_stride_rows(gate), unit_stride_rows(up))
     return out.view(gate.shape)

@@ -1,0 +1,204 @@
+"""The C++/CUDA extension llama_fast._C: built, its CPU kernels (and CUDA kernels on a GPU)
+against the references in every dtype, forward and backward, odd shapes; torch.library.opcheck
+on every op; sm_90a machine code in the library; clear errors; backend choice; the patch on it."""
+
+import glob
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama_fast
+from helpers import DTYPES, check_op
+from llama_fast import extension, ops, references
+
+ROOT = Path(__file__).resolve().parent.parent
+built = pytest.mark.skipif(not extension.available(), reason="llama_fast._C not built (LLAMA_FAST_NO_EXTENSION=1)")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and extension.has_cuda_kernels() else [])
+
+
+def test_extension_is_built():
+    """install.sh builds it; only an explicit opt-out may leave it out."""
+    if os.environ.get("LLAMA_FAST_NO_EXTENSION") == "1":
+        pytest.skip("opted out")
+    assert extension.available(), "llama_fast._C failed to build or load"
+    assert "cpu" in ops.available_backends()
+
+
+@built
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", [(1, 576), (7, 760), (199, 1128), (3, 4096), (2, 14336), (5, 77)])
+def test_rms_norm(device, dtype, rows, cols):
+    x = torch.randn(rows, cols, device=device)
+    w = 1 + 0.1 * torch.randn(cols, device=device)
+    check_op(lambda x, w: ops.rms_norm(x, w, backend=device), references.rms_norm, [(x, True), (w, True)], dtype,
+             names=("rms_norm[ext]", ("x", "weight")))
+
+
+@built
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_fp32_weight_and_views(device):
+    x = torch.randn(9, 2 * 760, device=device)[:, ::2]  # a column-strided view: copied
+    w = torch.randn(760, device=device)
+    check_op(lambda x, w: ops.rms_norm(x, w, backend=device), references.rms_norm, [(x, True), (w, True)],
+             torch.float32, names=("rms_norm[ext]", ("x", "weight")))
+    xb = torch.randn(4, 3, 576, device=device, dtype=torch.bfloat16)
+    wf = torch.randn(576, device=device)
+    y = ops.rms_norm(xb, wf, backend=device)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, references.rms_norm(xb, wf), rtol=1e-5, atol=1e-5)
+
+
+@built
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,seq,n_q,n_k,head_dim", [(1, 1, 1, 1, 64), (2, 7, 9, 3, 64), (1, 5, 32, 8, 128),
+                                                        (2, 3, 4, 2, 96), (1, 4, 2, 1, 18)])
+def test_rope(device, dtype, batch, seq, n_q, n_k, head_dim):
+    q = torch.randn(batch, seq, n_q, head_dim, device=device).transpose(1, 2)
+    k = torch.randn(batch, seq, n_k, head_dim, device=device).transpose(1, 2)
+    angles = torch.randn(1, seq, head_dim // 2, device=device)
+    emb = torch.cat((angles, angles), -1).expand(batch, seq, head_dim)
+    check_op(lambda q, k, c, s: ops.apply_rotary_pos_emb(q, k, c, s, backend=device), references.apply_rotary_pos_emb,
+             [(q, True), (k, True), (emb.cos(), False), (emb.sin(), False)], dtype,
+             names=("rope[ext]", ("q", "k", "cos", "sin")))
+
+
+@built
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_fp32_tables_promote(device):
+    q = torch.randn(2, 4, 5, 64, device=device, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 5, 64, device=device, dtype=torch.bfloat16)
+    cos, sin = torch.randn(2, 5, 64, device=device), torch.randn(2, 5, 64, device=device)
+    got = ops.apply_rotary_pos_emb(q, k, cos, sin, backend=device)
+    want = references.apply_rotary_pos_emb(q, k, cos, sin)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b)
+
+
+@built
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 576), (127, 760), (3, 1131), (2, 14336)])
+def test_swiglu(device, dtype, shape):
+    gate, up = 2 * torch.randn(*shape, device=device), torch.randn(*shape, device=device)
+    check_op(lambda g, u: ops.swiglu(g, u, backend=device), references.swiglu, [(gate, True), (up, True)], dtype,
+             names=("swiglu[ext]", ("gate", "up")))
+    halves = torch.randn(5, 2 * shape[-1], device=device).chunk(2, dim=-1)  # fused gate_up views
+    check_op(lambda g, u: ops.swiglu(g, u, backend=device), references.swiglu, [(h, True) for h in halves], dtype,
+             names=("swiglu[ext] views", ("gate", "up")))
+
+
+def _op_samples(device):
+    x, w = torch.randn(7, 760, device=device), torch.randn(760, device=device)
+    y, rstd = torch.ops.llama_fast.rms_norm_fwd(x, w, 1e-6)
+    q = torch.randn(2, 7, 4, 64, device=device).transpose(1, 2)
+    k = torch.randn(2, 7, 2, 64, device=device).transpose(1, 2)
+    cos, sin = torch.randn(2, 7, 64, device=device), torch.randn(2, 7, 64, device=device)
+    g, u = torch.randn(5, 1128, device=device), torch.randn(5, 1128, device=device)
+    ops_ = torch.ops.llama_fast
+    return [
+        (ops_.rms_norm_fwd.default, (x.requires_grad_(), w.requires_grad_(), 1e-6)),
+        (ops_.rms_norm_bwd.default, (torch.randn_like(y), x.detach(), w.detach(), rstd)),
+        (ops_.rope_fwd.default, (q.requires_grad_(), k.requires_grad_(), cos, sin)),
+        (ops_.rope_bwd.default, (q.detach(), k.detach(), cos, sin)),
+        (ops_.swiglu_fwd.default, (g.requires_grad_(), u.requires_grad_())),
+        (ops_.swiglu_bwd.default, (torch.randn_like(g), g.detach(), u.detach())),
+    ]
+
+
+@built
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", range(6), ids=["rms_fwd", "rms_bwd", "rope_fwd", "rope_bwd", "swiglu_fwd", "swiglu_bwd"])
+def test_opcheck(device, index):
+    """Schema, fake (meta) implementation, autograd registration and dispatch are consistent."""
+    op, args = _op_samples(device)[index]
+    torch.library.opcheck(op, args)
+
+
+@built
+def test_ops_trace_under_torch_compile():
+    def block(x, w, gate, up):
+        return ops.rms_norm(x, w, backend="cpu").sum() + ops.swiglu(gate, up, backend="cpu").sum()
+
+    args = (torch.randn(4, 64, requires_grad=True), torch.randn(64), torch.randn(4, 96), torch.randn(4, 96))
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*args), block(*args))
+    compiled(*args).backward()
+    assert args[0].grad is not None
+
+
+@built
+def test_errors_name_the_problem():
+    ops_ = torch.ops.llama_fast
+    with pytest.raises(RuntimeError, match=r"weight must have shape \(8,\)"):
+        ops_.rms_norm_fwd(torch.randn(4, 8), torch.randn(7), 1e-6)
+    with pytest.raises(RuntimeError, match="x has dtype Double"):
+        ops_.rms_norm_fwd(torch.randn(4, 8).double(), torch.randn(8), 1e-6)
+    with pytest.raises(RuntimeError, match="unit stride"):
+        ops_.rms_norm_fwd(torch.randn(8, 4).t(), torch.randn(8), 1e-6)
+    with pytest.raises(RuntimeError, match="weight in x's dtype or float32"):
+        ops_.rms_norm_fwd(torch.randn(4, 8).half(), torch.randn(8).bfloat16(), 1e-6)
+    with pytest.raises(RuntimeError, match="gate and up must have one shape"):
+        ops_.swiglu_fwd(torch.randn(4, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ops_.swiglu_fwd(torch.randn(4, 8), torch.randn(4, 8).half())
+    with pytest.raises(RuntimeError, match="head_dim must be even"):
+        ops_.rope_fwd(torch.randn(1, 2, 3, 5), torch.randn(1, 2, 3, 5), torch.randn(1, 3, 5), torch.randn(1, 3, 5))
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        ops_.rope_fwd(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+    with pytest.raises(RuntimeError, match="differ in batch, seq or head_dim"):
+        ops_.rope_fwd(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+
+
+@built
+def test_backend_choice(monkeypatch):
+    x = torch.randn(3, 64)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ops.backend_for(x) == "cpu", "a CPU tensor runs the CPU kernels when the extension is built"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.backend_for(x) == "triton", "under the interpreter the Triton kernels are what is tested"
+    assert ops.backend_for(x, extension_op=False) == "triton"
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ops.backend_for(x, "cuda")
+    with pytest.raises(ValueError, match="'cpu' has no kernel for this op"):
+        ops.flash_attention(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), backend="cpu")
+
+
+@built
+def test_patch_on_the_cpu_kernels():
+    from models import clone, tiny_model, tokens
+
+    base = tiny_model()
+    model = llama_fast.patch(clone(base), backend="cpu", attention=False)
+    ids = tokens(2, 9)
+    out, want = model(ids, labels=ids), base(ids, labels=ids)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-4, atol=1e-5)
+    out.loss.backward()
+    want.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), base.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        llama_fast.patch(clone(base), backend="gpu")
+
+
+@built
+def test_library_holds_sm90a_machine_code():
+    """The CUDA kernels are compiled to sm_90a (and sm_80) machine code, not only PTX."""
+    if not extension.has_cuda_kernels():
+        pytest.skip("built without a CUDA toolkit")
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    (library,) = glob.glob(str(ROOT / "llama_fast" / "_C*.so"))
+    listing = subprocess.run([str(cuobjdump), "--list-elf", library], capture_output=True, text=True, check=True).stdout
+    assert "sm_90a" in listing and "sm_80" in listing, listing
+    sass = subprocess.run([str(cuobjdump), "--dump-sass", "--gpu-architecture", "sm_90a", library],
+                          capture_output=True, text=True, check=True).stdout
+    for kernel in ("rms_norm_fwd_kernel", "rms_norm_dx_kernel", "rope_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel"):
+        assert kernel in sass, kernel
+    assert "LDG.E.128" in sass, "the vectorised paths issue 128-bit loads"
