@@ -1,7 +1,8 @@
-// Input checks shared by the CPU (ops.cpp) and CUDA (kernels.cu) implementations: each raises
-// with a message that names the problem, as the Python ops do.
+// Input checks and dtype dispatch shared by the CPU (ops.cpp) and CUDA (kernels.cu)
+// implementations: each check raises with a message that names the problem, as the Python ops do.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
 namespace llama_fast {
@@ -12,5 +13,21 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
 void check_rms_norm(const at::Tensor& x, const at::Tensor& w);
 void check_swiglu(const at::Tensor& gate, const at::Tensor& up);
 void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
+
+// RMSNorm's dtype dispatch: fn(T{}, W{}) with T x's dtype and W the weight's, which must be x's
+// own or float32 (y and dy then have W, which is promote_types(weight, x) as in LlamaRMSNorm).
+template <typename Fn>
+void dispatch_rms(const at::Tensor& x, const at::Tensor& w, Fn&& fn) {
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat,
+              "rms_norm: the extension takes a weight in x's dtype or float32, got x ", x.scalar_type(), ", weight ",
+              w.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    if (w.scalar_type() == x.scalar_type()) {
+      fn(scalar_t{}, scalar_t{});
+    } else {
+      fn(scalar_t{}, float{});
+    }
+  });
+}
 
 }  // namespace llama_fast

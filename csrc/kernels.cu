@@ -165,20 +165,6 @@ __global__ void rms_norm_dw_kernel(const W* __restrict__ dy, const T* __restrict
 
 constexpr int64_t kDwChunks = 64;
 
-template <typename Fn>
-void dispatch_rms(const at::Tensor& x, const at::Tensor& w, Fn&& fn) {
-  TORCH_CHECK(w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat,
-              "rms_norm: the extension takes a weight in x's dtype or float32, got x ", x.scalar_type(), ", weight ",
-              w.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
-    if (w.scalar_type() == x.scalar_type()) {
-      fn(scalar_t{}, scalar_t{});
-    } else {
-      fn(scalar_t{}, float{});
-    }
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& w, double eps) {
   check_rms_norm(x, w);
   c10::cuda::CUDAGuard guard(x.device());

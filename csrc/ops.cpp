@@ -378,22 +378,6 @@ void swiglu_bwd_cpu_impl(const at::Tensor& dout, const at::Tensor& gate, const a
   });
 }
 
-// x's dtype as T, the weight's as W (x's own, or float32).
-template <typename Fn>
-void dispatch_rms(const at::Tensor& x, const at::Tensor& w, Fn&& fn) {
-  TORCH_CHECK(w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat,
-              "rms_norm: the extension takes a weight in x's dtype or float32, got x ", x.scalar_type(), ", weight ",
-              w.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
-    using T = scalar_t;
-    if (w.scalar_type() == x.scalar_type()) {
-      fn(T{}, T{});
-    } else {
-      fn(T{}, float{});
-    }
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
   check_rms_norm(x, w);
   auto y = at::empty(x.sizes(), x.options().dtype(w.scalar_type()));
