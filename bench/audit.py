@@ -14,6 +14,7 @@ on sm_90a. Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be 
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
@@ -69,8 +70,8 @@ def _bind(kernel, args, kwargs) -> dict:
     bound = dict(zip(names, args))
     bound.update({k: v for k, v in kwargs.items() if k in names})
     for p in kernel.params:
-        if p.name not in bound and p.default is not p.default.__class__:
-            bound.setdefault(p.name, p.default)
+        if p.name not in bound and p.default is not inspect.Parameter.empty:
+            bound[p.name] = p.default
     return bound
 
 

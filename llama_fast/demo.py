@@ -64,8 +64,9 @@ def greedy(model, inputs: dict, max_new_tokens: int):
     if inputs["input_ids"].is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
+    eos = model.generation_config.eos_token_id
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=model.generation_config.eos_token_id)
+                         return_dict_in_generate=True, pad_token_id=eos[0] if isinstance(eos, list) else eos)
     if inputs["input_ids"].is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
