@@ -12,6 +12,8 @@ void check_rows(const at::Tensor& t, const char* op, const char* name);
 void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* an, const char* bn);
 void check_rms_norm(const at::Tensor& x, const at::Tensor& w);
 void check_swiglu(const at::Tensor& gate, const at::Tensor& up);
+void check_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w);
+void check_swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up);
 void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
 
 // RMSNorm's dtype dispatch: fn(T{}, W{}) with T x's dtype and W the weight's, which must be x's

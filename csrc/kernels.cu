@@ -196,10 +196,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const 
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
                                                      const at::Tensor& rstd) {
-  check_rms_norm(x, w);
-  check_rows(dy, "rms_norm", "dy");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == w.scalar_type(),
-              "rms_norm: dy must have x's shape and the output's dtype");
+  check_rms_norm_bwd(dy, x, w);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), cols = x.size(1);
   auto dx = at::empty(x.sizes(), x.options());
@@ -294,8 +291,6 @@ void launch_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos
 std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                              const at::Tensor& sin, bool backward) {
   check_rope(q, k, cos, sin);
-  TORCH_CHECK(cos.scalar_type() == q.scalar_type() || cos.scalar_type() == at::kFloat,
-              "apply_rotary_pos_emb: the extension takes cos/sin in q's dtype or float32");
   c10::cuda::CUDAGuard guard(q.device());
   auto q_out = at::empty_like(q);
   auto k_out = at::empty_like(k);
@@ -395,10 +390,7 @@ at::Tensor swiglu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up) {
 
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dout, const at::Tensor& gate,
                                                    const at::Tensor& up) {
-  check_swiglu(gate, up);
-  check_rows(dout, "swiglu", "dout");
-  TORCH_CHECK(dout.sizes() == gate.sizes() && dout.scalar_type() == gate.scalar_type(),
-              "swiglu: dout must have gate's shape and dtype");
+  check_swiglu_bwd(dout, gate, up);
   c10::cuda::CUDAGuard guard(gate.device());
   auto dgate = at::empty(gate.sizes(), gate.options());
   auto dup = at::empty(up.sizes(), up.options());

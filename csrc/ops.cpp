@@ -84,6 +84,20 @@ void check_swiglu(const at::Tensor& gate, const at::Tensor& up) {
               gate.scalar_type(), ", up ", up.scalar_type());
 }
 
+void check_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w) {
+  check_rms_norm(x, w);
+  check_rows(dy, "rms_norm", "dy");
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == w.scalar_type(),
+              "rms_norm: dy must have x's shape and the output's dtype");
+}
+
+void check_swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up) {
+  check_swiglu(gate, up);
+  check_rows(dout, "swiglu", "dout");
+  TORCH_CHECK(dout.sizes() == gate.sizes() && dout.scalar_type() == gate.scalar_type(),
+              "swiglu: dout must have gate's shape and dtype");
+}
+
 void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
   const char* op = "apply_rotary_pos_emb";
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, op, ": q and k must be 4-D (batch, heads, seq, head_dim)");
@@ -96,6 +110,8 @@ void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
   check_same_device(q, sin, op, "q", "sin");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), op, ": q and k must share one dtype");
   TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), op, ": cos and sin must share one dtype");
+  TORCH_CHECK(cos.scalar_type() == q.scalar_type() || cos.scalar_type() == at::kFloat, op,
+              ": the extension takes cos/sin in q's dtype or float32");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3), op, ": q ", q.sizes(),
               " and k ", k.sizes(), " differ in batch, seq or head_dim");
   TORCH_CHECK(q.size(3) % 2 == 0, op, ": head_dim must be even for the rotate_half layout, got ", q.size(3));
@@ -390,10 +406,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const a
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
                                                     const at::Tensor& rstd) {
-  check_rms_norm(x, w);
-  check_rows(dy, "rms_norm", "dy");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == w.scalar_type(),
-              "rms_norm: dy must have x's shape and the output's dtype");
+  check_rms_norm_bwd(dy, x, w);
   auto dx = at::empty(x.sizes(), x.options());
   auto partial = at::empty({std::min<int64_t>(kDwChunks, std::max<int64_t>(x.size(0), 1)), x.size(1)},
                            x.options().dtype(at::kFloat));
@@ -406,8 +419,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy, const 
 std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                             const at::Tensor& sin, bool backward) {
   check_rope(q, k, cos, sin);
-  TORCH_CHECK(cos.scalar_type() == q.scalar_type() || cos.scalar_type() == at::kFloat,
-              "apply_rotary_pos_emb: the extension takes cos/sin in q's dtype or float32");
   auto q_out = at::empty_like(q);
   auto k_out = at::empty_like(k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope", [&] {
@@ -441,10 +452,7 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up) {
 
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dout, const at::Tensor& gate,
                                                   const at::Tensor& up) {
-  check_swiglu(gate, up);
-  check_rows(dout, "swiglu", "dout");
-  TORCH_CHECK(dout.sizes() == gate.sizes() && dout.scalar_type() == gate.scalar_type(),
-              "swiglu: dout must have gate's shape and dtype");
+  check_swiglu_bwd(dout, gate, up);
   auto dgate = at::empty(gate.sizes(), gate.options());
   auto dup = at::empty(up.sizes(), up.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "swiglu_bwd", [&] {

@@ -38,11 +38,9 @@ def has_cuda_kernels() -> bool:
     return available() and torch._C._dispatch_has_kernel_for_dispatch_key("llama_fast::rms_norm_fwd", "CUDA")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _register_python_parts() -> None:
+    from .ops._checks import unit_stride_last
+
     lib = "llama_fast::"
 
     @torch.library.register_fake(lib + "rms_norm_fwd")
@@ -77,7 +75,7 @@ def _register_python_parts() -> None:
 
     def rms_backward(ctx, dy, _drstd):
         x, weight, rstd = ctx.saved_tensors
-        dx, dweight = ops.rms_norm_bwd(_rows(dy), x, weight, rstd)
+        dx, dweight = ops.rms_norm_bwd(unit_stride_last(dy), x, weight, rstd)
         return dx, dweight, None
 
     torch.library.register_autograd(lib + "rms_norm_fwd", rms_backward, setup_context=rms_setup)
@@ -92,7 +90,7 @@ def _register_python_parts() -> None:
         q_shape, q_dtype, k_shape, k_dtype = ctx.shapes
         dq_embed = dq_embed if dq_embed is not None else cos.new_zeros(q_shape, dtype=q_dtype)
         dk_embed = dk_embed if dk_embed is not None else cos.new_zeros(k_shape, dtype=k_dtype)
-        dq, dk = ops.rope_bwd(_rows(dq_embed), _rows(dk_embed), cos, sin)
+        dq, dk = ops.rope_bwd(unit_stride_last(dq_embed), unit_stride_last(dk_embed), cos, sin)
         return dq, dk, None, None
 
     torch.library.register_autograd(lib + "rope_fwd", rope_backward, setup_context=rope_setup)
@@ -102,6 +100,6 @@ def _register_python_parts() -> None:
 
     def swiglu_backward(ctx, dout):
         gate, up = ctx.saved_tensors
-        return ops.swiglu_bwd(_rows(dout), gate, up)
+        return ops.swiglu_bwd(unit_stride_last(dout), gate, up)
 
     torch.library.register_autograd(lib + "swiglu_fwd", swiglu_backward, setup_context=swiglu_setup)

@@ -25,10 +25,14 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{op}: inputs must be on one device, got {listed}")
 
 
+def unit_stride_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has unit stride (or length 1), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` flattened to 2-D (rows, last dim) with unit stride along the last dim.
 
     A view when the leading dims collapse to one stride (the usual case); a copy otherwise.
     """
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+    return unit_stride_last(t.reshape(-1, t.shape[-1]))

@@ -4,7 +4,7 @@ import torch
 
 from .. import references
 from ..backend import backend_for
-from ._checks import check_dtype, check_same_device, check_same_dtype
+from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
 
 _MAX_HEAD_DIM = 256
 
@@ -26,13 +26,10 @@ class _FlashAttentionFunction(torch.autograd.Function):
         from ..kernels import attention
 
         q, k, v, out, lse, pad = ctx.saved_tensors
-        dq, dk, dv = attention.attention_bwd(_unit_stride_d(dout), q, k, v, out, lse, causal=ctx.causal,
+        dq, dk, dv = attention.attention_bwd(unit_stride_last(dout), q, k, v, out, lse, causal=ctx.causal,
                                              softmax_scale=ctx.softmax_scale, pad=pad)
         return dq, dk, dv, None, None, None
 
-
-def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check(q, k, v, key_padding_mask) -> None:
@@ -86,5 +83,5 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
         return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask)
     pad = None
     if key_padding_mask is not None:
-        pad = _unit_stride_d(key_padding_mask).view(torch.uint8)
-    return _FlashAttentionFunction.apply(_unit_stride_d(q), _unit_stride_d(k), _unit_stride_d(v), pad, bool(causal), scale)
+        pad = unit_stride_last(key_padding_mask).view(torch.uint8)
+    return _FlashAttentionFunction.apply(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), pad, bool(causal), scale)

@@ -4,7 +4,7 @@ import torch
 
 from .. import extension, references
 from ..backend import backend_for
-from ._checks import check_dtype, check_same_device, check_same_dtype
+from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
 
 
 class _RoPEFunction(torch.autograd.Function):
@@ -34,11 +34,8 @@ def _grad(grad: torch.Tensor | None, meta, like: torch.Tensor) -> torch.Tensor:
     if grad is None:
         shape, dtype = meta
         return torch.zeros(shape, dtype=dtype, device=like.device)
-    return _unit_stride_d(grad)
+    return unit_stride_last(grad)
 
-
-def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check(q, k, cos, sin, unsqueeze_dim) -> None:
@@ -82,17 +79,17 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1, *, backend: str
     if unsqueeze_dim == 2:
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D) views
     shape = (q.shape[0], q.shape[2], q.shape[3])
-    cos = _unit_stride_d(cos.expand(shape))
-    sin = _unit_stride_d(sin.expand(shape))
+    cos = unit_stride_last(cos.expand(shape))
+    sin = unit_stride_last(sin.expand(shape))
     if chosen in ("cpu", "cuda"):
         extension.available()  # loads it (and its fake/autograd parts) once
         # The extension rotates in q's dtype; the result dtype of transformers' function is
         # promote(q, cos) (fp32 tables with bf16 q give fp32), so promote first.
         out_dtype = torch.promote_types(q.dtype, cos.dtype)
         q, k = q.to(out_dtype), k.to(out_dtype)
-        q_embed, k_embed = torch.ops.llama_fast.rope_fwd(_unit_stride_d(q), _unit_stride_d(k), cos, sin)
+        q_embed, k_embed = torch.ops.llama_fast.rope_fwd(unit_stride_last(q), unit_stride_last(k), cos, sin)
     else:
-        q_embed, k_embed = _RoPEFunction.apply(_unit_stride_d(q), _unit_stride_d(k), cos, sin)
+        q_embed, k_embed = _RoPEFunction.apply(unit_stride_last(q), unit_stride_last(k), cos, sin)
     if unsqueeze_dim == 2:
         q_embed, k_embed = q_embed.transpose(1, 2), k_embed.transpose(1, 2)
     return q_embed, k_embed
