@@ -34,5 +34,7 @@ def unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` flattened to 2-D (rows, last dim) with unit stride along the last dim.
 
     A view when the leading dims collapse to one stride (the usual case); a copy otherwise.
+    A 2-D ``t`` skips the reshape: each torch call costs microseconds on CPU, which the CPU
+    kernels' small inputs (a decode step) feel.
     """
-    return unit_stride_last(t.reshape(-1, t.shape[-1]))
+    return unit_stride_last(t if t.dim() == 2 else t.reshape(-1, t.shape[-1]))

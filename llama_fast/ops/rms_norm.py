@@ -57,4 +57,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
         y, _ = torch.ops.llama_fast.rms_norm_fwd(unit_stride_rows(x), weight.contiguous(), float(eps))
     else:
         y = _RMSNormFunction.apply(unit_stride_rows(x), weight, float(eps))
-    return y.view(x.shape)
+    return y if x.dim() == 2 else y.view(x.shape)

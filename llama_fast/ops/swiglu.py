@@ -42,4 +42,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
         out = torch.ops.llama_fast.swiglu_fwd(unit_stride_rows(gate), unit_stride_rows(up))
     else:
         out = _SwiGLUFunction.apply(unit_stride_rows(gate), unit_stride_rows(up))
-    return out.view(gate.shape)
+    return out if gate.dim() == 2 else out.view(gate.shape)
