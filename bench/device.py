@@ -67,15 +67,46 @@ def measure(fn, device: torch.device, *, rep_ms: int = 100) -> dict:
         ms, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         peak = torch.cuda.max_memory_allocated(device) - base
         return dict(ms=ms, p20_ms=p20, p80_ms=p80, peak_bytes=peak)
-    fn()  # warm-up (and compilation for torch.compile)
-    times = []
-    deadline = time.perf_counter() + rep_ms / 1e3
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=10)
-    return dict(ms=statistics.median(times), p20_ms=q[1], p80_ms=q[7], peak_bytes=None)
+    timing = measure_cpu({"fn": fn}, rep_ms=rep_ms)["fn"]
+    if "error" in timing:
+        raise RuntimeError(timing["error"])
+    return timing
+
+
+def measure_cpu(fns: dict, *, rep_ms: int = 100) -> dict:
+    """CPU timings of several callables taken in turn, one call of each per round.
+
+    Round-robin because a shared CPU's speed drifts over seconds (other tenants, clocks): timed one
+    after the other, two providers of one case differed by up to 2x between runs on the 2-core VM
+    this was written on; taken in turn, each slow spell slows all of them alike. rep_ms is the
+    time per callable. Returns {name: median, p20 and p80 ms}; a callable that raises gets
+    {"error": ...} and leaves the rotation.
+    """
+    results, live = {}, {}
+    for name, fn in fns.items():
+        try:
+            fn()  # warm-up (and compilation for torch.compile)
+            live[name] = fn
+        except Exception as exc:  # noqa: BLE001  (reported in the row)
+            results[name] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+    times = {name: [] for name in live}
+    deadline = time.perf_counter() + rep_ms * max(len(live), 1) / 1e3
+    rounds = 0
+    while live and (rounds < 5 or (time.perf_counter() < deadline and rounds < 200)):
+        for name, fn in list(live.items()):
+            start = time.perf_counter()
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001
+                results[name] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+                del live[name], times[name]
+                continue
+            times[name].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10)
+        results[name] = dict(ms=statistics.median(ts), p20_ms=q[1], p80_ms=q[7], peak_bytes=None)
+    return results
 
 
 def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30) -> float | None:

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from .cases import OURS, add_speedups, rows_for
-from .device import measure
+from .device import measure, measure_cpu
 
 
 def run(cases, device: torch.device, peaks: dict | None, *, rep_ms: int = 100, progress: bool = True) -> list[dict]:
@@ -18,6 +18,10 @@ def run(cases, device: torch.device, peaks: dict | None, *, rep_ms: int = 100, p
     cases = list(cases)
     bar = tqdm(total=sum(len(c.providers) for c in cases), disable=not progress, file=sys.stderr, leave=False)
     for case in cases:
+        if device.type != "cuda":
+            rows += _run_cpu_case(case, peaks, rep_ms)
+            bar.update(len(case.providers))
+            continue
         for provider, setup in case.providers.items():
             bar.set_description(f"{case.op} {case.mode} {case.shape} {provider}"[:70])
             fn = None
@@ -25,8 +29,7 @@ def run(cases, device: torch.device, peaks: dict | None, *, rep_ms: int = 100, p
                 fn = setup()
                 rows.append(rows_for(case, provider, measure(fn, device, rep_ms=rep_ms), peaks))
             except Exception as exc:  # one provider failing (OOM, a missing feature) must not end the run
-                rows.append(dict(suite=case.suite, op=case.op, mode=case.mode, shape=case.shape, size=case.size,
-                                 dtype=case.dtype, provider=provider, error=f"{type(exc).__name__}: {exc}"[:300]))
+                rows.append(_error_row(case, provider, f"{type(exc).__name__}: {exc}"[:300]))
             finally:
                 del fn
                 gc.collect()
@@ -35,6 +38,29 @@ def run(cases, device: torch.device, peaks: dict | None, *, rep_ms: int = 100, p
             bar.update()
     bar.close()
     add_speedups(rows)
+    return rows
+
+
+def _error_row(case, provider: str, error: str) -> dict:
+    return dict(suite=case.suite, op=case.op, mode=case.mode, shape=case.shape, size=case.size, dtype=case.dtype,
+                provider=provider, error=error)
+
+
+def _run_cpu_case(case, peaks: dict | None, rep_ms: int) -> list[dict]:
+    """A case's providers timed in turn (see device.measure_cpu), all set up at once."""
+    fns, rows = {}, []
+    for provider, setup in case.providers.items():
+        try:
+            fns[provider] = setup()
+        except Exception as exc:  # one provider failing must not end the run
+            rows.append(_error_row(case, provider, f"{type(exc).__name__}: {exc}"[:300]))
+    for provider, timing in measure_cpu(fns, rep_ms=rep_ms).items():
+        if "error" in timing:
+            rows.append(_error_row(case, provider, timing["error"]))
+        else:
+            rows.append(rows_for(case, provider, timing, peaks))
+    del fns
+    gc.collect()
     return rows
 
 

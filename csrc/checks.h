@@ -16,6 +16,15 @@ void check_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 void check_swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up);
 void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
 
+// The dtypes the kernels take (check_float): float32, float16, bfloat16; scalar_t in the body.
+// ATen's AT_DISPATCH_FLOATING_TYPES_AND2 would add float64, which the checks reject, and compile
+// every kernel once more for it.
+#define LLAMA_FAST_DISPATCH(TYPE, NAME, ...)                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                             \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 // RMSNorm's dtype dispatch: fn(T{}, W{}) with T x's dtype and W the weight's, which must be x's
 // own or float32 (y and dy then have W, which is promote_types(weight, x) as in LlamaRMSNorm).
 template <typename Fn>
@@ -23,7 +32,7 @@ void dispatch_rms(const at::Tensor& x, const at::Tensor& w, Fn&& fn) {
   TORCH_CHECK(w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat,
               "rms_norm: the extension takes a weight in x's dtype or float32, got x ", x.scalar_type(), ", weight ",
               w.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+  LLAMA_FAST_DISPATCH(x.scalar_type(), "rms_norm", [&] {
     if (w.scalar_type() == x.scalar_type()) {
       fn(scalar_t{}, scalar_t{});
     } else {

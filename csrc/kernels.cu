@@ -296,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tens
   auto k_out = at::empty_like(k);
   if (q.numel() == 0 && k.numel() == 0) return {q_out, k_out};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope", [&] {
+  LLAMA_FAST_DISPATCH(q.scalar_type(), "rope", [&] {
     using T = scalar_t;
     // halves of a head are VEC-aligned when head_dim / 2 and every stride are multiples of VEC
     const bool wide = vec_for<T>(q.size(3) / 2, {&q, &k, &q_out, &k_out}) > 1;
@@ -368,7 +368,7 @@ at::Tensor swiglu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up) {
   auto out = at::empty(gate.sizes(), gate.options());
   const int64_t rows = gate.size(0), cols = gate.size(1);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "swiglu_fwd", [&] {
+  LLAMA_FAST_DISPATCH(gate.scalar_type(), "swiglu_fwd", [&] {
     using T = scalar_t;
     const int vec = vec_for<T>(cols, {&gate, &up, &out});
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxGridY) {
@@ -396,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dout, const
   auto dup = at::empty(up.sizes(), up.options());
   const int64_t rows = gate.size(0), cols = gate.size(1);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "swiglu_bwd", [&] {
+  LLAMA_FAST_DISPATCH(gate.scalar_type(), "swiglu_bwd", [&] {
     using T = scalar_t;
     const int vec = vec_for<T>(cols, {&dout, &gate, &up, &dgate, &dup});
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxGridY) {

@@ -32,6 +32,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "checks.h"
 
 extern "C" {
@@ -126,11 +130,12 @@ void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
 
 // ---------------------------------------------------------------------------------------------
 // CPU kernels: rows in parallel (at::parallel_for, OpenMP: the extension is compiled with
-// -fopenmp, since ATen's parallel_for is inline and runs serially without it). The work on one
-// range of rows is a function of plain pointers whose inner loops over contiguous columns the
-// compiler vectorises (#pragma omp simd), maths in float.
+// -fopenmp, since ATen's parallel_for is inline and runs serially without it). The maths is in
+// functions of float rows whose inner loops over contiguous columns the compiler vectorises
+// (#pragma omp simd); fp16 and bf16 rows are staged through per-thread float buffers (see
+// stage), so each kernel is written once, on floats, and rounds once at the store.
 //
-// Those range functions are compiled twice (target_clones): for x86-64-v3 (AVX2 + FMA, 8 floats a
+// The row functions are compiled twice (target_clones): for x86-64-v3 (AVX2 + FMA, 8 floats a
 // vector) and for the baseline the build targets (SSE2 on x86-64), and the loader picks one for
 // the CPU it runs on. AVX2 is what made these kernels beat eager PyTorch, whose own kernels are
 // built per CPU: on this machine's 2-core AMD EPYC, RMSNorm's forward took 0.8 ns an element (one
@@ -254,6 +259,112 @@ inline float sigmoid(float x) {
   return x >= 0.f ? s : e * s;
 }
 
+// fp16 rows to float and back 8 at a time with F16C (vcvtph2ps / vcvtps2ph, round to nearest
+// even) where the CPU has it: the portable conversions above cost 0.3 and 0.5 ns an element
+// here, as much again as SwiGLU's maths, and left every fp16 forward slower than eager.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LLAMA_FAST_F16C 1
+__attribute__((target("avx,f16c"))) void halves_to_floats_f16c(const uint16_t* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  }
+  for (; i < n; ++i) out[i] = half_to_f(in[i]);
+}
+
+__attribute__((target("avx,f16c"))) void floats_to_halves_f16c(const float* in, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  for (; i < n; ++i) out[i] = f_to_half(in[i]);
+}
+
+bool has_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
+LLAMA_FAST_CLONES void bf16s_to_floats(const uint16_t* __restrict in, float* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f(in[i]);
+}
+
+LLAMA_FAST_CLONES void floats_to_bf16s(const float* __restrict in, uint16_t* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = f_to_bf16(in[i]);
+}
+
+LLAMA_FAST_CLONES void halves_to_floats_portable(const uint16_t* __restrict in, float* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = half_to_f(in[i]);
+}
+
+LLAMA_FAST_CLONES void floats_to_halves_portable(const float* __restrict in, uint16_t* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = f_to_half(in[i]);
+}
+
+// A row of n values as floats: a float row itself, a 16-bit one converted into `buffer`.
+template <typename T>
+const float* stage(const T* row, int64_t n, float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    bf16s_to_floats(reinterpret_cast<const uint16_t*>(row), buffer, n);
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>);
+#ifdef LLAMA_FAST_F16C
+    if (has_f16c()) {
+      halves_to_floats_f16c(reinterpret_cast<const uint16_t*>(row), buffer, n);
+      return buffer;
+    }
+#endif
+    halves_to_floats_portable(reinterpret_cast<const uint16_t*>(row), buffer, n);
+  }
+  return buffer;
+}
+
+// Where a kernel writes a row of T: the row itself for float, else `buffer` (then unstage).
+template <typename T>
+float* staging(T* row, float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+    return buffer;
+  }
+}
+
+// Stores the floats a kernel wrote for a 16-bit row, rounding to nearest even.
+template <typename T>
+void unstage(const float* values, T* row, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    floats_to_bf16s(values, reinterpret_cast<uint16_t*>(row), n);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+#ifdef LLAMA_FAST_F16C
+    if (has_f16c()) {
+      floats_to_halves_f16c(values, reinterpret_cast<uint16_t*>(row), n);
+      return;
+    }
+#endif
+    floats_to_halves_portable(values, reinterpret_cast<uint16_t*>(row), n);
+  }
+}
+
+// A float buffer per parallel task for staging: `rows` rows of n floats, none for float T.
+template <typename T>
+std::vector<float> staging_buffer(int64_t rows, int64_t n) {
+  return std::vector<float>(std::is_same_v<T, float> ? 0 : rows * n);
+}
+
+// v rounded to T and back: LlamaRMSNorm rounds its normalised row to x's dtype.
+template <typename T>
+inline float round_as(float v) {
+  return to_f(from_f<T>(v));
+}
+
 // Rows per parallel task: enough elements that the threading overhead (~µs) is amortised.
 int64_t grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
@@ -261,111 +372,74 @@ int64_t grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64
 // how many threads ran: deterministic.
 constexpr int64_t kDwChunks = 64;
 
-template <typename T, typename W>
-LLAMA_FAST_CLONES void rms_norm_fwd_rows(const T* __restrict xp, int64_t sx, const W* __restrict w,
-                                         W* __restrict yp, int64_t sy, float* __restrict rstd, int64_t begin,
-                                         int64_t end, int64_t cols, float eps) {
-  for (int64_t r = begin; r < end; ++r) {
-    const T* x = xp + r * sx;
-    float ss = 0.f;
+// One row: y = w · round_as<T>(x · rstd), rstd = 1/sqrt(mean(x²) + eps), returned.
+template <typename T>
+LLAMA_FAST_CLONES float rms_norm_fwd_row(const float* __restrict x, const float* __restrict w, float* __restrict y,
+                                         int64_t cols, float eps) {
+  float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t c = 0; c < cols; ++c) {
-      const float v = to_f(x[c]);
-      ss += v * v;
-    }
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(cols) + eps);
-    rstd[r] = inv;
-    W* y = yp + r * sy;
+  for (int64_t c = 0; c < cols; ++c) ss += x[c] * x[c];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(cols) + eps);
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      // LlamaRMSNorm rounds the normalised row to x's dtype before the weight multiply.
-      const float xhat = to_f(from_f<T>(to_f(x[c]) * inv));
-      y[c] = from_f<W>(to_f(w[c]) * xhat);
-    }
-  }
+  for (int64_t c = 0; c < cols; ++c) y[c] = w[c] * round_as<T>(x[c] * inv);
+  return inv;
 }
 
-// dx of rows [begin, end), and their dw summed into acc (cols floats).
-template <typename T, typename W>
-LLAMA_FAST_CLONES void rms_norm_bwd_rows(const W* __restrict dyp, int64_t sdy, const T* __restrict xp, int64_t sx,
-                                         const W* __restrict w, const float* __restrict rstd, T* __restrict dxp,
-                                         int64_t sdx, float* __restrict acc, int64_t begin, int64_t end,
-                                         int64_t cols) {
-  for (int64_t r = begin; r < end; ++r) {
-    const T* x = xp + r * sx;
-    const W* dy = dyp + r * sdy;
-    const float inv = rstd[r];
-    float dot = 0.f;
+// One row's dx, and its dw term added into acc.
+template <typename T>
+LLAMA_FAST_CLONES void rms_norm_bwd_row(const float* __restrict dy, const float* __restrict x,
+                                        const float* __restrict w, float inv, float* __restrict dx,
+                                        float* __restrict acc, int64_t cols) {
+  float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t c = 0; c < cols; ++c) {
-      dot += to_f(dy[c]) * to_f(w[c]) * to_f(x[c]) * inv;
-    }
-    const float mean = dot / static_cast<float>(cols);
-    T* dx = dxp + r * sdx;
+  for (int64_t c = 0; c < cols; ++c) dot += dy[c] * w[c] * x[c] * inv;
+  const float mean = dot / static_cast<float>(cols);
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      const float xhat = to_f(x[c]) * inv;
-      const float g = to_f(dy[c]) * to_f(w[c]);
-      dx[c] = from_f<T>(inv * (g - xhat * mean));
-      acc[c] += to_f(dy[c]) * to_f(from_f<T>(xhat));
-    }
+  for (int64_t c = 0; c < cols; ++c) {
+    const float xhat = x[c] * inv;
+    dx[c] = inv * (dy[c] * w[c] - xhat * mean);
+    acc[c] += dy[c] * round_as<T>(xhat);
   }
 }
 
-// The rotation of one token's heads: x and y point at head 0, sh is the stride between heads.
-// Backward is a template parameter: a runtime flag's select in the loop kept GCC from vectorising
-// the 16-bit instantiations.
-template <typename T, typename C, bool Backward>
-LLAMA_FAST_CLONES void rope_heads(const T* __restrict xp, int64_t sxh, T* __restrict yp, int64_t syh,
-                                  int64_t heads, const C* __restrict c, const C* __restrict sn, int64_t half) {
+// One token's heads, each a row of 2·half floats (heads rows of stride 2·half):
+// forward y = x·cos + rotate_half(x)·sin; backward its transpose (see kernels/rope.py). Backward
+// is a template parameter: a runtime flag's select in the loop kept GCC from vectorising it.
+template <bool Backward>
+LLAMA_FAST_CLONES void rope_row(const float* __restrict x, float* __restrict y, int64_t heads,
+                                const float* __restrict c, const float* __restrict sn, int64_t half) {
   for (int64_t h = 0; h < heads; ++h) {
-    const T* x = xp + h * sxh;
-    T* y = yp + h * syh;
+    const float* xh = x + h * 2 * half;
+    float* yh = y + h * 2 * half;
 #pragma omp simd
     for (int64_t d = 0; d < half; ++d) {
-      const float x1 = to_f(x[d]), x2 = to_f(x[d + half]);
-      const float c1 = to_f(c[d]), c2 = to_f(c[d + half]), s1 = to_f(sn[d]), s2 = to_f(sn[d + half]);
-      // forward: y = x·cos + rotate_half(x)·sin; backward: its transpose (see kernels/rope.py)
-      const float y1 = Backward ? x1 * c1 + x2 * s2 : x1 * c1 - x2 * s1;
-      const float y2 = Backward ? x2 * c2 - x1 * s1 : x2 * c2 + x1 * s2;
-      y[d] = from_f<T>(y1);
-      y[d + half] = from_f<T>(y2);
+      const float x1 = xh[d], x2 = xh[d + half];
+      yh[d] = Backward ? x1 * c[d] + x2 * sn[d + half] : x1 * c[d] - x2 * sn[d];
+      yh[d + half] = Backward ? x2 * c[d + half] - x1 * sn[d] : x2 * c[d + half] + x1 * sn[d + half];
     }
   }
 }
 
+// SwiGLU reads float or bf16 rows directly, converting in the loop (bf16 is a shift): staging
+// bf16 through float buffers made its forward 25% slower, at eager's speed. fp16 rows are staged.
 template <typename T>
-LLAMA_FAST_CLONES void swiglu_fwd_rows(const T* __restrict gp, int64_t sg, const T* __restrict up, int64_t su,
-                                       T* __restrict op, int64_t so, int64_t begin, int64_t end, int64_t cols) {
-  for (int64_t r = begin; r < end; ++r) {
-    const T* g = gp + r * sg;
-    const T* u = up + r * su;
-    T* o = op + r * so;
+LLAMA_FAST_CLONES void swiglu_fwd_row(const T* __restrict g, const T* __restrict u, T* __restrict o, int64_t cols) {
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      const float gf = to_f(g[c]);
-      o[c] = from_f<T>(gf * sigmoid(gf) * to_f(u[c]));
-    }
+  for (int64_t c = 0; c < cols; ++c) {
+    const float gf = to_f(g[c]);
+    o[c] = from_f<T>(gf * sigmoid(gf) * to_f(u[c]));
   }
 }
 
 template <typename T>
-LLAMA_FAST_CLONES void swiglu_bwd_rows(const T* __restrict dp, int64_t sd, const T* __restrict gp, int64_t sg,
-                                       const T* __restrict up, int64_t su, T* __restrict dgp, int64_t sdg,
-                                       T* __restrict dup, int64_t sdu, int64_t begin, int64_t end, int64_t cols) {
-  for (int64_t r = begin; r < end; ++r) {
-    const T* d = dp + r * sd;
-    const T* g = gp + r * sg;
-    const T* u = up + r * su;
-    T* dg = dgp + r * sdg;
-    T* du = dup + r * sdu;
+LLAMA_FAST_CLONES void swiglu_bwd_row(const T* __restrict d, const T* __restrict g, const T* __restrict u,
+                                      T* __restrict dg, T* __restrict du, int64_t cols) {
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      const float df = to_f(d[c]), gf = to_f(g[c]), uf = to_f(u[c]);
-      const float sig = sigmoid(gf);
-      du[c] = from_f<T>(df * gf * sig);
-      dg[c] = from_f<T>(df * uf * sig * (1.f + gf * (1.f - sig)));
-    }
+  for (int64_t c = 0; c < cols; ++c) {
+    const float df = to_f(d[c]), gf = to_f(g[c]), uf = to_f(u[c]);
+    const float sig = sigmoid(gf);
+    du[c] = from_f<T>(df * gf * sig);
+    dg[c] = from_f<T>(df * uf * sig * (1.f + gf * (1.f - sig)));
   }
 }
 
@@ -378,7 +452,15 @@ void rms_norm_fwd_cpu_impl(const at::Tensor& x, const at::Tensor& w, double eps,
   float* rp = rstd.data_ptr<float>();
   const int64_t sx = x.stride(0), sy = y.stride(0);
   at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
-    rms_norm_fwd_rows<T, W>(xp, sx, wp, yp, sy, rp, begin, end, cols, static_cast<float>(eps));
+    std::vector<float> buffer = staging_buffer<T>(3, cols);
+    std::vector<float> weight = staging_buffer<W>(1, cols);
+    const float* wf = stage(wp, cols, weight.data());
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xf = stage(xp + r * sx, cols, buffer.data());
+      float* yf = staging(yp + r * sy, buffer.data() + cols);
+      rp[r] = rms_norm_fwd_row<T>(xf, wf, yf, cols, static_cast<float>(eps));
+      unstage(yf, yp + r * sy, cols);
+    }
   });
 }
 
@@ -395,11 +477,19 @@ void rms_norm_bwd_cpu_impl(const at::Tensor& dy, const at::Tensor& x, const at::
   float* pp = dw_partial.data_ptr<float>();
   const int64_t sdy = dy.stride(0), sx = x.stride(0), sdx = dx.stride(0);
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    std::vector<float> buffer = staging_buffer<T>(3, cols);
+    std::vector<float> weight = staging_buffer<W>(1, cols);
+    const float* wf = stage(wp, cols, weight.data());
     for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
       float* acc = pp + chunk * cols;
       std::fill(acc, acc + cols, 0.f);
-      rms_norm_bwd_rows<T, W>(dyp, sdy, xp, sx, wp, rp, dxp, sdx, acc, rows * chunk / chunks,
-                              rows * (chunk + 1) / chunks, cols);
+      for (int64_t r = rows * chunk / chunks; r < rows * (chunk + 1) / chunks; ++r) {
+        const float* xf = stage(xp + r * sx, cols, buffer.data());
+        const float* dyf = stage(dyp + r * sdy, cols, buffer.data() + cols);
+        float* dxf = staging(dxp + r * sdx, buffer.data() + 2 * cols);
+        rms_norm_bwd_row<T>(dyf, xf, wf, rp[r], dxf, acc, cols);
+        unstage(dxf, dxp + r * sdx, cols);
+      }
     }
   });
 }
@@ -407,21 +497,38 @@ void rms_norm_bwd_cpu_impl(const at::Tensor& dy, const at::Tensor& x, const at::
 template <typename T, typename C>
 void rope_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
                    at::Tensor& q_out, at::Tensor& k_out, bool backward) {
-  const int64_t seq = q.size(2), half = q.size(3) / 2;
+  const int64_t seq = q.size(2), dim = q.size(3);
   const C* cp = cos.data_ptr<C>();
   const C* sp = sin.data_ptr<C>();
   const int64_t scb = cos.stride(0), scs = cos.stride(1);
-  const int64_t tokens = q.size(0) * seq;
-  at::parallel_for(0, tokens, std::max<int64_t>(1, 64 / std::max<int64_t>(q.size(1), 1)), [&](int64_t begin, int64_t end) {
+  const int64_t max_heads = std::max(q.size(1), k.size(1));
+  const auto rotate = backward ? rope_row<true> : rope_row<false>;
+  at::parallel_for(0, q.size(0) * seq, std::max<int64_t>(1, 64 / max_heads), [&](int64_t begin, int64_t end) {
+    // 16-bit heads are staged together (in, then out), and 16-bit cos and sin rows.
+    std::vector<float> buffer = staging_buffer<T>(2 * max_heads, dim);
+    std::vector<float> tables = staging_buffer<C>(2, dim);
+    float* in = buffer.data();
+    float* out = in + max_heads * dim;
     for (int64_t token = begin; token < end; ++token) {
       const int64_t b = token / seq, s = token % seq;
-      const C* c = cp + b * scb + s * scs;
-      const C* sn = sp + b * scb + s * scs;
-      for (auto [in, out] : {std::pair<const at::Tensor*, at::Tensor*>{&q, &q_out}, {&k, &k_out}}) {
-        const T* x = in->template data_ptr<T>() + b * in->stride(0) + s * in->stride(2);
-        T* y = out->template data_ptr<T>() + b * out->stride(0) + s * out->stride(2);
-        const auto rotate = backward ? rope_heads<T, C, true> : rope_heads<T, C, false>;
-        rotate(x, in->stride(1), y, out->stride(1), in->size(1), c, sn, half);
+      const float* c = stage(cp + b * scb + s * scs, dim, tables.data());
+      const float* sn = stage(sp + b * scb + s * scs, dim, tables.data() + dim);
+      for (auto [src, dst] : {std::pair<const at::Tensor*, at::Tensor*>{&q, &q_out}, {&k, &k_out}}) {
+        const int64_t heads = src->size(1);
+        const T* x = src->template data_ptr<T>() + b * src->stride(0) + s * src->stride(2);
+        T* y = dst->template data_ptr<T>() + b * dst->stride(0) + s * dst->stride(2);
+        const int64_t sxh = src->stride(1), syh = dst->stride(1);
+        if constexpr (std::is_same_v<T, float>) {
+          if (sxh == dim && syh == dim) {  // heads adjacent, as in transformers' layout: one call
+            rotate(x, y, heads, c, sn, dim / 2);
+          } else {
+            for (int64_t h = 0; h < heads; ++h) rotate(x + h * sxh, y + h * syh, 1, c, sn, dim / 2);
+          }
+        } else {
+          for (int64_t h = 0; h < heads; ++h) stage(x + h * sxh, dim, in + h * dim);
+          rotate(in, out, heads, c, sn, dim / 2);
+          for (int64_t h = 0; h < heads; ++h) unstage(out + h * dim, y + h * syh, dim);
+        }
       }
     }
   });
@@ -435,7 +542,17 @@ void swiglu_fwd_cpu_impl(const at::Tensor& gate, const at::Tensor& up, at::Tenso
   T* op = out.data_ptr<T>();
   const int64_t sg = gate.stride(0), su = up.stride(0), so = out.stride(0);
   at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
-    swiglu_fwd_rows<T>(gp, sg, up_, su, op, so, begin, end, cols);
+    std::vector<float> buffer = staging_buffer<T>(std::is_same_v<T, c10::Half> ? 3 : 0, cols);
+    float* buf = buffer.data();
+    for (int64_t r = begin; r < end; ++r) {
+      if constexpr (std::is_same_v<T, c10::Half>) {
+        swiglu_fwd_row<float>(stage(gp + r * sg, cols, buf), stage(up_ + r * su, cols, buf + cols), buf + 2 * cols,
+                              cols);
+        unstage(buf + 2 * cols, op + r * so, cols);
+      } else {
+        swiglu_fwd_row<T>(gp + r * sg, up_ + r * su, op + r * so, cols);
+      }
+    }
   });
 }
 
@@ -451,7 +568,18 @@ void swiglu_bwd_cpu_impl(const at::Tensor& dout, const at::Tensor& gate, const a
   const int64_t sd = dout.stride(0), sg = gate.stride(0), su = up.stride(0);
   const int64_t sdg = dgate.stride(0), sdu = dup.stride(0);
   at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
-    swiglu_bwd_rows<T>(dp, sd, gp, sg, up_, su, dgp, sdg, dup_, sdu, begin, end, cols);
+    std::vector<float> buffer = staging_buffer<T>(std::is_same_v<T, c10::Half> ? 5 : 0, cols);
+    float* buf = buffer.data();
+    for (int64_t r = begin; r < end; ++r) {
+      if constexpr (std::is_same_v<T, c10::Half>) {
+        swiglu_bwd_row<float>(stage(dp + r * sd, cols, buf), stage(gp + r * sg, cols, buf + cols),
+                              stage(up_ + r * su, cols, buf + 2 * cols), buf + 3 * cols, buf + 4 * cols, cols);
+        unstage(buf + 3 * cols, dgp + r * sdg, cols);
+        unstage(buf + 4 * cols, dup_ + r * sdu, cols);
+      } else {
+        swiglu_bwd_row<T>(dp + r * sd, gp + r * sg, up_ + r * su, dgp + r * sdg, dup_ + r * sdu, cols);
+      }
+    }
   });
 }
 
@@ -482,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
   check_rope(q, k, cos, sin);
   auto q_out = at::empty_like(q);
   auto k_out = at::empty_like(k);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope", [&] {
+  LLAMA_FAST_DISPATCH(q.scalar_type(), "rope", [&] {
     if (cos.scalar_type() == q.scalar_type()) {
       rope_cpu_impl<scalar_t, scalar_t>(q, k, cos, sin, q_out, k_out, backward);
     } else {
@@ -505,7 +633,7 @@ std::tuple<at::Tensor, at::Tensor> rope_bwd_cpu(const at::Tensor& dq, const at::
 at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up) {
   check_swiglu(gate, up);
   auto out = at::empty(gate.sizes(), gate.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "swiglu_fwd", [&] {
+  LLAMA_FAST_DISPATCH(gate.scalar_type(), "swiglu_fwd", [&] {
     swiglu_fwd_cpu_impl<scalar_t>(gate, up, out);
   });
   return out;
@@ -516,7 +644,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dout, const 
   check_swiglu_bwd(dout, gate, up);
   auto dgate = at::empty(gate.sizes(), gate.options());
   auto dup = at::empty(up.sizes(), up.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "swiglu_bwd", [&] {
+  LLAMA_FAST_DISPATCH(gate.scalar_type(), "swiglu_bwd", [&] {
     swiglu_bwd_cpu_impl<scalar_t>(dout, gate, up, dgate, dup);
   });
   return {dgate, dup};

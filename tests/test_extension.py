@@ -122,6 +122,24 @@ def test_swiglu_cpu_sigmoid_over_the_whole_float_range():
         assert not bad.any(), f"{name} at gate {where}: ours {o[bad].tolist()[:5]}, exact {x[bad].tolist()[:5]}"
 
 
+@built
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("factor", [1.0, 1.37, -0.3, 2.0**-10, 3e4])
+def test_cpu_16bit_conversions_every_bit_pattern(dtype, factor):
+    """The CPU kernels' own fp16/bf16 <-> float conversions, on all 65536 bit patterns (zeros,
+    subnormals, normals, inf, NaN): RoPE with cos = factor, sin = 0 computes round(x · factor),
+    which must equal torch's own conversion bit for bit (any NaN for NaN). factor 1 is the round
+    trip; the others exercise rounding to nearest even, results in the subnormal range, overflow."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    q = torch.stack([x, torch.zeros_like(x)], dim=-1).view(1, 1, -1, 2)  # the partner element stays 0
+    cos = torch.tensor([factor, 1.0]).expand(1, x.numel(), 2)
+    out, _ = torch.ops.llama_fast.rope_fwd(q, q, cos, torch.zeros_like(cos))
+    ours, expected = out[..., 0].flatten(), (x.float() * factor).to(dtype)
+    assert torch.equal(ours.isnan(), expected.isnan())
+    same = ours.view(torch.int16) == expected.view(torch.int16)
+    assert (same | expected.isnan()).all(), f"{(~same & ~expected.isnan()).sum()} patterns differ"
+
+
 def _op_samples(device):
     x, w = torch.randn(7, 760, device=device), torch.randn(760, device=device)
     y, rstd = torch.ops.llama_fast.rms_norm_fwd(x, w, 1e-6)
