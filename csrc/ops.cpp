@@ -133,7 +133,8 @@ void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
 // -fopenmp, since ATen's parallel_for is inline and runs serially without it). The maths is in
 // functions of float rows whose inner loops over contiguous columns the compiler vectorises
 // (#pragma omp simd); fp16 and bf16 rows are staged through per-thread float buffers (see
-// stage), so each kernel is written once, on floats, and rounds once at the store.
+// stage), so each kernel is written once, on floats, and rounds once at the store. SwiGLU alone
+// reads bf16 rows directly (see swiglu_fwd_row).
 //
 // The row functions are compiled twice (target_clones): for x86-64-v3 (AVX2 + FMA, 8 floats a
 // vector) and for the baseline the build targets (SSE2 on x86-64), and the loader picks one for
@@ -152,11 +153,12 @@ namespace {
 #define LLAMA_FAST_CLONES __attribute__((noinline))
 #endif
 
-// Conversions to and from float, written by bit manipulation and branch-free so that the loops
-// over 16-bit rows vectorise: c10's conversions stay scalar in GCC 12 (c10::BFloat16 tests for NaN
-// with a branch; c10::Half's code, though branch-free, goes through memcpy and a conditional
-// assignment, and GCC cannot vectorise _Float16 conversions with F16C). With them, bf16 SwiGLU
-// was slower than eager and fp16 RoPE 3.7x slower (measured here, 2 cores).
+// Conversions to and from float, written by bit manipulation and branch-free so that loops over
+// 16-bit values vectorise: c10's conversions stay scalar in GCC 12 (c10::BFloat16 tests for NaN
+// with a branch; c10::Half's code goes through memcpy and a conditional assignment; and GCC cannot
+// vectorise _Float16 conversions even with F16C). With c10's, bf16 SwiGLU was slower than eager
+// and fp16 RoPE 3.7x slower (measured here, 2 cores). The fp16 ones are the fallback for CPUs
+// without F16C and the rounding in round_as.
 inline float bf16_to_f(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
 
 inline uint16_t f_to_bf16(float v) {
@@ -216,14 +218,15 @@ inline T from_f(float v) {
 }
 
 // e^x for x <= 0, in float, from Cephes' expf: x = n·ln2 + r with |r| <= ln2/2, e^r by a
-// degree-6 polynomial (about 1 ulp), 2^n assembled in the exponent bits, and results below
+// degree-7 polynomial (about 1 ulp), 2^n assembled in the exponent bits, and results below
 // float's normal range (x < -87.3) flushed to 0. Branch-free arithmetic, so the `omp simd` loops
 // vectorise it (with -fno-trapping-math, see setup.py); std::exp stays a scalar libm call and
 // made SwiGLU 3-5x slower than eager PyTorch (measured here, 2 cores).
 inline float exp_nonpositive(float x) {
   x = x < -100.f ? -100.f : x;  // keeps the range reduction finite for x = -inf
   // n = round(x / ln2) by the 1.5·2^23 trick: the float add rounds to an integer, whose bits are
-  // n plus a constant (cheaper than a float->int conversion: 1.7 vs 2.1 ns an element in SwiGLU).
+  // n plus a constant (cheaper than a float->int conversion: 1.8 vs 2.3 ns an element in an
+  // earlier form of SwiGLU's loop, one thread).
   const float shifted = x * 1.44269504088896341f + 12582912.0f;
   const float fn = shifted - 12582912.0f;
   const int32_t n = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(12582912.0f);
@@ -239,7 +242,7 @@ inline float exp_nonpositive(float x) {
 }
 
 // 1/d for d in [1, 2] without a division, which this CPU's vector unit does slowly (dividing
-// took SwiGLU from 0.9 to 1.9 ns an element). A first guess from the bits (within 5.1%), then
+// took SwiGLU's loop from about 1 to 1.9 ns an element, one thread). A first guess from the bits (within 5.1%), then
 // Newton steps r·(2 - d·r), each squaring the relative error; the last written r + r·(1 - d·r),
 // which with FMA rounds to within 6e-8 of 1/d (1.2e-7 without FMA).
 inline float recip(float d) {
@@ -287,24 +290,11 @@ bool has_f16c() {
 }
 #endif
 
-LLAMA_FAST_CLONES void bf16s_to_floats(const uint16_t* __restrict in, float* __restrict out, int64_t n) {
+// out[i] = Convert(in[i]) for n values, vectorised (the conversions above are branch-free).
+template <typename From, typename To, To (*Convert)(From)>
+LLAMA_FAST_CLONES void convert_row(const From* __restrict in, To* __restrict out, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f(in[i]);
-}
-
-LLAMA_FAST_CLONES void floats_to_bf16s(const float* __restrict in, uint16_t* __restrict out, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = f_to_bf16(in[i]);
-}
-
-LLAMA_FAST_CLONES void halves_to_floats_portable(const uint16_t* __restrict in, float* __restrict out, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = half_to_f(in[i]);
-}
-
-LLAMA_FAST_CLONES void floats_to_halves_portable(const float* __restrict in, uint16_t* __restrict out, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = f_to_half(in[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = Convert(in[i]);
 }
 
 // A row of n values as floats: a float row itself, a 16-bit one converted into `buffer`.
@@ -313,7 +303,7 @@ const float* stage(const T* row, int64_t n, float* buffer) {
   if constexpr (std::is_same_v<T, float>) {
     return row;
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    bf16s_to_floats(reinterpret_cast<const uint16_t*>(row), buffer, n);
+    convert_row<uint16_t, float, bf16_to_f>(reinterpret_cast<const uint16_t*>(row), buffer, n);
   } else {
     static_assert(std::is_same_v<T, c10::Half>);
 #ifdef LLAMA_FAST_F16C
@@ -322,7 +312,7 @@ const float* stage(const T* row, int64_t n, float* buffer) {
       return buffer;
     }
 #endif
-    halves_to_floats_portable(reinterpret_cast<const uint16_t*>(row), buffer, n);
+    convert_row<uint16_t, float, half_to_f>(reinterpret_cast<const uint16_t*>(row), buffer, n);
   }
   return buffer;
 }
@@ -341,7 +331,7 @@ float* staging(T* row, float* buffer) {
 template <typename T>
 void unstage(const float* values, T* row, int64_t n) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    floats_to_bf16s(values, reinterpret_cast<uint16_t*>(row), n);
+    convert_row<float, uint16_t, f_to_bf16>(values, reinterpret_cast<uint16_t*>(row), n);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
 #ifdef LLAMA_FAST_F16C
     if (has_f16c()) {
@@ -349,7 +339,7 @@ void unstage(const float* values, T* row, int64_t n) {
       return;
     }
 #endif
-    floats_to_halves_portable(values, reinterpret_cast<uint16_t*>(row), n);
+    convert_row<float, uint16_t, f_to_half>(values, reinterpret_cast<uint16_t*>(row), n);
   }
 }
 
@@ -420,8 +410,9 @@ LLAMA_FAST_CLONES void rope_row(const float* __restrict x, float* __restrict y, 
   }
 }
 
-// SwiGLU reads float or bf16 rows directly, converting in the loop (bf16 is a shift): staging
-// bf16 through float buffers made its forward 25% slower, at eager's speed. fp16 rows are staged.
+// SwiGLU reads float or bf16 rows directly, converting in the loop (bf16 is a shift): its bf16
+// forward measured 1.04-1.35x eager so, 0.97-0.99x with bf16 staged through float buffers (separate
+// runs at 256 and 2048 tokens, 2 cores). fp16 rows are staged.
 template <typename T>
 LLAMA_FAST_CLONES void swiglu_fwd_row(const T* __restrict g, const T* __restrict u, T* __restrict o, int64_t cols) {
 #pragma omp simd
@@ -452,7 +443,7 @@ void rms_norm_fwd_cpu_impl(const at::Tensor& x, const at::Tensor& w, double eps,
   float* rp = rstd.data_ptr<float>();
   const int64_t sx = x.stride(0), sy = y.stride(0);
   at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer = staging_buffer<T>(3, cols);
+    std::vector<float> buffer = staging_buffer<T>(2, cols);  // x, y
     std::vector<float> weight = staging_buffer<W>(1, cols);
     const float* wf = stage(wp, cols, weight.data());
     for (int64_t r = begin; r < end; ++r) {
@@ -477,7 +468,7 @@ void rms_norm_bwd_cpu_impl(const at::Tensor& dy, const at::Tensor& x, const at::
   float* pp = dw_partial.data_ptr<float>();
   const int64_t sdy = dy.stride(0), sx = x.stride(0), sdx = dx.stride(0);
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
-    std::vector<float> buffer = staging_buffer<T>(3, cols);
+    std::vector<float> buffer = staging_buffer<T>(3, cols);  // x, dy (W is T when T is 16-bit), dx
     std::vector<float> weight = staging_buffer<W>(1, cols);
     const float* wf = stage(wp, cols, weight.data());
     for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
