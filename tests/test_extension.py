@@ -5,6 +5,7 @@ on every op; sm_90a machine code in the library; clear errors; backend choice; t
 import glob
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,22 @@ def test_swiglu_cpu_sigmoid_over_the_whole_float_range():
         bad = (o - x).abs() > bound
         where = gate[0][finite[0]][bad].tolist()[:5]
         assert not bad.any(), f"{name} at gate {where}: ours {o[bad].tolist()[:5]}, exact {x[bad].tolist()[:5]}"
+
+
+
+@built
+def test_swiglu_portable_path_without_avx2():
+    """On an AVX2 CPU SwiGLU runs intrinsics; LLAMA_FAST_NO_AVX2=1 makes it take the portable path
+    of other CPUs (llama_fast._C.swiglu_cpu_path() says which runs), and that path passes the
+    SwiGLU tests too."""
+    env = {**os.environ, "LLAMA_FAST_NO_AVX2": "1"}
+    ask = [sys.executable, "-c", "import torch, llama_fast._C as c; print(c.swiglu_cpu_path())"]
+    assert subprocess.run(ask, env=env, capture_output=True, text=True, check=True).stdout.strip() == "portable"
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert subprocess.run(ask, capture_output=True, text=True, check=True).stdout.strip() == "avx2"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "swiglu and not portable"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @built
