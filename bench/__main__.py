@@ -85,7 +85,10 @@ def _suites(args, names) -> int:
     if device.type == "cpu":
         print("No GPU on this machine: timings below are CPU timings (labelled CPU), not GPU performance. "
               "Triton kernels cannot run here except in the interpreter, so llama_fast's rows show the "
-              "backend that ran.\n")
+              "backend that ran.")
+        if "cpu_swiglu_path" in meta:
+            print(f"The extension's CPU SwiGLU runs its {meta['cpu_swiglu_path']} loop.")
+        print()
     else:
         meta["copy_bytes_per_s"] = dev.copy_bandwidth(device)
         print(f"{meta['device']}: peaks {peaks}, measured copy bandwidth {meta['copy_bytes_per_s'] / 1e9:.0f} GB/s\n")

@@ -47,6 +47,12 @@ def describe(device: torch.device) -> dict:
     else:
         meta.update(kind="cpu", device=f"CPU ({platform.processor() or platform.machine()}, "
                                        f"{torch.get_num_threads()} threads)", peaks=None)
+        from llama_fast import extension
+
+        if extension.available():  # which SwiGLU loop the CPU kernels ran (LLAMA_FAST_NO_AVX2)
+            from llama_fast import _C
+
+            meta["cpu_swiglu_path"] = _C.swiglu_cpu_path()
     try:
         import liger_kernel  # noqa: F401  (only its presence is reported)
 

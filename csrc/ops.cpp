@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -361,10 +362,26 @@ std::vector<float> staging_buffer(int64_t rows, int64_t n) {
   return std::vector<float>(std::is_same_v<T, float> ? 0 : rows * n);
 }
 
+// v rounded to fp16 (to nearest even) and back, in float arithmetic: adding s = 1.5·2^(e+13),
+// e = v's exponent (at least -14, half's subnormal spacing), makes the float add round v to half's
+// 11 significant bits; subtracting s again is exact. About 8 operations where f_to_half then
+// half_to_f take 25 (RMSNorm's fp16 forward was no faster than eager with those). Checked against
+// them on all 2^32 floats: equal, zeros' signs included.
+inline float round_to_half(float v) {
+  const uint32_t biased = std::min(std::max((std::bit_cast<uint32_t>(v) >> 23) & 0xFFu, 113u), 142u);
+  const float s = std::bit_cast<float>(((biased + 13u) << 23) | 0x400000u);
+  const float r = (v + s) - s;
+  return std::copysign(std::abs(r) > 65504.f ? std::numeric_limits<float>::infinity() : r, v);
+}
+
 // v rounded to T and back: LlamaRMSNorm rounds its normalised row to x's dtype.
 template <typename T>
 inline float round_as(float v) {
-  return to_f(from_f<T>(v));
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    return round_to_half(v);
+  } else {
+    return to_f(from_f<T>(v));
+  }
 }
 
 // Rows per parallel task: enough elements that the threading overhead (~µs) is amortised.
@@ -452,9 +469,9 @@ LLAMA_FAST_CLONES void swiglu_bwd_row(const T* __restrict d, const T* __restrict
 // Newton steps instead of three; one left sigmoid 1 ulp short of 1 for large x, which the
 // backward's g·(1 - sigmoid) magnified to 0.1% at g = 1e4), and fp16/bf16 converted 8 at a time
 // inside the loop. SwiGLU
-// is the one op whose CPU cost is arithmetic (the exp) rather than memory: at 256 tokens the
-// portable loop measured 1.10x eager in fp32 and 0.82x in fp16 (staged), this one 1.36x and 1.22x
-// (bench/results/cpu-2026-11-28, 2 cores).
+// is the one op whose CPU cost is arithmetic (the exp) rather than memory: forward at 256 tokens,
+// the portable loop measured 1.18x eager in fp32 and 0.95x in fp16 (staged), this one 1.21x and
+// 1.19x (bench/results/cpu-2026-11-28 and its no-avx2/, 2 cores).
 // The last cols % 8 values go through the same vector code on a zero-padded copy, so every
 // column gets the same arithmetic. LLAMA_FAST_NO_AVX2=1 turns this path off (the tests run the
 // portable one that way).
