@@ -124,6 +124,30 @@ def test_swiglu_cpu_sigmoid_over_the_whole_float_range():
 
 
 
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_swiglu_cpu_16bit_specials(dtype):
+    """fp16/bf16 SwiGLU on the CPU (the AVX2 loop converts in registers, the portable one stages):
+    zeros, both signs, the edges of the range, inf and NaN; each result within one ulp of the float64
+    result rounded to the dtype (or 1e-35 for bf16 results below float's normal range, which the
+    kernels' exp flushes to 0), on a row of odd width so that the tail of a row is covered too."""
+    big = torch.finfo(dtype).max
+    values = torch.tensor([0.0, -0.0, 1e-7, 0.1, 1, 5, 20, 90, 1e4, big, float("inf"), float("nan")])
+    gate = torch.cat([values, -values, torch.linspace(-12, 12, 977)]).to(dtype).view(1, -1)
+    up, dout = torch.full_like(gate, 1.5), torch.full_like(gate, -0.75)
+    g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
+    out64 = references.swiglu(g64, u64)
+    exact = (out64.detach(), *torch.autograd.grad(out64, (g64, u64), dout.double()))
+    ours = (torch.ops.llama_fast.swiglu_fwd(gate, up), *torch.ops.llama_fast.swiglu_bwd(dout, gate, up))
+    for name, o, x in zip(("out", "dgate", "dup"), ours, exact):
+        x = x.to(dtype).double()  # overflow to inf here is the dtype's own
+        o = o.double()
+        assert torch.equal(o.isnan(), x.isnan()) and torch.equal(o.isinf(), x.isinf()), name
+        finite = x.isfinite()
+        err = (o - x)[finite].abs()
+        assert (err <= torch.finfo(dtype).eps * x[finite].abs() + 1e-35).all(), (name, err.max())
+
 @built
 def test_swiglu_portable_path_without_avx2():
     """On an AVX2 CPU SwiGLU runs intrinsics; LLAMA_FAST_NO_AVX2=1 makes it take the portable path
