@@ -170,8 +170,8 @@ namespace {
 // 16-bit values vectorise: c10's conversions stay scalar in GCC 12 (c10::BFloat16 tests for NaN
 // with a branch; c10::Half's code goes through memcpy and a conditional assignment; and GCC cannot
 // vectorise _Float16 conversions even with F16C). With c10's, bf16 SwiGLU was slower than eager
-// and fp16 RoPE 3.7x slower (measured here, 2 cores). The fp16 ones are the fallback for CPUs
-// without F16C and the rounding in round_as.
+// and fp16 RoPE 3.7x slower (measured here, 2 cores). The fp16 ones stage rows on CPUs without
+// F16C and convert the few values past a multiple of 8 on those with it.
 inline float bf16_to_f(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
 
 inline uint16_t f_to_bf16(float v) {
@@ -208,25 +208,25 @@ inline uint16_t f_to_half(float v) {
   return static_cast<uint16_t>(((w >> 16) & 0x8000u) | (twice > 0xFF000000u ? 0x7E00u : fields));
 }
 
+// Element access for the loops that read float or bf16 values directly (SwiGLU's, round_as);
+// fp16 rows never reach them: they are staged (stage) or converted in registers (avx2::).
 template <typename T>
 inline float to_f(T v) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return bf16_to_f(v.x);
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return half_to_f(v.x);
   } else {
-    return static_cast<float>(v);
+    return v;
   }
 }
 
 template <typename T>
 inline T from_f(float v) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return T(f_to_bf16(v), T::from_bits());
-  } else if constexpr (std::is_same_v<T, c10::Half>) {
-    return T(f_to_half(v), T::from_bits());
   } else {
-    return static_cast<T>(v);
+    return v;
   }
 }
 
