@@ -367,6 +367,7 @@ at::Tensor swiglu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up) {
   c10::cuda::CUDAGuard guard(gate.device());
   auto out = at::empty(gate.sizes(), gate.options());
   const int64_t rows = gate.size(0), cols = gate.size(1);
+  if (out.numel() == 0) return out;  // a zero-width row would make an empty grid, a launch error
   auto stream = c10::cuda::getCurrentCUDAStream();
   LLAMA_FAST_DISPATCH(gate.scalar_type(), "swiglu_fwd", [&] {
     using T = scalar_t;
@@ -395,6 +396,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dout, const
   auto dgate = at::empty(gate.sizes(), gate.options());
   auto dup = at::empty(up.sizes(), up.options());
   const int64_t rows = gate.size(0), cols = gate.size(1);
+  if (dup.numel() == 0) return {dgate, dup};
   auto stream = c10::cuda::getCurrentCUDAStream();
   LLAMA_FAST_DISPATCH(gate.scalar_type(), "swiglu_bwd", [&] {
     using T = scalar_t;

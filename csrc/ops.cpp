@@ -67,7 +67,10 @@ namespace llama_fast {
 
 void check_rows(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (rows, cols), got ", t.dim(), "-D");
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name, " must have unit stride along its last dim");
+  // An empty tensor is never read, and autograd hands empty ones over with any strides (an expanded
+  // zero-row gradient has stride 0), so only a tensor with elements must have unit stride.
+  TORCH_CHECK(t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
+              " must have unit stride along its last dim");
   check_float(t, op, name);
 }
 
@@ -137,7 +140,7 @@ void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
               op, ": cos and sin must be (batch, seq, head_dim) = (", q.size(0), ", ", q.size(2), ", ", q.size(3),
               ") (a stride of 0 along batch broadcasts), got ", cos.sizes());
   for (const at::Tensor* t : {&q, &k, &cos, &sin}) {
-    TORCH_CHECK(t->stride(-1) == 1, op, ": inputs must have unit stride along head_dim");
+    TORCH_CHECK(t->numel() == 0 || t->stride(-1) == 1, op, ": inputs must have unit stride along head_dim");
   }
 }
 

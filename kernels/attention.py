@@ -492,6 +492,8 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    if kv_len == 0:  # no key to see: every row is one that sees nothing (zeros, lse = +inf)
+        return out.zero_(), lse.fill_(float("inf"))
     qk_scale = softmax_scale * _LOG2E
     has_pad = pad is not None
     pad_arg = pad if has_pad else q  # never read when HAS_PAD is False
