@@ -9,11 +9,20 @@ CUDA toolkit (nvcc) and a CUDA build of torch are present, CPU kernels only othe
                          architecture-specific instructions)
   MAX_JOBS               parallel compile jobs (ninja)
   LLAMA_FAST_NO_EXTENSION=1   skip the extension (the library then runs on Triton and the references)
+  LLAMA_FAST_REQUIRE_EXTENSION=1   fail the install when the extension fails to build (by default
+                         a failed build warns and installs llama_fast without it)
+
+Build requirements (torch, ninja) are declared in pyproject.toml. The extension is built against
+the torch in the build environment and loaded only under that same torch version.
 """
 
 import os
+import sys
 
 from setuptools import setup
+
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_fast")
 
 
 def _extension_build():
@@ -41,7 +50,54 @@ def _extension_build():
     else:
         ext = cpp_extension.CppExtension("llama_fast._C", sources, extra_compile_args={"cxx": cxx},
                                          extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's ninja build, plus the build record, and a failed build that does not fail the install.
+
+        The record (llama_fast/_build_info.py beside the library) names the torch the library was
+        compiled against; llama_fast.extension loads the library only under that torch, since torch's
+        C++ ABI changes between releases. A failed build (no C++ compiler, say) prints why and installs
+        llama_fast without the extension: the library then runs on Triton and the references, and
+        ``llama_fast.extension.status()`` says why. LLAMA_FAST_REQUIRE_EXTENSION=1 makes it an error.
+        """
+
+        def build_extension(self, ext):
+            record = self._record(os.path.dirname(self.get_ext_fullpath(ext.name)))
+            if os.path.exists(record):  # a stale record copied from the source tree by build_py
+                os.remove(record)
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                if os.environ.get("LLAMA_FAST_REQUIRE_EXTENSION") == "1":
+                    raise
+                print(f"\nWARNING: llama_fast's C++ extension failed to build ({type(exc).__name__}: {exc}); "
+                      "installing llama_fast without it. Set LLAMA_FAST_REQUIRE_EXTENSION=1 to make this an error.\n",
+                      file=sys.stderr)
+                self.extensions = [e for e in self.extensions if e is not ext]
+                return
+            with open(record, "w") as f:
+                f.write("# Written by setup.py when it built llama_fast._C: the torch it was compiled against.\n"
+                        f"TORCH_VERSION = {torch.__version__!r}\n")
+
+        def copy_extensions_to_source(self):
+            """Editable installs and --inplace builds: the library goes beside the sources, and its record with it.
+
+            The old library is removed first, so the copy is a new file: rewriting it in place would
+            change the pages of a process that has it loaded (a test run, a notebook) under its feet.
+            """
+            for ext in self.extensions:
+                old = os.path.join(SOURCE, os.path.basename(self.get_ext_filename(self.get_ext_fullname(ext.name))))
+                if os.path.exists(old):
+                    os.remove(old)
+            super().copy_extensions_to_source()
+            if self.extensions:
+                self.copy_file(self._record(os.path.join(self.build_lib, "llama_fast")), self._record(SOURCE))
+
+        @staticmethod
+        def _record(folder):
+            return os.path.join(folder, "_build_info.py")
+
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _extension_build()
