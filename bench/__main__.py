@@ -103,23 +103,69 @@ def _suites(args, names) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+COMMANDS = ("all", *SUITES, "audit", "traffic")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """One sub-command per suite, each with only the options it reads (``python -m bench ops --help``)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="all", choices=("all", *SUITES, "audit", "traffic"))
-    parser.add_argument("--out", help="folder for JSON files and plots")
-    parser.add_argument("--model", action="append", help="model shapes (ops, audit, traffic; default: all)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes (the GPU script uses it)")
-    parser.add_argument("--compile", action="store_true", help="time torch.compile on the CPU too (always on a GPU)")
-    parser.add_argument("--layers", type=int, default=4, help="layers of the Llama-3-8B-shaped e2e model")
-    parser.add_argument("--no-smollm2", action="store_true", help="e2e without the real SmolLM2 model")
-    parser.add_argument("--rep-ms", type=int, default=100, help="milliseconds of repetitions per measurement")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--arch", action="append", type=int, help="audit: compute capability, 90 or 80 (default both)")
-    parser.add_argument("--group", action="append", help="audit: kernel group (memory, attention; default all)")
-    parser.add_argument("--json", help="audit: write the reports to this JSON file")
-    args = parser.parse_args(argv)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+
+    def options(*names):
+        p = argparse.ArgumentParser(add_help=False)
+        for name in names:
+            _OPTIONS[name](p)
+        return p
+
+    helps = {
+        "all": ("every suite meaningful on this machine, the traffic count and (without a GPU) the audit",
+                ("out", "model", "dtype", "quick", "compile", "layers", "no_smollm2", "rep_ms", "no_progress", "arch",
+                 "group")),
+        "ops": ("rms_norm / RoPE / SwiGLU vs eager, torch.compile, Liger-Kernel",
+                ("out", "model", "dtype", "quick", "compile", "rep_ms", "no_progress")),
+        "attention": ("flash attention prefill and decode vs SDPA and eager",
+                      ("out", "dtype", "quick", "rep_ms", "no_progress")),
+        "e2e": ("training step and generate(), patched vs unpatched",
+                ("out", "dtype", "layers", "no_smollm2", "rep_ms", "no_progress")),
+        "audit": ("compile every kernel for sm_90a / sm_80: registers, spills, HGMMA, 128-bit loads (no GPU needed)",
+                  ("out", "model", "arch", "group", "json")),
+        "traffic": ("bytes eager PyTorch moves per op vs the fused kernel's minimum (no GPU needed)",
+                    ("out", "model")),
+    }
+    for command, (text, names) in helps.items():
+        sub.add_parser(command, help=text, description=text, parents=[options(*names)])
+    return parser
+
+
+_OPTIONS = {
+    "out": lambda p: p.add_argument("--out", help="folder for JSON files and plots"),
+    "model": lambda p: p.add_argument("--model", action="append", help="model shapes (default: all)"),
+    "dtype": lambda p: p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"]),
+    "quick": lambda p: p.add_argument("--quick", action="store_true", help="fewer sizes (the GPU script uses it)"),
+    "compile": lambda p: p.add_argument("--compile", action="store_true",
+                                        help="time torch.compile on the CPU too (always on a GPU)"),
+    "layers": lambda p: p.add_argument("--layers", type=int, default=4,
+                                       help="layers of the Llama-3-8B-shaped e2e model"),
+    "no_smollm2": lambda p: p.add_argument("--no-smollm2", action="store_true", help="e2e without the real SmolLM2 model"),
+    "rep_ms": lambda p: p.add_argument("--rep-ms", type=int, default=100,
+                                       help="milliseconds of repetitions per measurement"),
+    "no_progress": lambda p: p.add_argument("--no-progress", action="store_true"),
+    "arch": lambda p: p.add_argument("--arch", action="append", type=int,
+                                     help="compute capability, 90 or 80 (default both)"),
+    "group": lambda p: p.add_argument("--group", action="append", help="kernel group (memory, attention; default all)"),
+    "json": lambda p: p.add_argument("--json", help="write the reports to this JSON file"),
+}
+_DEFAULTS = dict(out=None, model=None, dtype=None, quick=False, compile=False, layers=4, no_smollm2=False, rep_ms=100,
+                 no_progress=False, arch=None, group=None, json=None)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["all", *argv]  # no command: every suite, with the options given
+    parser = _parser()
+    args = argparse.Namespace(**{**_DEFAULTS, **vars(parser.parse_args(argv))})
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the bench compiles and times real kernels")
     if args.command == "audit":

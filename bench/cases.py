@@ -50,10 +50,16 @@ def passes(fn, make_inputs, mode: str):
     return setup
 
 
+def is_noisy(timing: dict) -> bool:
+    """A timing too unsteady to quote: its p20-p80 spread is wider than its median (a shared CPU's slow
+    spells do this; a 0.46 ms median with a 0.46-36.9 ms spread was seen on the 2-core dev VM)."""
+    return timing["p80_ms"] - timing["p20_ms"] > timing["ms"]
+
+
 def rows_for(case: Case, provider: str, timing: dict, peaks: dict | None) -> dict:
     seconds = timing["ms"] / 1e3
     row = dict(suite=case.suite, op=case.op, mode=case.mode, shape=case.shape, size=case.size, dtype=case.dtype,
-               provider=provider, **timing)
+               provider=provider, **timing, noisy=is_noisy(timing))
     if case.bytes:
         row["gb_per_s"] = case.bytes / seconds / 1e9
         if peaks:
@@ -68,7 +74,10 @@ def rows_for(case: Case, provider: str, timing: dict, peaks: dict | None) -> dic
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup = provider's time / ours, on our row, for every other provider of the same case."""
+    """speedup = provider's time / ours, on our row, for every other provider of the same case.
+
+    ``speedup_noisy`` lists the providers whose speed-up rests on a noisy timing (theirs or ours).
+    """
     key = lambda r: (r["suite"], r["op"], r["mode"], r["shape"], r["dtype"])  # noqa: E731
     by_case: dict = {}
     for r in rows:
@@ -76,4 +85,6 @@ def add_speedups(rows: list[dict]) -> None:
     for group in by_case.values():
         ours = [r for r in group if r["provider"].startswith(OURS)]
         for r in ours:
-            r["speedup_over"] = {o["provider"]: o["ms"] / r["ms"] for o in group if o is not r and o.get("ms")}
+            others = [o for o in group if o is not r and o.get("ms")]
+            r["speedup_over"] = {o["provider"]: o["ms"] / r["ms"] for o in others}
+            r["speedup_noisy"] = [o["provider"] for o in others if o["noisy"] or r["noisy"]]

@@ -88,9 +88,15 @@ def format_table(rows: list[dict]) -> str:
         else:
             timing = f"{r['ms']:.4f} ({r['p20_ms']:.4f}-{r['p80_ms']:.4f})"
             mem = f"{r['peak_bytes'] / 1e6:.0f}" if r.get("peak_bytes") is not None else "-"
-        speed = ", ".join(f"{x:.2f}x vs {p}" for p, x in r.get("speedup_over", {}).items())
+        if r.get("noisy"):
+            timing += " noisy"
+        speed = ", ".join(f"{x:.2f}x{' (noisy)' if p in r.get('speedup_noisy', ()) else ''} vs {p}"
+                          for p, x in r.get("speedup_over", {}).items())
         lines.append(f"{r['op']:<20} {r['mode']:<12} {r['shape']:<38} {r['dtype']:<8} {r['provider']:<24} "
                      f"{timing:<24} {_throughput(r):<30} {mem:>8}  {speed}")
+    if any(r.get("noisy") for r in rows):
+        lines.append("noisy: the p20-p80 spread is wider than the median; such a time, and a speed-up computed from "
+                     "it, is not a measurement to quote: run again, or with a larger --rep-ms.")
     return "\n".join(lines)
 
 

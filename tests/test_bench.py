@@ -82,6 +82,25 @@ def test_cpu_timings_take_providers_in_turn():
     assert out["broken"] == {"error": "ValueError: boom"}
     assert all(out[k]["p20_ms"] <= out[k]["ms"] <= out[k]["p80_ms"] for k in "ab")
 
+def test_noisy_rows_are_flagged_not_quoted():
+    """A timing whose p20-p80 spread is wider than its median is flagged, and so is every speed-up
+    computed from it (the 2-core VM once printed 154.70x from a 0.46-36.9 ms spread)."""
+    from bench.cases import Case, add_speedups, rows_for
+    from bench.report import format_table
+
+    case = Case(suite="ops", op="rms_norm", mode="fwd", shape="smollm2-135m tokens=256", size=256, dtype="float32",
+                bytes=10**6)
+    rows = [rows_for(case, "eager", dict(ms=0.46, p20_ms=0.46, p80_ms=36.9, peak_bytes=None), None),
+            rows_for(case, "torch.compile", dict(ms=0.5, p20_ms=0.45, p80_ms=0.6, peak_bytes=None), None),
+            rows_for(case, "llama_fast[cpu]", dict(ms=0.25, p20_ms=0.24, p80_ms=0.27, peak_bytes=None), None)]
+    add_speedups(rows)
+    assert [r["noisy"] for r in rows] == [True, False, False]
+    assert rows[2]["speedup_noisy"] == ["eager"]
+    table = format_table(rows)
+    assert "1.84x (noisy) vs eager" in table and "2.00x vs torch.compile" in table
+    assert "noisy: the p20-p80 spread is wider than the median" in table
+
+
 def _ops_cases():
     device = torch.device(os.environ.get("LLAMA_FAST_TEST_DEVICE", "cpu"))
     tokens = [16] if device.type == "cpu" else [4096]
