@@ -61,23 +61,28 @@ def _extension_build():
         ``llama_fast.extension.status()`` says why. LLAMA_FAST_REQUIRE_EXTENSION=1 makes it an error.
         """
 
-        def build_extension(self, ext):
-            record = self._record(os.path.dirname(self.get_ext_fullpath(ext.name)))
-            if os.path.exists(record):  # a stale record copied from the source tree by build_py
-                os.remove(record)
+        def build_extensions(self):
+            records = [self._record(os.path.dirname(self.get_ext_fullpath(e.name))) for e in self.extensions]
+            for record in records:
+                if os.path.exists(record):  # a stale record copied from the source tree by build_py
+                    os.remove(record)
             try:
-                super().build_extension(ext)
+                super().build_extensions()  # torch's compiler checks, then the ninja build
             except Exception as exc:
                 if os.environ.get("LLAMA_FAST_REQUIRE_EXTENSION") == "1":
                     raise
                 print(f"\nWARNING: llama_fast's C++ extension failed to build ({type(exc).__name__}: {exc}); "
                       "installing llama_fast without it. Set LLAMA_FAST_REQUIRE_EXTENSION=1 to make this an error.\n",
                       file=sys.stderr)
-                self.extensions = [e for e in self.extensions if e is not ext]
+                for ext in self.extensions:  # nor a library left in the build folder by an earlier build
+                    if os.path.exists(self.get_ext_fullpath(ext.name)):
+                        os.remove(self.get_ext_fullpath(ext.name))
+                self.extensions = []
                 return
-            with open(record, "w") as f:
-                f.write("# Written by setup.py when it built llama_fast._C: the torch it was compiled against.\n"
-                        f"TORCH_VERSION = {torch.__version__!r}\n")
+            for record in records:
+                with open(record, "w") as f:
+                    f.write("# Written by setup.py when it built llama_fast._C: the torch it was compiled against.\n"
+                            f"TORCH_VERSION = {torch.__version__!r}\n")
 
         def copy_extensions_to_source(self):
             """Editable installs and --inplace builds: the library goes beside the sources, and its record with it.
