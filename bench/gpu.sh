@@ -2,18 +2,37 @@
 # The prepared GPU run (about 8 minutes on an H200 with torch 2.11 / triton 3.6): the GPU tests,
 # then the bench suites. Writes logs, JSON and plots under OUT (default bench/results/<date>).
 #   bash bench/gpu.sh [OUT]
+#   bash bench/gpu.sh --stage DIR   only lay out the staged copy it runs from (checked without a GPU)
 # Nothing is installed: llama_fast is staged as the package layout setup.py would install
-# (kernels/ as llama_fast/kernels). A Liger-Kernel wheel in .wheels/ (carried with the run) is
-# installed without dependencies, so Liger joins the providers.
+# (kernels/ as llama_fast/kernels) beside copies of tests/ and bench/, and everything runs from
+# there. Run from the repository instead, `import llama_fast` would find ./llama_fast, which has no
+# kernels/ inside: only an install maps it there. A Liger-Kernel wheel in .wheels/ (carried with
+# the run) is installed without dependencies, so Liger joins the providers.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-${OUT:-bench/results/$(date -u +%Y-%m-%d)}}
+ROOT=$PWD
+
+stage() {
+  mkdir -p "$1"
+  cp -r llama_fast "$1/llama_fast"
+  # the C++ extension is not built on a lent GPU; a library built here is for another torch
+  rm -rf "$1/llama_fast/kernels" "$1"/llama_fast/_C*.so "$1/llama_fast/_build_info.py"
+  cp -r kernels "$1/llama_fast/kernels"
+  cp -r tests bench pytest.ini "$1/"
+}
+if [ "${1:-}" = "--stage" ]; then
+  stage "$2"
+  exit
+fi
+
+OUT=$(realpath -m "${1:-${OUT:-bench/results/$(date -u +%Y-%m-%d)}}")
 mkdir -p "$OUT"
 STAGE=$(mktemp -d)
-cp -r llama_fast "$STAGE/llama_fast" && rm -rf "$STAGE/llama_fast/kernels" && cp -r kernels "$STAGE/llama_fast/kernels"
-export PYTHONPATH="$STAGE:$PWD"
+stage "$STAGE"
+cd "$STAGE"
+export PYTHONPATH="$STAGE"
 unset TRITON_INTERPRET
-ls .wheels/liger_kernel-*.whl >/dev/null 2>&1 && pip install -q --no-deps .wheels/liger_kernel-*.whl
+ls "$ROOT"/.wheels/liger_kernel-*.whl >/dev/null 2>&1 && pip install -q --no-deps "$ROOT"/.wheels/liger_kernel-*.whl
 
 # At most 8 files come back from a lent machine: two logs, then a JSON and a PNG per suite.
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -23,12 +42,12 @@ cat "$OUT/gpu_tests.log"
 
 # 1. Correctness on the GPU: the same tests as CI, on CUDA tensors, first autotuning config only.
 LLAMA_FAST_TEST_DEVICE=cuda LLAMA_FAST_AUTOTUNE=0 timeout 180 python -m pytest -q -x -p no:cacheprovider \
-  tests/test_ops.py tests/test_attention.py tests/test_transformers_match.py tests/test_patch.py \
-  >> "$OUT/gpu_tests.log" 2>&1
+  tests/test_ops.py tests/test_attention.py tests/test_zero_size.py tests/test_transformers_match.py \
+  tests/test_patch.py >> "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
 
 # 2. The suites, autotuned, quick sweeps so that all three fit.
 timeout 300 python -m bench all --quick --no-progress --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench: exit $?"
 tail -5 "$OUT/bench.log"
-rm -rf "$STAGE"
+cd "$ROOT" && rm -rf "$STAGE"

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,25 @@ def test_noisy_rows_are_flagged_not_quoted():
     table = format_table(rows)
     assert "1.84x (noisy) vs eager" in table and "2.00x vs torch.compile" in table
     assert "noisy: the p20-p80 spread is wider than the median" in table
+
+
+def test_gpu_script_runs_from_a_staged_package(tmp_path):
+    """bench/gpu.sh installs nothing on the lent GPU: it stages llama_fast as setup.py would install it
+    (kernels/ inside) beside tests/ and bench/, and runs from there. Check that layout here: the
+    package, its kernels and the bench import from the stage, and the GPU test files collect."""
+    stage = tmp_path / "stage"
+    subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--stage", str(stage)], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import llama_fast, llama_fast.kernels.attention as a, bench; print(llama_fast.__file__, a.__file__, bench.__file__)"
+    files = subprocess.run([sys.executable, "-c", code], cwd=stage, env=env, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert len(files) == 3 and all(f.startswith(str(stage)) for f in files), files
+    script = (ROOT / "bench" / "gpu.sh").read_text()
+    gpu_tests = re.search(r"python -m pytest .*?\\\n(.*?)>>", script, re.S).group(1).split()
+    gpu_tests = [t for t in gpu_tests if t != "\\"]
+    collect = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              *gpu_tests], cwd=stage, env=env, capture_output=True, text=True)
+    assert collect.returncode == 0 and "ERROR" not in collect.stdout, collect.stdout[-2000:]
 
 
 def _ops_cases():
