@@ -86,6 +86,7 @@ def _suites(args, names) -> int:
         print("No GPU on this machine: timings below are CPU timings (labelled CPU), not GPU performance. "
               "Triton kernels cannot run here except in the interpreter, so llama_fast's rows show the "
               "backend that ran.")
+        print(f"CPU: {meta['cpu_model']}; eager PyTorch's kernels use {meta['cpu_capability']}.")
         if "cpu_swiglu_path" in meta:
             print(f"The extension's CPU SwiGLU runs its {meta['cpu_swiglu_path']} loop.")
         print()

@@ -46,7 +46,8 @@ def describe(device: torch.device) -> dict:
                     peaks=peaks_for(props.name))
     else:
         meta.update(kind="cpu", device=f"CPU ({platform.processor() or platform.machine()}, "
-                                       f"{torch.get_num_threads()} threads)", peaks=None)
+                                       f"{torch.get_num_threads()} threads)", peaks=None,
+                    cpu_model=_cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability())
         from llama_fast import extension
 
         if extension.available():  # which SwiGLU loop the CPU kernels ran (LLAMA_FAST_NO_AVX2)
@@ -60,6 +61,17 @@ def describe(device: torch.device) -> dict:
     except ImportError:
         meta["liger_kernel"] = None
     return meta
+
+
+def _cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo on Linux): CPU results differ by vendor and vector width (eager
+    PyTorch ran AVX-512 kernels on the Intel Xeon dev VMs, AVX2 on the AMD EPYC ones)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def measure(fn, device: torch.device, *, rep_ms: int = 100) -> dict:
