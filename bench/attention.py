@@ -46,7 +46,7 @@ def prefill_cases(device, configs, seqs, modes, tokens_total=16384):
             for mode in modes:
                 case = Case("attention", "flash_attention", mode, shape, seq, dname,
                             flops=formulas.attention_flops(batch, q_heads, seq, seq, head_dim, True, mode))
-                backend = ops.backend_for(torch.empty(0, device=device))
+                backend = ops.backend_on(device, extension_op=False)  # no C++ attention kernel
                 case.providers[f"{OURS}[{backend}]"] = passes(lambda q, k, v: ops.flash_attention(q, k, v), make, mode)
                 case.providers["sdpa"] = passes(_sdpa, make, mode)
                 if seq <= _EAGER_MAX_SEQ:
@@ -68,7 +68,7 @@ def decode_cases(device, dtype, kv_lens, batches, head_dim=128, q_heads=32, kv_h
             shape = f"B={batch} H={q_heads}/{kv_heads} D={head_dim} q_len=1"
             case = Case("attention", "flash_attention", "decode", shape, kv_len, dname,
                         bytes=formulas.attention_decode_bytes(batch, q_heads, kv_heads, 1, kv_len, head_dim, e))
-            backend = ops.backend_for(torch.empty(0, device=device))
+            backend = ops.backend_on(device, extension_op=False)  # no C++ attention kernel
             case.providers[f"{OURS}[{backend}]"] = passes(lambda q, k, v: ops.flash_attention(q, k, v), make, "fwd")
             case.providers["sdpa"] = passes(_sdpa, make, "fwd")
             yield case

@@ -90,7 +90,10 @@ def cases(device, dtype, *, layers=4, train_seq=4096, gen_new=128, include_smoll
         specs.append(("smollm2-135m", "smollm2", 1, 1024 if device.type == "cuda" else 64, gen_new if device.type == "cuda" else 8))
     from llama_fast import ops
 
-    backend_label = ops.backend_for(torch.empty(0, device=device))
+    # What the patched model runs: one backend on a GPU; on a CPU the C++ kernels and the reference attention.
+    backend_label, attention = ops.backend_on(device), ops.backend_on(device, extension_op=False)
+    if attention != backend_label:
+        backend_label += f", attention {attention}"
     for label, spec, batch, seq, new in specs:
         vocab = 49152 if spec == "smollm2" else spec.vocab_size
         train = Case("e2e", "train_step", "fwdbwd+adamw", f"{label} B={batch} S={seq}", seq, dname, tokens=batch * seq)

@@ -37,7 +37,7 @@ def _compiled(fn):
 
 
 def _providers(device, ours, reference, liger, compile_too: bool):
-    backend = ops.backend_for(torch.empty(0, device=device))
+    backend = ops.backend_on(device)
     providers = {"eager": reference, f"{OURS}[{backend}]": ours}
     if device.type == "cuda" and "cuda" in ops.available_backends():
         providers[f"{OURS}[cuda]"] = functools.partial(ours, backend="cuda")

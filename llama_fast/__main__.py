@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, getattr(args, "dtype", None) or ("bfloat16" if gpu else "float32"))
 
     from . import demo
-    from .backend import backend_for
+    from .backend import backend_on
 
     if backend is not None:
         try:
-            backend_for(torch.empty(0, device=device), backend)
+            backend_on(device, backend)
         except ValueError as exc:
             where = "this machine has no GPU" if device.type == "cpu" else f"on {torch.cuda.get_device_name(device)}"
             parser.exit(2, f"{parser.prog}: error: --backend {backend} cannot run here ({where}): "

@@ -69,3 +69,8 @@ def backend_for(tensor: torch.Tensor, backend: str | None = None, *, extension_o
         if backend == "cuda" and not extension.has_cuda_kernels():
             raise ValueError("llama_fast: the C++ extension was built without CUDA kernels (no CUDA toolkit at build time)")
     return backend
+
+
+def backend_on(device: torch.device | str, backend: str | None = None, *, extension_op: bool = True) -> str:
+    """``backend_for`` for tensors on ``device``: what an op runs there (or the error saying it cannot)."""
+    return backend_for(torch.empty(0, device=device), backend, extension_op=extension_op)

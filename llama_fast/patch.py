@@ -99,11 +99,11 @@ def _validate(model: torch.nn.Module, options: dict) -> None:
 def _check_backend_serves(model: torch.nn.Module, backend: str) -> None:
     """Refuse a backend that cannot run on the devices the model's parameters are on (a model still on the
     meta device, not yet materialised, is judged when it runs)."""
-    from .backend import backend_for
+    from .backend import backend_on
 
     for device in sorted({p.device for p in model.parameters()} - {torch.device("meta")}, key=str):
         try:
-            backend_for(torch.empty(0, device=device), backend)
+            backend_on(device, backend)
         except ValueError as exc:
             raise ValueError(f"llama_fast.patch: backend {backend!r} cannot run this model, whose parameters are on "
                              f"{device}: {str(exc).removeprefix('llama_fast: ')}") from None
@@ -297,17 +297,17 @@ def patched_backends(model) -> dict[str, str] | None:
     The same choice the ops make at each call (``llama_fast.backend.backend_for``): follow the model
     to another device and the answer follows it.
     """
-    from .backend import backend_for
+    from .backend import backend_on
 
     backbone = _backbone(model)
     record = getattr(backbone, _RECORD, None)
     if record is None:
         return None
-    probe = torch.empty(0, device=next(backbone.parameters()).device)
-    chosen = {op: backend_for(probe, record.options["backend"])
+    device = next(backbone.parameters()).device
+    chosen = {op: backend_on(device, record.options["backend"])
               for op in ("rms_norm", "rope", "swiglu") if record.options[op]}
     if record.options["attention"]:
-        chosen["attention"] = backend_for(probe, extension_op=False)
+        chosen["attention"] = backend_on(device, extension_op=False)
     return chosen
 
 

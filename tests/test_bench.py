@@ -13,6 +13,7 @@ import torch
 
 from bench import formulas, ops as ops_suite
 from bench.traffic import traffic
+from llama_fast import extension
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +61,10 @@ def test_suites_on_cpu_are_labelled_cpu(tmp_path, suite, extra):
     assert all("pct_peak" not in r for r in rows), "no % of a GPU peak from a CPU timing"
     ours = [r for r in rows if r["provider"].startswith("llama_fast")]
     assert ours and all(r["speedup_over"] for r in ours)
+    # Labelled with what ran: on a CPU the C++ kernels, and the reference for attention (no CPU kernel).
+    ext = "cpu" if extension.available() else "reference"
+    label = {"ops": ext, "attention": "reference", "e2e": ext if ext == "reference" else "cpu, attention reference"}
+    assert {r["provider"] for r in ours} == {f"llama_fast[{label[suite]}]"}
     assert all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] for r in rows)
     assert (tmp_path / f"{suite}.png").stat().st_size > 10_000
 

@@ -82,6 +82,16 @@ def test_llama_fast_cli(tmp_path, where, args, expect):
         assert "max |fwd diff|" in proc.stdout and "No GPU: these are CPU timings" in proc.stdout
 
 
+@pytest.mark.skipif(GPU, reason="the interpreter is for machines without a GPU")
+def test_cli_turns_the_interpreter_on_even_after_triton_was_imported(tmp_path):
+    """Triton reads TRITON_INTERPRET when it is imported: if something imported it before the CLI could
+    set the variable, the CLI starts the command again with it set rather than fail inside a kernel."""
+    code = "import sys, triton; from llama_fast.__main__ import main; sys.exit(main(['ops', '--backend', 'triton']))"
+    proc = run(["-c", code], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "run in Triton's interpreter on the CPU" in proc.stdout
+
+
 @pytest.mark.skipif(GPU, reason="needs a machine without a GPU")
 def test_cli_refuses_a_backend_this_machine_cannot_run(tmp_path):
     proc = run(["-m", "llama_fast", "ops", "--backend", "cuda"], tmp_path)

@@ -1,10 +1,11 @@
 """Public ops of llama_fast. Each checks its inputs, picks a backend (``backend_for``) and runs
 Triton kernels through autograd, or the eager reference."""
 
-from ..backend import BACKENDS, available_backends, backend_for
+from ..backend import BACKENDS, available_backends, backend_for, backend_on
 from .attention import flash_attention
 from .rms_norm import rms_norm
 from .rope import apply_rotary_pos_emb
 from .swiglu import swiglu
 
-__all__ = ["BACKENDS", "apply_rotary_pos_emb", "available_backends", "backend_for", "flash_attention", "rms_norm", "swiglu"]
+__all__ = ["BACKENDS", "apply_rotary_pos_emb", "available_backends", "backend_for", "backend_on", "flash_attention", "rms_norm",
+           "swiglu"]
