@@ -4,9 +4,13 @@ Each kernel launch of the library is captured (the launchers run on CPU tensors 
 launch itself intercepted), specialised the way Triton's JIT would (pointer and integer
 arguments divisible by 16 get ``tt.divisibility``), compiled with ``triton.compile`` for the
 target, and read back with the tools in Triton's wheel (../shared/DESIGN.md, fact 5):
-``cuobjdump --dump-resource-usage`` for registers, spills (LOCAL) and shared memory, and
-``nvdisasm`` for the instruction mix: ``HGMMA`` (Hopper's warpgroup matrix multiply) and 128-bit
-global loads (``LDG.E.128``).
+``cuobjdump --dump-resource-usage`` for registers, stack and local memory and shared memory, and
+``nvdisasm`` for the instruction mix: ``HGMMA`` (Hopper's warpgroup matrix multiply), 128-bit
+global loads (``LDG.E.128``) and local-memory stores and loads (``STL``/``LDL``: register spills).
+
+Spills are counted three ways, and any one fails the audit: ptxas on sm_90 reports spilled
+registers as STACK, not LOCAL (checked 2026-11-29: an attention config with 50 STL / 58 LDL in its
+SASS showed LOCAL:0, STACK:136), so an audit that read LOCAL alone passed four spilling configs.
 
 Run ``python -m bench audit``; it exits non-zero on a spill or on an attention kernel without HGMMA
 on sm_90a. Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
@@ -56,7 +60,8 @@ class Report:
     num_warps: int
     num_stages: int
     registers: int
-    spill_bytes: int
+    spill_bytes: int  # STACK + LOCAL bytes per thread
+    spill_instructions: int  # STL + LDL in the SASS
     shared_bytes: int
     occupancy: float
     hgmma: int
@@ -76,8 +81,9 @@ def _bind(kernel, args, kwargs) -> dict:
 
 
 @contextlib.contextmanager
-def capture_launches() -> Iterator[list]:
-    """Within the block, Triton kernel launches are recorded instead of run."""
+def capture_launches(arch: int | None = None) -> Iterator[list]:
+    """Within the block, Triton kernel launches are recorded instead of run: one per autotuning config
+    the kernel's early prune keeps for ``arch`` (every config when None)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
@@ -87,7 +93,12 @@ def capture_launches() -> Iterator[list]:
         launches.append(Launch(self, _bind(self, args, kwargs), kwargs.get("num_warps", 4), kwargs.get("num_stages", 3)))
 
     def autotune_run(self, *args, **kwargs):
-        for config in self.configs:
+        configs = self.configs
+        if arch is not None and self.early_config_prune and len(configs) > 1:
+            launch_kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+            configs = self.early_config_prune(configs, dict(zip(self.arg_names, args)), target_arch=arch,
+                                              **launch_kwargs)
+        for config in configs:
             merged = {**kwargs, **config.all_kwargs()}
             for launch_only in ("grid", "warmup"):
                 merged.pop(launch_only, None)
@@ -172,20 +183,22 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     fields, sass = _resources(compiled.asm["cubin"])
-    registers, spill = fields.get("REG", 0), fields.get("LOCAL", 0)
+    registers, spill = fields.get("REG", 0), fields.get("STACK", 0) + fields.get("LOCAL", 0)
+    spill_ops = len(re.findall(r"\b(?:STL|LDL)(?:\.[\w]+)*\b", sass))
     shared = max(compiled.metadata.shared, fields.get("SHARED", 0))
     hgmma = len(re.findall(r"\bHGMMA\b", sass))
     ldg128 = len(re.findall(r"\bLDG\.E\.128\b", sass))
     ldg_all = len(re.findall(r"\bLDG\.E[.\w]*", sass))
     problems = []
-    if spill:
-        problems.append(f"spills {spill} bytes to local memory")
+    if spill or spill_ops:
+        problems.append(f"spills registers: {spill} bytes of stack/local memory, {spill_ops} STL/LDL")
     if kind == "matrix" and arch == 90 and hgmma == 0:
         problems.append("no HGMMA on sm_90a")
     if kind == "memory" and ldg128 == 0:
         problems.append("no 128-bit global loads")
-    return Report(case, launch.kernel.__name__, arch, launch.num_warps, launch.num_stages, registers, spill, shared,
-                  _occupancy(arch, registers, shared, launch.num_warps), hgmma, ldg128, ldg_all - ldg128, problems)
+    return Report(case, launch.kernel.__name__, arch, launch.num_warps, launch.num_stages, registers, spill, spill_ops,
+                  shared, _occupancy(arch, registers, shared, launch.num_warps), hgmma, ldg128, ldg_all - ldg128,
+                  problems)
 
 
 def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[], object], str]]:
@@ -241,22 +254,22 @@ def audit(models=None, archs=(90, 80), groups=None) -> list[Report]:
         model = MODELS[model_name]
         for group in groups or CASE_GROUPS:
             for case, launcher, kind in CASE_GROUPS[group](model):
-                with capture_launches() as launches:
-                    launcher()
-                for launch in launches:
-                    for arch in archs:
+                for arch in archs:  # each architecture compiles the tiles the kernel keeps for it
+                    with capture_launches(arch) as launches:
+                        launcher()
+                    for launch in launches:
                         reports.append(compile_launch(f"{model_name} {case}", launch, arch, kind))
     return reports
 
 
 def format_table(reports: list[Report]) -> str:
-    header = f"{'case':<34} {'kernel':<28} {'sm':>3} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} " \
+    header = f"{'case':<34} {'kernel':<28} {'sm':>3} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'stl/ldl':>7} " \
              f"{'smem':>7} {'occ':>5} {'hgmma':>5} {'ldg128':>6} {'ldg<128':>7}  problems"
     lines = [header, "-" * len(header)]
     for r in reports:
         lines.append(
             f"{r.case:<34} {r.kernel:<28} {r.arch:>3} {r.num_warps:>5} {r.num_stages:>3} {r.registers:>4} "
-            f"{r.spill_bytes:>5} {r.shared_bytes:>7} {r.occupancy:>5.0%} {r.hgmma:>5} {r.ldg128:>6} "
+            f"{r.spill_bytes:>5} {r.spill_instructions:>7} {r.shared_bytes:>7} {r.occupancy:>5.0%} {r.hgmma:>5} {r.ldg128:>6} "
             f"{r.ldg_other:>7}  {'; '.join(r.problems) or 'ok'}"
         )
     return "\n".join(lines)

@@ -39,6 +39,7 @@ forward (five matrix products instead of two). Bytes for decode (memory-bound): 
 once, 2·B·Hk·Skv·D·elem, plus q and out.
 """
 
+import functools
 import os
 
 import torch
@@ -56,26 +57,64 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _AUTOTUNE = os.environ.get("LLAMA_FAST_AUTOTUNE", "1") != "0"
 
 
-def _configs(gpu: list[tuple[int, int, int, int]], interpreted: tuple[int, int]) -> list[triton.Config]:
-    """Autotuning configs (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter accepts only one
-    (../shared/DESIGN.md, fact 3); its blocks are small so short test sequences still cross blocks."""
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture: 90 is Hopper (sm_90a); 80 serves
+# every other GPU (Ampere and later without Hopper's instructions). Each list holds only tiles that
+# compile without a register spill at head_dim 64 and 128 (python -m bench audit, which counts
+# spills from ptxas's STACK as well as LOCAL and from STL/LDL in the SASS). Dropped by that count on
+# 2026-11-30: forward (128, 64, 4, 3) (136 B spilled on sm_90a, 384 B on sm_80) and (128, 128, 8, 3)
+# on sm_80 (56 B); dK/dV (64, 128, 8, 3) (72 B on sm_90a), (64, 64, 4, 3) (304 B), (32, 64, 4, 2)
+# (8 B) and, on sm_80, (32, 128, 8, 3) (24 B). The first tile of each list must be in the other list
+# too: with one config (LLAMA_FAST_AUTOTUNE=0) Triton skips pruning and runs the first.
+# BLOCK_M a multiple of 64 per warpgroup (4 warps) lets the forward's tl.dot lower to wgmma.
+_FWD_TILES = {90: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+              80: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]}
+_BWD_DKDV_TILES = {90: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 3), (16, 64, 4, 2)],
+                   80: [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)]}
+_DQ_TILES = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_BWD_DQ_TILES = {90: _DQ_TILES, 80: _DQ_TILES}
+
+
+def _tile(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _configs(tiles: dict[int, list[tuple[int, int, int, int]]], interpreted: tuple[int, int]) -> list[triton.Config]:
+    """Autotuning configs: every architecture's tiles (``_pruner`` keeps the device's). The interpreter
+    accepts only one (../shared/DESIGN.md, fact 3); its blocks are small so short test sequences
+    still cross blocks."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": interpreted[0], "BLOCK_N": interpreted[1]}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu[: None if _AUTOTUNE else 1]]
+    every = list(dict.fromkeys(t for arch_tiles in tiles.values() for t in arch_tiles))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in every[: None if _AUTOTUNE else 1]]
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Wide heads (D > 128) need smaller tiles to stay in registers and shared memory."""
-    if named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 0)) <= 128 or len(configs) == 1:
-        return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return small or configs[:1]
+@functools.lru_cache(maxsize=None)
+def _arch(device_index: int) -> int:
+    """90 on Hopper (sm_90), 80 on every other GPU: the key of the tile lists."""
+    return 90 if torch.cuda.get_device_capability(device_index) == (9, 0) else 80
 
 
-# Tiles for Hopper: BLOCK_M a multiple of 64 per warpgroup (4 warps) so tl.dot lowers to wgmma.
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (16, 16))
-_BWD_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 16))
-_BWD_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (16, 16))
+def _pruner(tiles: dict[int, list[tuple[int, int, int, int]]]):
+    """The autotuner's early prune for one kernel: the tiles of the device's architecture (or of
+    ``target_arch``, which the ahead-of-time audit passes), then small tiles only for heads wider
+    than 128, which need them to stay in registers and shared memory."""
+
+    def prune(configs, named_args, target_arch: int | None = None, **kwargs):
+        if target_arch is None:
+            target_arch = _arch(named_args["q_ptr"].device.index or 0)
+        allowed = tiles.get(target_arch, tiles[80])
+        kept = [c for c in configs if _tile(c) in allowed] or configs[:1]
+        if named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 0)) > 128 and len(kept) > 1:
+            kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or kept[:1]
+        return kept
+
+    return prune
+
+
+_FWD_CONFIGS = _configs(_FWD_TILES, (16, 16))
+_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_TILES, (16, 16))
+_BWD_DQ_CONFIGS = _configs(_BWD_DQ_TILES, (16, 16))
 _TUNE_KEY = ["q_len_bucket", "kv_len_bucket", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
 
 
@@ -124,7 +163,8 @@ def _finish_rows(acc, l_i, m_i):
     return out, lse
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
 @triton.jit
 def _attn_fwd_kernel(
     # pointers
@@ -298,7 +338,8 @@ def _attn_bwd_delta_kernel(
     tl.store(delta_ptr + bh * q_len + offs_m, tl.sum(o * do, 1), mask=in_q)
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_BWD_DKDV_TILES)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     # pointers
@@ -376,7 +417,8 @@ def _attn_bwd_dkdv_kernel(
              dv.to(dv_ptr.dtype.element_ty), mask=kv_tile)
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_BWD_DQ_TILES)})
 @triton.jit
 def _attn_bwd_dq_kernel(
     # pointers
