@@ -238,6 +238,9 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[], object], str]]:
                                                            splits=0), "matrix"
     yield "attention bwd", lambda: attention.attention_bwd(out, q, k, v, out, lse, causal=True, softmax_scale=scale,
                                                            pad=None), "matrix"
+    yield "attention bwd determ.", lambda: attention.attention_bwd(out, q, k, v, out, lse, causal=True,
+                                                                   softmax_scale=scale, pad=None,
+                                                                   deterministic=True), "matrix"
     q1, k1, v1 = bshd(model.q_heads, 1), bshd(model.kv_heads, decode_kv), bshd(model.kv_heads, decode_kv)
     yield "attention decode", lambda: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale, pad=None,
                                                               splits=32), "memory"

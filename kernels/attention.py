@@ -24,9 +24,15 @@ Backward, with P_ij = 2^(x_ij − lse_i), dO the output gradient and δ_i = Σ_d
     dV_j = Σ_i P_ij dO_i
     dS_ij = P_ij (dO_i·v_j − δ_i)
     dQ_i = s Σ_j dS_ij k_j,      dK_j = s Σ_i dS_ij q_i
-Two kernels, no atomics, so the result is deterministic: one program per KV block accumulates
-dK and dV over every query block of all G query heads of its group (the GQA sum happens in
-registers); one program per query block accumulates dQ. P is recomputed from lse, never stored.
+One program per KV block accumulates dK and dV over every query block of all G query heads of
+its group (the GQA sum happens in registers, so dK and dV are deterministic). dQ, two ways:
+  atomic (default): the same program adds dS·k for each query block into an fp32 dQ buffer with
+      atomic adds: five matrix products per (query block, key block) pair (S, dP, dV, dK, dQ);
+      the order of the additions varies, and with it dQ's last bits.
+  deterministic: a second kernel, one program per query block, recomputes S and dP to form dQ
+      (seven products), and every gradient repeats bit for bit.
+Only the query blocks that cross the causal diagonal, and the last key block, apply masks.
+P is recomputed from lse, never stored.
 
 Decode (few query rows, long KV): split-KV flash-decoding. The G·Sq query rows of one KV head are
 packed into one tile, so K and V are read once per KV head, not once per query head; the KV
@@ -62,14 +68,16 @@ _AUTOTUNE = os.environ.get("LLAMA_FAST_AUTOTUNE", "1") != "0"
 # compile without a register spill at head_dim 64 and 128 (python -m bench audit, which counts
 # spills from ptxas's STACK as well as LOCAL and from STL/LDL in the SASS). Dropped by that count on
 # 2026-11-30: forward (128, 64, 4, 3) (136 B spilled on sm_90a, 384 B on sm_80) and (128, 128, 8, 3)
-# on sm_80 (56 B); dK/dV (64, 128, 8, 3) (72 B on sm_90a), (64, 64, 4, 3) (304 B), (32, 64, 4, 2)
-# (8 B) and, on sm_80, (32, 128, 8, 3) (24 B). The first tile of each list must be in the other list
-# too: with one config (LLAMA_FAST_AUTOTUNE=0) Triton skips pruning and runs the first.
+# on sm_80 (56 B); every dK/dV tile with BLOCK_M x BLOCK_N above 32 x 64 once the kernel also
+# accumulated the atomic dQ tile and gained its unmasked second loop (e.g. (64, 64, 8, 2): 168 B on
+# sm_90a at head_dim 128), and (32, 64, 8, 2) on sm_80 (24 B at head_dim 64). dK/dV tiles must be
+# spill-free with and without ATOMIC_DQ. The first tile of each list must be in the other list too:
+# with one config (LLAMA_FAST_AUTOTUNE=0) Triton skips pruning and runs the first.
 # BLOCK_M a multiple of 64 per warpgroup (4 warps) lets the forward's tl.dot lower to wgmma.
 _FWD_TILES = {90: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
               80: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]}
-_BWD_DKDV_TILES = {90: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 3), (16, 64, 4, 2)],
-                   80: [(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)]}
+_BWD_DKDV_TILES = {90: [(16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 1)],
+                   80: [(16, 64, 8, 2), (32, 64, 8, 1)]}
 _DQ_TILES = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 _BWD_DQ_TILES = {90: _DQ_TILES, 80: _DQ_TILES}
 
@@ -338,15 +346,57 @@ def _attn_bwd_delta_kernel(
     tl.store(delta_ptr + bh * q_len + offs_m, tl.sum(o * do, 1), mask=in_q)
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_TUNE_KEY,
+@triton.jit
+def _attn_bwd_kv_inner(
+    dk, dv, k, v, key_ok, offs_n, offs_d,
+    q_base, do_base, lse_base, delta_base, dq_base,
+    lo, hi, q_len, offset, stride_q_s, stride_do_s, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+):
+    """dK, dV of one key block over query blocks [lo, hi) of one query head; with ATOMIC_DQ also
+    each block's share of dQ, added atomically to the fp32 accumulator at dq_base. MASKED applies
+    the bounds and causal masks: the caller passes only the blocks that cross the diagonal or the
+    last key block; below the diagonal a query past q_len has lse = +∞ and so P = 0 already."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_q = offs_m < q_len
+        q_tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_base + offs_m[:, None] * stride_q_s + offs_d[None, :], mask=q_tile, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_do_s + offs_d[None, :], mask=q_tile, other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=in_q, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
+
+        # Transposed tiles (keys × queries), so dK and dV accumulate without a transpose.
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        if MASKED:
+            visible = key_ok[:, None] & in_q[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :] + offset)
+            p_t = tl.where(visible, p_t, 0.0)
+        elif HAS_PAD:
+            p_t = tl.where(key_ok[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale
+            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_tile, sem="relaxed")
+    return dk, dv
+
+
+# reset_to_zero: autotuning runs each config several times, and atomic dQ additions must start
+# from zero each time.
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=[*_TUNE_KEY, "ATOMIC_DQ"], reset_to_zero=["dq_acc_ptr"],
                  prune_configs_by={"early_config_prune": _pruner(_BWD_DKDV_TILES)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pad_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pad_ptr, dq_acc_ptr,
     # sizes
     kv_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket,
-    # strides (elements; unit stride along D)
+    # strides (elements; unit stride along D; dq_acc is contiguous (B, Hq, Sq, HEAD_DIM))
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
@@ -358,9 +408,10 @@ def _attn_bwd_dkdv_kernel(
     sm_scale, qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of one KV block, summed over all query blocks of the G query heads of its group."""
+    """dK, dV of one KV block, summed over all query blocks of the G query heads of its group; with
+    ATOMIC_DQ, dQ too (five matrix products per block pair instead of seven with the dQ kernel)."""
     start_n = tl.program_id(0) * BLOCK_N
     b_kv = tl.program_id(1).to(tl.int64)
     b = b_kv // kv_heads
@@ -378,11 +429,19 @@ def _attn_bwd_dkdv_kernel(
     if HAS_PAD:
         key_ok = key_ok & (tl.load(pad_ptr + b * stride_pad_b + offs_n, mask=in_kv, other=0) != 0)
 
+    # Query blocks [q_lo, q_full) cross the causal diagonal (query i sees key j iff j <= i + offset)
+    # and are masked; from q_full on, every query sees every key of the block. The last key block
+    # is masked throughout: its rows past kv_len hold zeros, whose P need not be small.
     offset = kv_len - q_len
+    q_end = tl.cdiv(q_len, BLOCK_M) * BLOCK_M
     q_lo = 0
+    q_full = 0
     if CAUSAL:
-        # The first query that sees key start_n is start_n − offset.
         q_lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+        q_full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M, q_end)
+        q_full = tl.maximum(q_full, q_lo)
+    if start_n + BLOCK_N > kv_len:
+        q_full = q_end
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -391,25 +450,15 @@ def _attn_bwd_dkdv_kernel(
         bh = b * kv_heads * group + h
         q_base = q_ptr + b * stride_q_b + h * stride_q_h
         do_base = do_ptr + b * stride_do_b + h * stride_do_h
-        for start_m in range(q_lo, q_len, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            in_q = offs_m < q_len
-            q_tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
-            q = tl.load(q_base + offs_m[:, None] * stride_q_s + offs_d[None, :], mask=q_tile, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_do_s + offs_d[None, :], mask=q_tile, other=0.0)
-            lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_q, other=float("inf"))
-            delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_q, other=0.0)
-
-            # Transposed tiles (keys × queries), so dK and dV accumulate without a transpose.
-            p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-            visible = key_ok[:, None] & in_q[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :] + offset)
-            p_t = tl.where(visible, p_t, 0.0)
-            dv = tl.dot(p_t.to(do.dtype), do, dv)
-            dp_t = tl.dot(v, tl.trans(do))
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk)
+        dq_base = dq_acc_ptr + bh * q_len * HEAD_DIM
+        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_base, do_base, lse_ptr + bh * q_len,
+                                    delta_ptr + bh * q_len, dq_base, q_lo, q_full, q_len, offset,
+                                    stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                    MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ)
+        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_base, do_base, lse_ptr + bh * q_len,
+                                    delta_ptr + bh * q_len, dq_base, q_full, q_end, q_len, offset,
+                                    stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                                    MASKED=False, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ)
 
     tl.store(dk_ptr + b * stride_dk_b + kv_h * stride_dk_h + offs_n[:, None] * stride_dk_s + offs_d[None, :],
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_tile)
@@ -581,8 +630,15 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     return out, lse
 
 
-def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None):
-    """dq, dk, dv (each in its input's layout) from the output gradient ``do`` (unit stride along D)."""
+def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
+                  deterministic: bool = False):
+    """dq, dk, dv (each in its input's layout) from the output gradient ``do`` (unit stride along D).
+
+    Default: dQ accumulates atomically in fp32 inside the dK/dV kernel (five matrix products per
+    block pair; the order of the additions, and so the last bits of dQ, varies run to run).
+    ``deterministic=True``: a separate dQ kernel recomputes P and dP (seven products), bit-for-bit
+    reproducible.
+    """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -603,12 +659,16 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
         out, do, delta, q_heads, q_len, *_strides(out), *_strides(do),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows, num_warps=4,
     )
+    # (B, Hq, Sq, D) fp32, zeroed: the atomic dQ's accumulator (empty, never touched, when deterministic).
+    dq_acc = q.new_zeros((batch, q_heads, q_len, head_dim) if not deterministic else (0,), dtype=torch.float32)
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, pad_arg,
+        q, k, v, do, lse, delta, dk, dv, pad_arg, dq_acc,
         kv_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_pad,
-        softmax_scale, qk_scale, **meta,
+        softmax_scale, qk_scale, ATOMIC_DQ=not deterministic, **meta,
     )
+    if not deterministic:
+        return dq.copy_(dq_acc), dk, dv
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * q_heads)](
         q, k, v, do, lse, delta, dq, pad_arg,
         q_heads, group, q_len, kv_len, *buckets,

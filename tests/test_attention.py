@@ -134,13 +134,46 @@ def test_decode_backward(device, dtype):
     _check(q, k, v, dtype)
 
 
-def test_backward_is_deterministic(device):
+@pytest.fixture
+def deterministic_algorithms():
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(saved)
+
+
+def test_backward_is_deterministic_when_asked(device, deterministic_algorithms, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward takes the separate dQ kernel (no
+    atomics) and repeats bit for bit."""
+    modes = []
+    backward = kernel.attention_bwd
+    monkeypatch.setattr(kernel, "attention_bwd", lambda *a, **kw: modes.append(kw["deterministic"]) or backward(*a, **kw))
     q, k, v = (t.requires_grad_() for t in _qkv(device, 1, 4, 1, 33, 47, 64))
     dout = torch.randn(1, 4, 33, 64, device=device)
     first = torch.autograd.grad(ops.flash_attention(q, k, v), [q, k, v], dout)
     second = torch.autograd.grad(ops.flash_attention(q, k, v), [q, k, v], dout)
+    assert modes == [True, True]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,q_len,kv_len,causal,padded", [
+    (GQA, 65, 65, True, False), (MQA, 7, 129, False, False), (GQA, 20, 9, True, False), (MHA, 33, 47, True, True),
+    (GQA, 1, 65, True, False),
+], ids=lambda x: str(x))
+def test_both_backward_modes(device, dtype, heads, q_len, kv_len, causal, padded, request):
+    """The atomic-dQ backward (the default) and the deterministic one agree with the reference on the
+    cases that stress the block split: key and query tails, the causal diagonal, Sq > Skv, padding."""
+    q, k, v = _qkv(device, 2, *heads, q_len, kv_len, 64)
+    mask = None
+    if padded:
+        mask = torch.ones(2, kv_len, dtype=torch.bool, device=device)
+        mask[0, : kv_len // 2] = False  # left padding
+        mask[1, :] = False  # a row of nothing but padding
+    _check(q, k, v, dtype, causal=causal, mask=mask)
+    request.getfixturevalue("deterministic_algorithms")
+    _check(q, k, v, dtype, causal=causal, mask=mask)
 
 
 def test_output_layout_makes_transformers_transpose_free(device):

@@ -27,7 +27,8 @@ class _FlashAttentionFunction(torch.autograd.Function):
 
         q, k, v, out, lse, pad = ctx.saved_tensors
         dq, dk, dv = attention.attention_bwd(unit_stride_last(dout), q, k, v, out, lse, causal=ctx.causal,
-                                             softmax_scale=ctx.softmax_scale, pad=pad)
+                                             softmax_scale=ctx.softmax_scale, pad=pad,
+                                             deterministic=torch.are_deterministic_algorithms_enabled())
         return dq, dk, dv, None, None, None
 
 
@@ -74,7 +75,10 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     key_padding_mask: bool (batch, kv_len), True where a key is real (left padding in generate()).
     A query that sees no key returns zeros, with zero gradient.
 
-    Returns out with q's shape and dtype. Differentiable in q, k and v (deterministic kernels).
+    Returns out with q's shape and dtype. Differentiable in q, k and v. The backward accumulates dQ
+    with atomic additions (fastest; its last bits vary run to run) unless
+    ``torch.use_deterministic_algorithms(True)`` is on, when a separate dQ kernel makes every
+    gradient bit-for-bit reproducible; dK and dV are deterministic either way.
     Decoding shapes (few queries, long KV) take the split-KV path automatically.
     """
     _check(q, k, v, key_padding_mask)
