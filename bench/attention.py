@@ -1,13 +1,16 @@
 """The attention suite: causal prefill forward and backward (bf16 and fp16, head_dim 64 and 128,
-MHA and GQA, seq 512 to 16k, batch·seq held at 16k tokens), and decode (q_len 1) over KV lengths
-from 1k to 128k at batch 1 and 8.
+MHA and GQA, seq 512 to 16k, batch·seq held at 16k tokens), and decode (q_len 1, and 32: a chunk
+on the cache) over KV lengths from 1k to 128k at batch 1 and 8.
 
 Providers: llama_fast, PyTorch SDPA (``scaled_dot_product_attention`` with ``enable_gqa``), and
 the eager reference (which materialises the score matrix) up to 2k.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from llama_fast import ops, references
 
@@ -18,10 +21,13 @@ _EAGER_MAX_SEQ = 2048
 
 
 def _sdpa(q, k, v):
-    # is_causal in SDPA is aligned top-left; for q_len == kv_len (prefill) that is the same mask,
-    # and a single decode query sees every key, so decode passes is_causal=False.
-    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] == k.shape[2] and q.shape[2] > 1,
-                                          enable_gqa=True)
+    """SDPA with our causal semantics (bottom-right). SDPA's is_causal is aligned top-left: the same
+    mask when q_len == kv_len (prefill); a single decode query sees every key (is_causal=False); a
+    chunk on a cache needs the lower-right causal bias."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if q_len == kv_len or q_len == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q_len, kv_len), enable_gqa=True)
 
 
 def _layout(batch, heads, length, head_dim, device, dtype, grad):
@@ -54,21 +60,22 @@ def prefill_cases(device, configs, seqs, modes, tokens_total=16384):
                 yield case
 
 
-def decode_cases(device, dtype, kv_lens, batches, head_dim=128, q_heads=32, kv_heads=8):
+def decode_cases(device, dtype, kv_lens, batches, head_dim=128, q_heads=32, kv_heads=8, q_lens=(1,)):
+    """Queries on a KV cache: one token (decoding), or a chunk of q_len tokens (speculative
+    verification, chunked prefill), causal, bottom-right aligned."""
     e = torch.finfo(dtype).bits // 8
     dname = str(dtype).removeprefix("torch.")
-    for batch in batches:
-        for kv_len in kv_lens:
-            def make(grad, kv_len=kv_len, batch=batch):
-                q = _layout(batch, q_heads, 1, head_dim, device, dtype, False)
-                k = _layout(batch, kv_heads, kv_len, head_dim, device, dtype, False)
-                v = _layout(batch, kv_heads, kv_len, head_dim, device, dtype, False)
-                return (q, k, v), ()
+    for q_len, batch, kv_len in itertools.product(q_lens, batches, kv_lens):
+        def make(grad, kv_len=kv_len, batch=batch, q_len=q_len):
+            q = _layout(batch, q_heads, q_len, head_dim, device, dtype, False)
+            k = _layout(batch, kv_heads, kv_len, head_dim, device, dtype, False)
+            v = _layout(batch, kv_heads, kv_len, head_dim, device, dtype, False)
+            return (q, k, v), ()
 
-            shape = f"B={batch} H={q_heads}/{kv_heads} D={head_dim} q_len=1"
-            case = Case("attention", "flash_attention", "decode", shape, kv_len, dname,
-                        bytes=formulas.attention_decode_bytes(batch, q_heads, kv_heads, 1, kv_len, head_dim, e))
-            backend = ops.backend_on(device, extension_op=False)  # no C++ attention kernel
-            case.providers[f"{OURS}[{backend}]"] = passes(lambda q, k, v: ops.flash_attention(q, k, v), make, "fwd")
-            case.providers["sdpa"] = passes(_sdpa, make, "fwd")
-            yield case
+        shape = f"B={batch} H={q_heads}/{kv_heads} D={head_dim} q_len={q_len}"
+        case = Case("attention", "flash_attention", "decode", shape, kv_len, dname,
+                    bytes=formulas.attention_decode_bytes(batch, q_heads, kv_heads, q_len, kv_len, head_dim, e))
+        backend = ops.backend_on(device, extension_op=False)  # no C++ attention kernel
+        case.providers[f"{OURS}[{backend}]"] = passes(lambda q, k, v: ops.flash_attention(q, k, v), make, "fwd")
+        case.providers["sdpa"] = passes(_sdpa, make, "fwd")
+        yield case

@@ -244,6 +244,9 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[], object], str]]:
     q1, k1, v1 = bshd(model.q_heads, 1), bshd(model.kv_heads, decode_kv), bshd(model.kv_heads, decode_kv)
     yield "attention decode", lambda: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale, pad=None,
                                                               splits=32), "memory"
+    q32 = bshd(model.q_heads, 32)  # a 32-token chunk on the cache: 64-row tiles of packed query rows
+    yield "attention chunk", lambda: attention.attention_fwd(q32, k1, v1, causal=True, softmax_scale=scale, pad=None,
+                                                             splits=16), "memory"
 
 
 CASE_GROUPS = {"memory": _memory_bound_cases, "attention": _attention_cases}

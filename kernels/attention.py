@@ -35,10 +35,11 @@ Only the query blocks that cross the causal diagonal, and the last key block, ap
 P is recomputed from lse, never stored.
 
 Decode (few query rows, long KV): split-KV flash-decoding. The G·Sq query rows of one KV head are
-packed into one tile, so K and V are read once per KV head, not once per query head; the KV
-length is cut into splits that run as separate programs, each writing a partial out and lse,
-and a combine kernel merges them with weights 2^(lse_split − lse). Chosen automatically when
-the packed rows fit one tile and the ordinary grid would leave the GPU idle.
+packed into tiles of up to 64 rows, so K and V are read once per KV head and row tile, not once
+per query head; the KV length is cut into splits that run as separate programs, each writing a
+partial out and lse, and a combine kernel merges them with weights 2^(lse_split − lse). Chosen
+from the shapes (``decode_splits``): for decoding, and for longer chunks on a long cache when the
+ordinary grid would leave the GPU idle.
 
 FLOPs (matrix work only): forward 4·B·Hq·Sq·Skv·D, halved for causal Sq == Skv; backward 2.5×
 forward (five matrix products instead of two). Bytes for decode (memory-bound): K and V read
@@ -249,15 +250,16 @@ def _attn_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (split, batch, KV head): the G·Sq query rows of the KV head against keys
-    [split·split_len, (split + 1)·split_len). Writes a partial out and lse per row and split."""
+    """One program per (split, batch, KV head, row tile): BLOCK_R of the G·Sq query rows of the KV
+    head against keys [split·split_len, (split + 1)·split_len). Writes a partial out and lse per
+    row and split."""
     split = tl.program_id(0)
     b_kv = tl.program_id(1).to(tl.int64)
     b = b_kv // kv_heads
     kv_h = b_kv % kv_heads
 
     # Packed row r is query position r % Sq of query head kv_h·G + r // Sq.
-    r = tl.arange(0, BLOCK_R)
+    r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = r < group * q_len
     h = kv_h * group + r // q_len
     qi = r % q_len
@@ -555,16 +557,21 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def decode_splits(batch: int, q_heads: int, kv_heads: int, q_len: int, kv_len: int, target_programs: int) -> int:
-    """Number of KV splits for the flash-decoding path, or 0 to use the ordinary forward.
+    """Number of KV splits for the split-KV path, or 0 to use the ordinary forward.
 
-    Decode whenever the G·Sq packed query rows fit one tile (K and V are then read once per KV
-    head); split the keys so that about ``target_programs`` programs run (two per SM), each with
-    at least one key block.
+    The split-KV path packs the G·Sq query rows of a KV head into tiles of up to 64 rows, so K and
+    V are read once per KV head and row tile rather than once per query head, and splits the keys
+    so that about ``target_programs`` programs run (two per SM), each with at least one key block.
+    Taken when the rows fit one tile (decoding a token, a short draft), and for more rows (a
+    speculative-decoding verification, a chunk of a chunked prefill) when the KV cache is at
+    least four times longer than the chunk and the ordinary forward, one program per 64 query
+    rows of each query head, would leave SMs idle (fewer programs than half the target: one per SM).
     """
     group = q_heads // kv_heads
-    if group * q_len > _DECODE_MAX_ROWS:
+    row_tiles = triton.cdiv(group * q_len, _DECODE_MAX_ROWS)
+    if row_tiles > 1 and (kv_len < 4 * q_len or 2 * batch * q_heads * triton.cdiv(q_len, 64) >= target_programs):
         return 0
-    splits = -(-target_programs // (batch * kv_heads))
+    splits = -(-target_programs // (batch * kv_heads * row_tiles))
     return max(1, min(splits, triton.cdiv(kv_len, _DECODE_BLOCK_N), _DECODE_MAX_SPLITS))
 
 
@@ -599,13 +606,14 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         splits = triton.cdiv(kv_len, split_len)
         o_part = torch.empty((batch, q_heads, q_len, splits, head_dim), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((batch, q_heads, q_len, splits), dtype=torch.float32, device=q.device)
-        _attn_decode_kernel[(splits, batch * kv_heads)](
+        block_r = min(_DECODE_MAX_ROWS, max(16, triton.next_power_of_2(group * q_len)))
+        _attn_decode_kernel[(splits, batch * kv_heads, triton.cdiv(group * q_len, block_r))](
             q, k, v, o_part, lse_part, pad_arg,
             kv_heads, group, q_len, kv_len, split_len, splits,
             *_strides(q), *_strides(k), *_strides(v), stride_pad,
             qk_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad,
-            BLOCK_R=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=_DECODE_BLOCK_N,
+            BLOCK_R=block_r, BLOCK_N=_DECODE_BLOCK_N,
             num_warps=4, num_stages=1 if _INTERPRET else 3,
         )
         _attn_decode_combine_kernel[(batch * q_heads * q_len,)](

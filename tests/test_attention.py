@@ -103,9 +103,10 @@ def test_attention_scale_and_non_contiguous(device, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [1, 3, 7])
-@pytest.mark.parametrize("q_len,heads", [(1, (8, 2)), (4, (4, 1)), (3, (3, 3))])
+@pytest.mark.parametrize("q_len,heads", [(1, (8, 2)), (4, (4, 1)), (3, (3, 3)), (20, (8, 2)), (33, (4, 1))])
 def test_decode_split_kv(device, dtype, splits, q_len, heads):
-    """The split-KV path against the reference, causal, with left padding, for a forced number of splits."""
+    """The split-KV path against the reference, causal, with left padding, for a forced number of splits;
+    with 80 and 132 packed rows, more than one row tile."""
     kv_len = 150
     q, k, v = (t.to(dtype) for t in _qkv(device, 2, *heads, q_len, kv_len, 64, layout="bshd"))
     mask = torch.ones(2, kv_len, dtype=torch.bool, device=device)
@@ -124,6 +125,11 @@ def test_decode_path_is_chosen_for_decode_shapes():
     assert kernel.decode_splits(1, 32, 8, 512, 8192, h100_target) == 0  # prefill: the ordinary grid
     assert kernel.decode_splits(1, 9, 3, 1, 16, h100_target) == 1  # one key block: nothing to split
     assert kernel.decode_splits(64, 32, 8, 1, 8192, h100_target) == 1  # the batch fills the GPU
+    # A 32-token chunk (speculative verification, chunked prefill) on an 8k cache: 128 packed rows,
+    # two row tiles; the ordinary grid would run 32 programs on 132 SMs.
+    assert kernel.decode_splits(1, 32, 8, 32, 8192, h100_target) == 17
+    assert kernel.decode_splits(1, 32, 8, 32, 64, h100_target) == 0  # short cache: the ordinary grid
+    assert kernel.decode_splits(16, 32, 8, 32, 8192, h100_target) == 0  # 512 programs fill the GPU already
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
