@@ -124,7 +124,11 @@ def _pruner(tiles: dict[int, list[tuple[int, int, int, int]]]):
 _FWD_CONFIGS = _configs(_FWD_TILES, (16, 16))
 _BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_TILES, (16, 16))
 _BWD_DQ_CONFIGS = _configs(_BWD_DQ_TILES, (16, 16))
-_TUNE_KEY = ["q_len_bucket", "kv_len_bucket", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
+# What changes the best tile: the lengths (power-of-two buckets, so a growing KV cache does not
+# retune every token), batch x query heads (power-of-two buckets: with the lengths, the grid, and so
+# how well a tile fills the SMs), the GQA group (how many query heads share a K/V tile), the head
+# size, the masks.
+_TUNE_KEY = ["q_len_bucket", "kv_len_bucket", "heads_bucket", "group", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
 
 
 @triton.jit
@@ -179,7 +183,7 @@ def _attn_fwd_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr,
     # sizes
-    q_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket,
+    q_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket, heads_bucket,
     # strides (elements; unit stride along D)
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
@@ -397,7 +401,7 @@ def _attn_bwd_dkdv_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pad_ptr, dq_acc_ptr,
     # sizes
-    kv_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket,
+    kv_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket, heads_bucket,
     # strides (elements; unit stride along D; dq_acc is contiguous (B, Hq, Sq, HEAD_DIM))
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
@@ -475,7 +479,7 @@ def _attn_bwd_dq_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, pad_ptr,
     # sizes
-    q_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket,
+    q_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket, heads_bucket,
     # strides (elements; unit stride along D)
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
@@ -544,7 +548,7 @@ _DECODE_MAX_SPLITS = 128
 
 
 def _bucket(n: int) -> int:
-    """Autotuning key for a length: its power of two, so a growing KV cache does not retune per token."""
+    """Autotuning key for a size: its power of two, so a growing KV cache does not retune per token."""
     return triton.next_power_of_2(max(n, 1))
 
 
@@ -630,7 +634,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
 
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pad_arg,
-        q_heads, group, q_len, kv_len, _bucket(q_len), _bucket(kv_len),
+        q_heads, group, q_len, kv_len, _bucket(q_len), _bucket(kv_len), _bucket(batch * q_heads),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_pad,
         qk_scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad,
@@ -658,7 +662,7 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     pad_arg = pad if has_pad else q
     stride_pad = pad.stride(0) if has_pad else 0
     qk_scale = softmax_scale * _LOG2E
-    buckets = (_bucket(q_len), _bucket(kv_len))
+    buckets = (_bucket(q_len), _bucket(kv_len), _bucket(batch * q_heads))
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad)
 
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
