@@ -68,6 +68,38 @@ class Report:
     ldg128: int
     ldg_other: int
     problems: list
+    matrix_loops: list = dataclasses.field(default_factory=list)  # instruction mix per HGMMA loop iteration
+
+
+# The instruction classes counted per loop iteration (SASS opcode prefixes): the work of a flash
+# attention step is the matrix products (HGMMA), the exponentials (MUFU.EX2) and the softmax
+# arithmetic; masks cost selects and compares; barriers and waits are synchronisation.
+_MIX = {"hgmma": ("HGMMA",), "ex2": ("MUFU.EX2",), "ffma": ("FFMA",), "fmul": ("FMUL",), "fadd": ("FADD",),
+        "select": ("FSEL", "SEL"), "compare": ("ISETP", "FSETP"), "sync": ("BAR", "WARPGROUP", "WARPSYNC", "DEPBAR")}
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+
+
+def matrix_loops(sass: str) -> list[dict]:
+    """The loops of a kernel's SASS that issue HGMMA, in program order: for one iteration, the number
+    of instructions and of each class in ``_MIX``. A loop is a backward branch to a label; an outer
+    loop (the dK/dV kernel's loop over the query heads of a group) counts its inner loops' bodies
+    once. The forward's two loops are the unmasked blocks, then the masked ones."""
+    opcodes, labels, loops = [], {}, []
+    for line in sass.splitlines():
+        if label := _LABEL.match(line):
+            labels[label.group(1)] = len(opcodes)
+        elif op := _INSTRUCTION.match(line):
+            opcodes.append(op.group(1))
+            branch = _BRANCH.search(line)
+            start = labels.get(branch.group(1)) if branch else None
+            if start is not None and start < len(opcodes) - 1:
+                body = opcodes[start:]
+                mix = {name: sum(o.startswith(prefixes) for o in body) for name, prefixes in _MIX.items()}
+                if mix["hgmma"]:
+                    loops.append(dict(instructions=len(body), **mix))
+    return loops
 
 
 def _bind(kernel, args, kwargs) -> dict:
@@ -198,7 +230,7 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
         problems.append("no 128-bit global loads")
     return Report(case, launch.kernel.__name__, arch, launch.num_warps, launch.num_stages, registers, spill, spill_ops,
                   shared, _occupancy(arch, registers, shared, launch.num_warps), hgmma, ldg128, ldg_all - ldg128,
-                  problems)
+                  problems, matrix_loops(sass))
 
 
 def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[], object], str]]:
@@ -270,12 +302,13 @@ def audit(models=None, archs=(90, 80), groups=None) -> list[Report]:
 
 def format_table(reports: list[Report]) -> str:
     header = f"{'case':<34} {'kernel':<28} {'sm':>3} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'stl/ldl':>7} " \
-             f"{'smem':>7} {'occ':>5} {'hgmma':>5} {'ldg128':>6} {'ldg<128':>7}  problems"
+             f"{'smem':>7} {'occ':>5} {'hgmma':>5} {'ldg128':>6} {'ldg<128':>7} {'loop instr':>10}  problems"
     lines = [header, "-" * len(header)]
     for r in reports:
         lines.append(
             f"{r.case:<34} {r.kernel:<28} {r.arch:>3} {r.num_warps:>5} {r.num_stages:>3} {r.registers:>4} "
             f"{r.spill_bytes:>5} {r.spill_instructions:>7} {r.shared_bytes:>7} {r.occupancy:>5.0%} {r.hgmma:>5} {r.ldg128:>6} "
-            f"{r.ldg_other:>7}  {'; '.join(r.problems) or 'ok'}"
+            f"{r.ldg_other:>7} {'/'.join(str(loop['instructions']) for loop in r.matrix_loops) or '-':>10}  "
+            f"{'; '.join(r.problems) or 'ok'}"
         )
     return "\n".join(lines)

@@ -50,6 +50,9 @@ def test_sm90a_at_llama3_8b(full_audit):
         assert r["spill_bytes"] == 0 and r["spill_instructions"] == 0, r
         if r["kernel"] in MATRIX_KERNELS:
             assert r["hgmma"] > 0, r
+            # the instruction mix of each loop iteration that issues HGMMA is reported
+            assert r["matrix_loops"] and all(loop["hgmma"] > 0 and loop["instructions"] >= loop["hgmma"] + loop["ex2"]
+                                             for loop in r["matrix_loops"]), r
         else:
             assert r["ldg128"] > 0, r
 
@@ -99,3 +102,27 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_matrix_loop_instruction_mix():
+    """matrix_loops finds a loop as a backward branch to a label and counts one iteration's instructions
+    by class; a loop without HGMMA and a forward branch are not reported."""
+    from bench.audit import matrix_loops
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0020*/                   FFMA R2, R3, R4, -R5 ;
+        /*0030*/                   MUFU.EX2 R6, R2 ;
+        /*0040*/                   FSEL R7, R6, RZ, P0 ;
+        /*0050*/              @!P1 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0060*/                   FMUL R8, R8, R9 ;
+        /*0070*/               @P2 BRA `(.L_x_1) ;
+        /*0080*/                   BRA `(.L_x_2);
+.L_x_2:
+        /*0090*/                   EXIT ;
+"""
+    (loop,) = matrix_loops(sass)
+    assert loop == dict(instructions=5, hgmma=1, ex2=1, ffma=1, fmul=0, fadd=0, select=1, compare=0, sync=0)
