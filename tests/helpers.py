@@ -11,6 +11,8 @@ P·(dO·v − dO·o), a difference of dot products of size ~sqrt(head_dim) summe
 of a group, so attention tests pass floor_scale = 4·G·sqrt(head_dim).
 """
 
+import os
+
 import torch
 
 RATIO = 2.0
@@ -70,3 +72,11 @@ def check_op(fn, ref_fn, inputs, dtype, *, names, backward=True, floor_scale=1.0
     for j, i in enumerate(want):
         assert_error_ratio(g[j], g_eager[j], g_ref[j], name=f"{names[0]} grad of {names[1][i]}", dtype=dtype,
                            floor_scale=floor_scale)
+
+
+def user_env(**extra) -> dict:
+    """The environment of a new shell on this machine, for commands run as a user runs them: none of
+    this test run's own variables (TRITON_INTERPRET above all, which conftest.py sets), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TRITON_", "LLAMA_FAST_", "PYTEST_")) and k != "PYTHONPATH"}
+    return {**env, **extra}

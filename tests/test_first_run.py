@@ -8,7 +8,6 @@ process has already set up (Triton's interpreter, a loaded extension) cannot hel
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,16 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import user_env
+
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_JOB = "bash install.sh && python -m llama_fast"
 TEST_COMMAND = "bash install.sh && python -m pytest -q"
 GPU = torch.cuda.is_available()
-
-
-def user_env() -> dict:
-    """The environment of a new shell on this machine: none of this test run's own variables."""
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("TRITON_", "LLAMA_FAST_", "PYTEST_")) and k != "PYTHONPATH"}
 
 
 def run(command, cwd, timeout=300, **kwargs):

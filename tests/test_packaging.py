@@ -4,7 +4,6 @@ built on the way), `pip wheel .`, and a build whose compiler fails, which must i
 extension rather than fail. About four minutes on two cores, most of it pip installing torch twice
 (into the throwaway build environment and into the new one)."""
 
-import os
 import shutil
 import subprocess
 import venv
@@ -12,6 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from helpers import user_env
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a fresh clone holds: no build outputs, no virtual environments, no git metadata.
@@ -35,14 +36,8 @@ except ImportError:
 """
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TRITON_", "LLAMA_FAST_", "PYTEST_", "VIRTUAL_ENV")) and k != "PYTHONPATH"}
-    return {**env, **extra}
-
-
 def _run(args, cwd, timeout=900, **env):
-    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=_env(**env), capture_output=True, text=True,
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=user_env(**env), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
