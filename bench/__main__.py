@@ -3,8 +3,10 @@
   python -m bench [all]      every suite that is meaningful on this machine, then a summary
   python -m bench ops        rms_norm / RoPE / SwiGLU vs eager, torch.compile, Liger-Kernel
   python -m bench attention  flash attention prefill and decode vs SDPA and eager
+                             (--model-only: the static performance model, no GPU needed)
   python -m bench e2e        training step and generate(), patched vs unpatched
-  python -m bench audit      compile every kernel for sm_90a / sm_80: registers, spills, HGMMA, 128-bit loads
+  python -m bench audit      compile every kernel for sm_90a / sm_80: registers, spills, HGMMA, TMA, 128-bit
+                             loads, instructions per matrix-loop iteration against a baseline
   python -m bench traffic    bytes eager PyTorch moves per op vs the fused kernel's minimum
 
 With --out DIR, each suite writes DIR/<suite>.json (every figure, the device, the versions and the
@@ -21,17 +23,38 @@ SUITES = ("ops", "attention", "e2e")
 
 
 def _audit(args) -> int:
-    from .audit import audit, format_table
+    from .audit import audit, check_baseline, format_table, write_baseline
     from .report import write_json
 
     reports = audit(models=args.model, archs=tuple(args.arch or (90, 80)), groups=args.group)
+    if args.update_baseline:
+        write_baseline(reports)
+        compared = "baseline rewritten from this run"
+    else:
+        compared = check_baseline(reports)
     print(format_table(reports))
     bad = [r for r in reports if r.problems]
-    print(f"\n{len(reports)} compiled, {len(bad)} with problems")
+    print(f"\n{len(reports)} compiled, {len(bad)} with problems; {compared}")
     if args.json or args.out:
         write_json(args.json or os.path.join(args.out, "audit.json"), {"what": "ahead-of-time audit, no GPU used"},
                    [dataclasses.asdict(r) for r in reports])
     return 1 if bad else 0
+
+
+def _attention_model(args) -> int:
+    import triton
+
+    from .model import ANCHORS, attention_model, format_table, summary
+    from .report import write_json
+
+    predictions = attention_model()
+    print(format_table(predictions))
+    if args.out:
+        meta = {"what": "static performance model of the attention kernels from their sm_90a SASS "
+                        "(compiled ahead of time, no GPU): a model, not a measurement",
+                "triton": triton.__version__, "anchors_published_h100": ANCHORS, "summary": summary(predictions)}
+        write_json(os.path.join(args.out, "attention_model.json"), meta, [dataclasses.asdict(p) for p in predictions])
+    return 0
 
 
 def _traffic(args, write: bool = True) -> int:
@@ -75,6 +98,37 @@ def _suite_cases(name, device, args):
     return e2e.cases(device, dtype, layers=args.layers, include_smollm2=not args.no_smollm2)
 
 
+def _attention_extras(device) -> dict:
+    """On a GPU, before the suite tunes anything: the first call's cost against the steady state, and
+    the backward's time per kernel. Each part that fails is reported, not fatal."""
+    from . import attention
+
+    extra = {}
+    for key, fn in (("first_call", attention.first_call_latency), ("backward_kernels", attention.backward_kernel_times)):
+        try:
+            extra[key] = fn(device)
+        except Exception as exc:  # a lent GPU's minutes are few: report and go on
+            extra[key] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+    print("attention first call vs steady state:", extra["first_call"])
+    for row in extra["backward_kernels"] if isinstance(extra["backward_kernels"], list) else [extra["backward_kernels"]]:
+        print("  backward kernel:", row)
+    return extra
+
+
+def _print_spills() -> list[dict] | dict:
+    from . import attention
+
+    try:
+        rows = attention.driver_spills()
+    except Exception as exc:
+        return dict(error=f"{type(exc).__name__}: {exc}"[:300])
+    for row in rows:
+        print("  loaded kernel:", row)
+    spilling = [r for r in rows if r["n_spills"]]
+    print(f"attention kernels loaded: {len(rows)}, with spills (driver's n_spills): {len(spilling)}")
+    return rows
+
+
 def _suites(args, names) -> int:
     import torch
 
@@ -96,12 +150,15 @@ def _suites(args, names) -> int:
         meta["copy_bytes_per_s"] = dev.copy_bandwidth(device)
         print(f"{meta['device']}: peaks {peaks}, measured copy bandwidth {meta['copy_bytes_per_s'] / 1e9:.0f} GB/s\n")
     for name in names:
+        extra = _attention_extras(device) if name == "attention" and device.type == "cuda" else {}
         rows = run(_suite_cases(name, device, args), device, peaks, rep_ms=args.rep_ms, progress=not args.no_progress)
         print(f"== {name} on {meta['device']} ==")
         print(format_table(rows) + "\n", flush=True)
+        if extra:
+            extra["driver_spills"] = _print_spills()
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            write_json(os.path.join(args.out, f"{name}.json"), meta, rows)
+            write_json(os.path.join(args.out, f"{name}.json"), meta, rows, **extra)
             plot(os.path.join(args.out, f"{name}.png"), rows, f"{name} on {meta['device']} ({meta['date']})")
     return 0
 
@@ -127,12 +184,13 @@ def _parser() -> argparse.ArgumentParser:
                  "group")),
         "ops": ("rms_norm / RoPE / SwiGLU vs eager, torch.compile, Liger-Kernel",
                 ("out", "model", "dtype", "quick", "compile", "rep_ms", "no_progress")),
-        "attention": ("flash attention prefill and decode vs SDPA and eager",
-                      ("out", "dtype", "quick", "rep_ms", "no_progress")),
+        "attention": ("flash attention prefill and decode vs SDPA and eager; --model-only: the static "
+                      "performance model from the sm_90a SASS (no GPU needed)",
+                      ("out", "dtype", "quick", "rep_ms", "no_progress", "model_only")),
         "e2e": ("training step and generate(), patched vs unpatched",
                 ("out", "dtype", "layers", "no_smollm2", "rep_ms", "no_progress")),
         "audit": ("compile every kernel for sm_90a / sm_80: registers, spills, HGMMA, 128-bit loads (no GPU needed)",
-                  ("out", "model", "arch", "group", "json")),
+                  ("out", "model", "arch", "group", "json", "update_baseline")),
         "traffic": ("bytes eager PyTorch moves per op vs the fused kernel's minimum (no GPU needed)",
                     ("out", "model")),
     }
@@ -158,9 +216,15 @@ _OPTIONS = {
                                      help="compute capability, 90 or 80 (default both)"),
     "group": lambda p: p.add_argument("--group", action="append", help="kernel group (memory, attention; default all)"),
     "json": lambda p: p.add_argument("--json", help="write the reports to this JSON file"),
+    "model_only": lambda p: p.add_argument("--model-only", action="store_true",
+                                           help="print the static performance model of the attention kernels "
+                                                "(compiled for sm_90a, no GPU needed) instead of timing"),
+    "update_baseline": lambda p: p.add_argument("--update-baseline", action="store_true",
+                                                help="record this run's HGMMA, TMA and loop instruction counts "
+                                                     "as bench/audit_baseline.json (after a deliberate change)"),
 }
 _DEFAULTS = dict(out=None, model=None, dtype=None, quick=False, compile=False, layers=4, no_smollm2=False, rep_ms=100,
-                 no_progress=False, arch=None, group=None, json=None)
+                 no_progress=False, arch=None, group=None, json=None, update_baseline=False, model_only=False)
 
 
 def main(argv=None) -> int:
@@ -175,6 +239,8 @@ def main(argv=None) -> int:
         return _audit(args)
     if args.command == "traffic":
         return _traffic(args)
+    if args.command == "attention" and args.model_only:
+        return _attention_model(args)
     if args.command in SUITES:
         return _suites(args, [args.command])
     import torch

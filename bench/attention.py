@@ -79,3 +79,97 @@ def decode_cases(device, dtype, kv_lens, batches, head_dim=128, q_heads=32, kv_h
         case.providers[f"{OURS}[{backend}]"] = passes(lambda q, k, v: ops.flash_attention(q, k, v), make, "fwd")
         case.providers["sdpa"] = passes(_sdpa, make, "fwd")
         yield case
+
+
+def _compiled_kernels():
+    """Every attention kernel this process has compiled, as Triton holds them (per device, per
+    specialisation)."""
+    from triton.runtime.jit import JITFunction
+
+    from llama_fast.kernels import attention as kernels
+
+    for name in dir(kernels):
+        fn = getattr(kernels, name)
+        while hasattr(fn, "fn") and not isinstance(fn, JITFunction):  # the autotuner wraps the JIT function
+            fn = fn.fn
+        if not isinstance(fn, JITFunction):
+            continue
+        for caches in fn.device_caches.values():
+            for compiled in (caches[0] if isinstance(caches, tuple) else caches).values():
+                yield name, compiled
+
+
+def driver_spills() -> list[dict]:
+    """Registers and spills of each loaded attention kernel as the CUDA driver reports them."""
+    rows = []
+    for name, compiled in _compiled_kernels():
+        compiled._init_handles()  # loads the module; n_regs and n_spills come from the driver
+        meta = compiled.metadata
+        rows.append(dict(kernel=name, num_warps=meta.num_warps, num_stages=meta.num_stages, shared=meta.shared,
+                         n_regs=compiled.n_regs, n_spills=compiled.n_spills))
+    return rows
+
+
+def _llama3_8b(device, batch=4, seq=4096, dtype=torch.bfloat16, grad=True):
+    return (_layout(batch, 32, seq, 128, device, dtype, grad), _layout(batch, 8, seq, 128, device, dtype, grad),
+            _layout(batch, 8, seq, 128, device, dtype, grad))
+
+
+def first_call_latency(device) -> dict:
+    """The first forward and backward at Llama-3-8B heads (batch 4 x 4096, bf16) in this process
+    (autotuning and compiling, or loading from Triton's disk cache), then the steady state: what a
+    training job's first step pays. Run before anything else has tuned these shapes."""
+    import os
+    import time
+
+    from .device import measure
+
+    cache = os.environ.get("TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
+    cached_files = sum(len(files) for _, _, files in os.walk(cache)) if os.path.isdir(cache) else 0
+    q, k, v = _llama3_8b(device)
+    dout = torch.randn_like(q)
+    result = dict(shape="B=4 H=32/8 D=128 seq=4096 bf16 causal", triton_cache_files_before=cached_files)
+    for mode in ("fwd", "bwd"):
+        if mode == "fwd":
+            def step():
+                return ops.flash_attention(q, k, v)
+        else:
+            out = ops.flash_attention(q, k, v)
+
+            def step():
+                return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        result[f"{mode}_first_call_s"] = time.perf_counter() - start
+        result[f"{mode}_steady_ms"] = measure(step, device, rep_ms=100)["ms"]
+    return result
+
+
+def backward_kernel_times(device) -> list[dict]:
+    """Device time of each kernel of one backward at Llama-3-8B heads (batch 4 x 4096, bf16), in both
+    dQ modes, from the CUDA profiler (the third of three backward passes; the first two warm up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = _llama3_8b(device)
+    dout = torch.randn_like(q)
+    rows = []
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic, warn_only=True)
+            out = ops.flash_attention(q, k, v)
+            for _ in range(2):
+                torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+                torch.cuda.synchronize()
+            for event in prof.key_averages():
+                if event.device_type.name == "CUDA" and getattr(event, "device_time_total", 0) > 0:
+                    rows.append(dict(mode="deterministic" if deterministic else "atomic dQ", kernel=event.key,
+                                     calls=event.count, us=event.device_time_total))
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    return rows

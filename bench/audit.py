@@ -5,20 +5,27 @@ launch itself intercepted), specialised the way Triton's JIT would (pointer and 
 arguments divisible by 16 get ``tt.divisibility``), compiled with ``triton.compile`` for the
 target, and read back with the tools in Triton's wheel (../shared/DESIGN.md, fact 5):
 ``cuobjdump --dump-resource-usage`` for registers, stack and local memory and shared memory, and
-``nvdisasm`` for the instruction mix: ``HGMMA`` (Hopper's warpgroup matrix multiply), 128-bit
-global loads (``LDG.E.128``) and local-memory stores and loads (``STL``/``LDL``: register spills).
+``nvdisasm`` for the instruction mix: ``HGMMA`` (Hopper's warpgroup matrix multiply), ``UTMALDG``
+(Hopper's bulk tensor copies, TMA), 128-bit global loads (``LDG.E.128``) and local-memory stores
+and loads (``STL``/``LDL``: register spills).
 
 Spills are counted three ways, and any one fails the audit: ptxas on sm_90 reports spilled
 registers as STACK, not LOCAL (checked 2026-11-29: an attention config with 50 STL / 58 LDL in its
 SASS showed LOCAL:0, STACK:136), so an audit that read LOCAL alone passed four spilling configs.
 
-Run ``python -m bench audit``; it exits non-zero on a spill or on an attention kernel without HGMMA
-on sm_90a. Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
+Run ``python -m bench audit``; it exits non-zero on a spill, on an attention kernel without HGMMA or
+TMA on sm_90a, a memory-bound kernel without 128-bit loads, or a regression against the committed
+baseline (``bench/audit_baseline.json``, written by ``--update-baseline``): fewer HGMMA or TMA
+instructions than recorded, or more than 5% more instructions per iteration of a matrix loop.
+The baseline is for one Triton version; under another the comparison is skipped and the audit says
+so (the instruction counts are the compiler's, and move with it). Must run without
+``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
 """
 
 import contextlib
 import dataclasses
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -57,6 +64,7 @@ class Report:
     case: str
     kernel: str
     arch: int
+    tile: tuple  # the block sizes of the launch (BLOCK_M, BLOCK_N, BLOCK_R ... whichever it has)
     num_warps: int
     num_stages: int
     registers: int
@@ -65,6 +73,7 @@ class Report:
     shared_bytes: int
     occupancy: float
     hgmma: int
+    utmaldg: int
     ldg128: int
     ldg_other: int
     problems: list
@@ -85,7 +94,9 @@ def matrix_loops(sass: str) -> list[dict]:
     """The loops of a kernel's SASS that issue HGMMA, in program order: for one iteration, the number
     of instructions and of each class in ``_MIX``. A loop is a backward branch to a label; an outer
     loop (the dK/dV kernel's loop over the query heads of a group) counts its inner loops' bodies
-    once. The forward's two loops are the unmasked blocks, then the masked ones."""
+    once. The forward's two loops are the unmasked blocks, then the masked ones. A backward branch
+    whose span holds an EXIT is not a loop: ptxas places the retry of an mbarrier wait (TMA) out of
+    line after the kernel's end and branches back into the body."""
     opcodes, labels, loops = [], {}, []
     for line in sass.splitlines():
         if label := _LABEL.match(line):
@@ -96,6 +107,8 @@ def matrix_loops(sass: str) -> list[dict]:
             start = labels.get(branch.group(1)) if branch else None
             if start is not None and start < len(opcodes) - 1:
                 body = opcodes[start:]
+                if "EXIT" in body:
+                    continue
                 mix = {name: sum(o.startswith(prefixes) for o in body) for name, prefixes in _MIX.items()}
                 if mix["hgmma"]:
                     loops.append(dict(instructions=len(body), **mix))
@@ -197,14 +210,25 @@ def _occupancy(arch: int, registers: int, shared: int, num_warps: int) -> float:
     return blocks * threads / limits["threads"]
 
 
+def _uses_dot(kernel, depth: int = 2) -> bool:
+    """Whether a kernel, or a @triton.jit helper it calls (two levels deep), has a matrix product."""
+    from triton.runtime.jit import JITFunction
+
+    if "tl.dot" in kernel.src:
+        return True
+    helpers = kernel.fn.__globals__
+    return depth > 0 and any(isinstance(helpers.get(name), JITFunction) and _uses_dot(helpers[name], depth - 1)
+                             for name in set(re.findall(r"\b(\w+)\(", kernel.src)))
+
+
 def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
     """Compile one launch for ``arch`` and report it.
 
     ``kind`` is the case's: "memory" kernels must issue 128-bit loads; in a "matrix" case the
-    kernels with matrix products (``tl.dot``) must use HGMMA on sm_90a and the others (attention's
-    δ pre-pass) count as memory-bound.
+    kernels with matrix products (``tl.dot``) must use HGMMA on sm_90a, and TMA there when launched
+    with USE_TMA, and the others (attention's δ pre-pass) count as memory-bound.
     """
-    if kind == "matrix" and "tl.dot" not in launch.kernel.src:
+    if kind == "matrix" and not _uses_dot(launch.kernel):
         kind = "memory"
     import triton
     from triton.backends.compiler import GPUTarget
@@ -219,6 +243,7 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
     spill_ops = len(re.findall(r"\b(?:STL|LDL)(?:\.[\w]+)*\b", sass))
     shared = max(compiled.metadata.shared, fields.get("SHARED", 0))
     hgmma = len(re.findall(r"\bHGMMA\b", sass))
+    utmaldg = len(re.findall(r"\bUTMALDG\b", sass))
     ldg128 = len(re.findall(r"\bLDG\.E\.128\b", sass))
     ldg_all = len(re.findall(r"\bLDG\.E[.\w]*", sass))
     problems = []
@@ -226,14 +251,66 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
         problems.append(f"spills registers: {spill} bytes of stack/local memory, {spill_ops} STL/LDL")
     if kind == "matrix" and arch == 90 and hgmma == 0:
         problems.append("no HGMMA on sm_90a")
+    if kind == "matrix" and arch == 90 and launch.args.get("USE_TMA") and utmaldg == 0:
+        problems.append("no TMA loads (UTMALDG) on sm_90a")
     if kind == "memory" and ldg128 == 0:
         problems.append("no 128-bit global loads")
-    return Report(case, launch.kernel.__name__, arch, launch.num_warps, launch.num_stages, registers, spill, spill_ops,
-                  shared, _occupancy(arch, registers, shared, launch.num_warps), hgmma, ldg128, ldg_all - ldg128,
-                  problems, matrix_loops(sass))
+    tile = tuple(v for k, v in launch.args.items() if k.startswith("BLOCK_") and k not in ("BLOCK_D",))
+    return Report(case, launch.kernel.__name__, arch, tile, launch.num_warps, launch.num_stages, registers, spill,
+                  spill_ops, shared, _occupancy(arch, registers, shared, launch.num_warps), hgmma, utmaldg, ldg128,
+                  ldg_all - ldg128, problems, matrix_loops(sass))
 
 
-def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[], object], str]]:
+BASELINE = Path(__file__).with_name("audit_baseline.json")
+_LOOP_GROWTH = 1.05  # more instructions per matrix-loop iteration than this times the baseline fails
+
+
+def _key(r: Report) -> str:
+    return f"{r.case} | {r.kernel} | sm_{r.arch} | tile {'x'.join(map(str, r.tile))} | {r.num_warps}w {r.num_stages}s"
+
+
+def _baseline_entry(r: Report) -> dict:
+    return dict(hgmma=r.hgmma, utmaldg=r.utmaldg, loop_instructions=[loop["instructions"] for loop in r.matrix_loops])
+
+
+def write_baseline(reports: list[Report], path: Path = BASELINE) -> None:
+    import triton
+
+    path.write_text(json.dumps({"triton": triton.__version__,
+                                "kernels": {_key(r): _baseline_entry(r) for r in reports}}, indent=1) + "\n")
+
+
+def check_baseline(reports: list[Report], path: Path = BASELINE) -> str:
+    """Add a problem to each report that regressed against the baseline; returns a line saying
+    what was compared (or why nothing was)."""
+    import triton
+
+    if not path.exists():
+        return f"no baseline at {path}: nothing compared"
+    baseline = json.loads(path.read_text())
+    if baseline["triton"] != triton.__version__:
+        return (f"baseline recorded with triton {baseline['triton']}, this is {triton.__version__}: "
+                "instruction counts not compared")
+    compared = 0
+    for r in reports:
+        old = baseline["kernels"].get(_key(r))
+        if old is None:
+            continue
+        compared += 1
+        new = _baseline_entry(r)
+        for what in ("hgmma", "utmaldg"):
+            if new[what] < old[what]:
+                r.problems.append(f"regression: {new[what]} {what.upper()} (baseline {old[what]})")
+        if len(new["loop_instructions"]) != len(old["loop_instructions"]):
+            r.problems.append(f"regression: matrix loops {new['loop_instructions']} (baseline {old['loop_instructions']})")
+            continue
+        for i, (now, was) in enumerate(zip(new["loop_instructions"], old["loop_instructions"])):
+            if now > was * _LOOP_GROWTH:
+                r.problems.append(f"regression: matrix loop {i} has {now} instructions per iteration (baseline {was})")
+    return f"baseline (triton {baseline['triton']}): {compared} of {len(reports)} compiled kernels compared"
+
+
+def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
     from llama_fast.kernels import rmsnorm, rope, swiglu
 
     tokens, batch, seq = 4096, 2, 2048
@@ -241,19 +318,21 @@ def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[], object], str]
     x = torch.empty(tokens, model.hidden, dtype=bf16)
     w = torch.empty(model.hidden, dtype=bf16)
     rstd = torch.empty(tokens, dtype=torch.float32)
-    yield "rms_norm fwd", lambda: rmsnorm.rms_norm_fwd(x, w, 1e-5), "memory"
-    yield "rms_norm bwd", lambda: rmsnorm.rms_norm_bwd(x, x, w, rstd), "memory"
+    yield "rms_norm fwd", lambda arch: rmsnorm.rms_norm_fwd(x, w, 1e-5), "memory"
+    yield "rms_norm bwd", lambda arch: rmsnorm.rms_norm_bwd(x, x, w, rstd), "memory"
     q = torch.empty(batch, seq, model.q_heads, model.head_dim, dtype=bf16).transpose(1, 2)
     k = torch.empty(batch, seq, model.kv_heads, model.head_dim, dtype=bf16).transpose(1, 2)
     cos = torch.empty(batch, seq, model.head_dim, dtype=bf16)
-    yield "rope fwd", lambda: rope.rope(q, k, cos, cos), "memory"
-    yield "rope bwd", lambda: rope.rope(q, k, cos, cos, backward=True), "memory"
+    yield "rope fwd", lambda arch: rope.rope(q, k, cos, cos), "memory"
+    yield "rope bwd", lambda arch: rope.rope(q, k, cos, cos, backward=True), "memory"
     gate = torch.empty(tokens, model.intermediate, dtype=bf16)
-    yield "swiglu fwd", lambda: swiglu.swiglu_fwd(gate, gate), "memory"
-    yield "swiglu bwd", lambda: swiglu.swiglu_bwd(gate, gate, gate), "memory"
+    yield "swiglu fwd", lambda arch: swiglu.swiglu_fwd(gate, gate), "memory"
+    yield "swiglu bwd", lambda arch: swiglu.swiglu_bwd(gate, gate, gate), "memory"
 
 
-def _attention_cases(model) -> Iterator[tuple[str, Callable[[], object], str]]:
+def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
+    """Launchers take the architecture: on sm_90a the prefill kernels read through tensor
+    descriptors (TMA), as they do on an H100/H200 for such 16-byte-aligned inputs."""
     from llama_fast.kernels import attention
 
     batch, seq, decode_kv = 1, 4096, 8192
@@ -266,18 +345,18 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[], object], str]]:
     out = bshd(model.q_heads, seq)
     lse = torch.empty(batch, model.q_heads, seq, dtype=torch.float32)
     scale = model.head_dim ** -0.5
-    yield "attention fwd", lambda: attention.attention_fwd(q, k, v, causal=True, softmax_scale=scale, pad=None,
-                                                           splits=0), "matrix"
-    yield "attention bwd", lambda: attention.attention_bwd(out, q, k, v, out, lse, causal=True, softmax_scale=scale,
-                                                           pad=None), "matrix"
-    yield "attention bwd determ.", lambda: attention.attention_bwd(out, q, k, v, out, lse, causal=True,
-                                                                   softmax_scale=scale, pad=None,
-                                                                   deterministic=True), "matrix"
+    yield "attention fwd", lambda arch: attention.attention_fwd(q, k, v, causal=True, softmax_scale=scale, pad=None,
+                                                                splits=0, tma=arch == 90), "matrix"
+    yield "attention bwd", lambda arch: attention.attention_bwd(out, q, k, v, out, lse, causal=True,
+                                                                softmax_scale=scale, pad=None, tma=arch == 90), "matrix"
+    yield "attention bwd determ.", lambda arch: attention.attention_bwd(out, q, k, v, out, lse, causal=True,
+                                                                        softmax_scale=scale, pad=None,
+                                                                        deterministic=True, tma=arch == 90), "matrix"
     q1, k1, v1 = bshd(model.q_heads, 1), bshd(model.kv_heads, decode_kv), bshd(model.kv_heads, decode_kv)
-    yield "attention decode", lambda: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale, pad=None,
+    yield "attention decode", lambda arch: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale, pad=None,
                                                               splits=32), "memory"
     q32 = bshd(model.q_heads, 32)  # a 32-token chunk on the cache: 64-row tiles of packed query rows
-    yield "attention chunk", lambda: attention.attention_fwd(q32, k1, v1, causal=True, softmax_scale=scale, pad=None,
+    yield "attention chunk", lambda arch: attention.attention_fwd(q32, k1, v1, causal=True, softmax_scale=scale, pad=None,
                                                              splits=16), "memory"
 
 
@@ -294,20 +373,20 @@ def audit(models=None, archs=(90, 80), groups=None) -> list[Report]:
             for case, launcher, kind in CASE_GROUPS[group](model):
                 for arch in archs:  # each architecture compiles the tiles the kernel keeps for it
                     with capture_launches(arch) as launches:
-                        launcher()
+                        launcher(arch)
                     for launch in launches:
                         reports.append(compile_launch(f"{model_name} {case}", launch, arch, kind))
     return reports
 
 
 def format_table(reports: list[Report]) -> str:
-    header = f"{'case':<34} {'kernel':<28} {'sm':>3} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'stl/ldl':>7} " \
-             f"{'smem':>7} {'occ':>5} {'hgmma':>5} {'ldg128':>6} {'ldg<128':>7} {'loop instr':>10}  problems"
+    header = f"{'case':<34} {'kernel':<28} {'sm':>3} {'tile':>9} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'stl/ldl':>7} " \
+             f"{'smem':>7} {'occ':>5} {'hgmma':>5} {'tma':>4} {'ldg128':>6} {'ldg<128':>7} {'loop instr':>10}  problems"
     lines = [header, "-" * len(header)]
     for r in reports:
         lines.append(
-            f"{r.case:<34} {r.kernel:<28} {r.arch:>3} {r.num_warps:>5} {r.num_stages:>3} {r.registers:>4} "
-            f"{r.spill_bytes:>5} {r.spill_instructions:>7} {r.shared_bytes:>7} {r.occupancy:>5.0%} {r.hgmma:>5} {r.ldg128:>6} "
+            f"{r.case:<34} {r.kernel:<28} {r.arch:>3} {'x'.join(map(str, r.tile)):>9} {r.num_warps:>5} {r.num_stages:>3} {r.registers:>4} "
+            f"{r.spill_bytes:>5} {r.spill_instructions:>7} {r.shared_bytes:>7} {r.occupancy:>5.0%} {r.hgmma:>5} {r.utmaldg:>4} {r.ldg128:>6} "
             f"{r.ldg_other:>7} {'/'.join(str(loop['instructions']) for loop in r.matrix_loops) or '-':>10}  "
             f"{'; '.join(r.problems) or 'ok'}"
         )

@@ -34,6 +34,11 @@ its group (the GQA sum happens in registers, so dK and dV are deterministic). dQ
 Only the query blocks that cross the causal diagonal, and the last key block, apply masks.
 P is recomputed from lse, never stored.
 
+On Hopper (sm_90), for 16-bit inputs aligned for it (``tma_ready``), the tiles that stream through
+the inner loops (K and V forward; Q and dO in dK/dV; K and V in dQ) come through per-head tensor
+descriptors, which Triton lowers to TMA bulk copies (UTMALDG) and pipelines; out-of-range rows and
+columns read as zeros. Elsewhere the same loops load through pointers with masks.
+
 Decode (few query rows, long KV): split-KV flash-decoding. The G·Sq query rows of one KV head are
 packed into tiles of up to 64 rows, so K and V are read once per KV head and row tile, not once
 per query head; the KV length is cut into splits that run as separate programs, each writing a
@@ -81,6 +86,10 @@ _BWD_DKDV_TILES = {90: [(16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 1)],
                    80: [(16, 64, 8, 2), (32, 64, 8, 1)]}
 _DQ_TILES = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 _BWD_DQ_TILES = {90: _DQ_TILES, 80: _DQ_TILES}
+# Tiles of a list that spill in one variant of the kernel only, by (arch, USE_TMA, ATOMIC_DQ): the
+# dK/dV kernel reading Q and dO through descriptors while adding dQ atomically sits at 254-255
+# registers with 32 x 64 tiles on sm_90a, and with one stage spills 16 B (2026-11-30).
+_DKDV_VARIANT_SPILLS = {(90, True, True): {(32, 64, 8, 1)}}
 
 
 def _tile(config: triton.Config) -> tuple[int, int, int, int]:
@@ -104,17 +113,22 @@ def _arch(device_index: int) -> int:
     return 90 if torch.cuda.get_device_capability(device_index) == (9, 0) else 80
 
 
-def _pruner(tiles: dict[int, list[tuple[int, int, int, int]]]):
+def _pruner(tiles: dict[int, list[tuple[int, int, int, int]]], variant_spills: dict | None = None):
     """The autotuner's early prune for one kernel: the tiles of the device's architecture (or of
-    ``target_arch``, which the ahead-of-time audit passes), then small tiles only for heads wider
-    than 128, which need them to stay in registers and shared memory."""
+    ``target_arch``, which the ahead-of-time audit passes) less those that spill in this launch's
+    variant, then small tiles only for heads wider than 128, which need them to stay in registers
+    and shared memory."""
 
     def prune(configs, named_args, target_arch: int | None = None, **kwargs):
+        def arg(name):
+            return named_args.get(name, kwargs.get(name))
+
         if target_arch is None:
             target_arch = _arch(named_args["q_ptr"].device.index or 0)
-        allowed = tiles.get(target_arch, tiles[80])
+        spilling = (variant_spills or {}).get((target_arch, bool(arg("USE_TMA")), bool(arg("ATOMIC_DQ"))), ())
+        allowed = [t for t in tiles.get(target_arch, tiles[80]) if t not in spilling]
         kept = [c for c in configs if _tile(c) in allowed] or configs[:1]
-        if named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 0)) > 128 and len(kept) > 1:
+        if (arg("BLOCK_D") or 0) > 128 and len(kept) > 1:
             kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or kept[:1]
         return kept
 
@@ -132,36 +146,67 @@ _TUNE_KEY = ["q_len_bucket", "kv_len_bucket", "heads_bucket", "group", "HEAD_DIM
 
 
 @triton.jit
+def _head_source(base, rows, stride_s, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """Where the inner loops read one head's (rows, HEAD_DIM) matrix from: with USE_TMA a 2-D tensor
+    descriptor (any batch and head strides; the host checks TMA's 16-byte alignment; rows past
+    ``rows`` and columns past HEAD_DIM read as zeros), else the head's base pointer."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride_s, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
 def _fwd_block_loop(
-    acc, l_i, m_i, q, k_base, v_base, pad_base,
+    acc, l_i, m_i, q, k_src, v_src, pad_base,
     lo, hi, offs_m, offs_d, offset, kv_len, stride_k_s, stride_v_s, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
+    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi). MASKED adds the bounds and causal masks; blocks
-    wholly below the diagonal and inside Skv skip them."""
+    wholly below the diagonal and inside Skv skip them. K and V come from tensor descriptors
+    (USE_TMA: Hopper's bulk copies, rows past kv_len read as zeros) or from pointers to the head.
+
+    Not warp-specialized: ``tl.range(..., warp_specialize=True)`` on this loop fails to compile for
+    sm_90a in Triton 3.8 (the NVGPUWarpSpecialization pass aborts, tried 2026-11-30); Triton's
+    software pipelining overlaps the descriptor loads with the matrix work instead.
+
+    The scale is applied inside the exponent, 2^(s2·qk − m), one FFMA per score, with m the running
+    maximum of s2·qk (taken on the unscaled scores: s2 > 0, checked by the caller)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         in_kv = cols < kv_len
-        kv_tile = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + cols[:, None] * stride_k_s + offs_d[None, :], mask=kv_tile, other=0.0)
-        x = tl.dot(q, tl.trans(k)) * qk_scale
+        if USE_TMA:
+            k = k_src.load([start_n, 0])
+        else:
+            kv_tile = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_src + cols[:, None] * stride_k_s + offs_d[None, :], mask=kv_tile, other=0.0)
+        qk = tl.dot(q, tl.trans(k))
         if MASKED:
             visible = in_kv[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
-            x = tl.where(visible, x, float("-inf"))
+            qk = tl.where(visible, qk, float("-inf"))
         if HAS_PAD:
             real = tl.load(pad_base + cols, mask=in_kv, other=0) != 0
-            x = tl.where(real[None, :], x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        # A row with no visible key yet has m = −∞: subtract 0 instead so 2^(−∞ − m) stays 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(x - m_safe[:, None])
+            qk = tl.where(real[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if MASKED or HAS_PAD:
+            # A row with no visible key yet has m = −∞: subtract 0 instead so 2^(−∞ − m) stays 0, not NaN.
+            # Unmasked blocks without padding show every row at least one finite score.
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        p = tl.math.exp2(qk * qk_scale - m_new_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_v_s + offs_d[None, :], mask=kv_tile, other=0.0)
+        if USE_TMA:
+            v = v_src.load([start_n, 0])
+        else:
+            v = tl.load(v_src + cols[:, None] * stride_v_s + offs_d[None, :], mask=kv_tile, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
@@ -176,7 +221,7 @@ def _finish_rows(acc, l_i, m_i):
     return out, lse
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY,
+@triton.autotune(configs=_FWD_CONFIGS, key=[*_TUNE_KEY, "USE_TMA"],
                  prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
 @triton.jit
 def _attn_fwd_kernel(
@@ -194,10 +239,13 @@ def _attn_fwd_kernel(
     qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    """One program per (batch x query head, query block). The grid's first axis is the heads, its
+    second the query blocks in reverse, so the GPU starts the longest causal rows (the last query
+    blocks, which see the most keys) first and the short ones fill the tail."""
+    bh = tl.program_id(0).to(tl.int64)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     b = bh // q_heads
     h = bh % q_heads
     kv_h = h // group
@@ -206,10 +254,16 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     in_q = offs_m < q_len
     tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s + offs_d[None, :],
-                mask=tile, other=0.0)
-    k_base = k_ptr + b * stride_k_b + kv_h * stride_k_h
-    v_base = v_ptr + b * stride_v_b + kv_h * stride_v_h
+    q_src = _head_source(q_ptr + b * stride_q_b + h * stride_q_h, q_len, stride_q_s, HEAD_DIM, BLOCK_M, BLOCK_D,
+                         USE_TMA)
+    k_src = _head_source(k_ptr + b * stride_k_b + kv_h * stride_k_h, kv_len, stride_k_s, HEAD_DIM, BLOCK_N, BLOCK_D,
+                         USE_TMA)
+    v_src = _head_source(v_ptr + b * stride_v_b + kv_h * stride_v_h, kv_len, stride_v_s, HEAD_DIM, BLOCK_N, BLOCK_D,
+                         USE_TMA)
+    if USE_TMA:
+        q = q_src.load([start_m, 0])
+    else:
+        q = tl.load(q_src + offs_m[:, None] * stride_q_s + offs_d[None, :], mask=tile, other=0.0)
     pad_base = pad_ptr + b * stride_pad_b
 
     # Query i sees keys j <= i + offset. Keys below `full` are seen by every row of this block.
@@ -225,12 +279,12 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, pad_base, 0, full, offs_m, offs_d,
+    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_src, v_src, pad_base, 0, full, offs_m, offs_d,
                                     offset, kv_len, stride_k_s, stride_v_s, qk_scale,
-                                    HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_PAD)
-    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_base, v_base, pad_base, full, hi, offs_m, offs_d,
+                                    HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_PAD, USE_TMA)
+    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_src, v_src, pad_base, full, hi, offs_m, offs_d,
                                     offset, kv_len, stride_k_s, stride_v_s, qk_scale,
-                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD)
+                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA)
     out, lse = _finish_rows(acc, l_i, m_i)
     tl.store(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=tile)
@@ -280,7 +334,7 @@ def _attn_decode_kernel(
     acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_ptr + b * stride_k_b + kv_h * stride_k_h,
                                     v_ptr + b * stride_v_b + kv_h * stride_v_h, pad_ptr + b * stride_pad_b,
                                     lo, hi, qi, offs_d, kv_len - q_len, kv_len, stride_k_s, stride_v_s, qk_scale,
-                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD)
+                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, False)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     # A split a row sees nothing of weighs 2^(−∞) = 0 in the combine.
@@ -355,21 +409,26 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _attn_bwd_kv_inner(
     dk, dv, k, v, key_ok, offs_n, offs_d,
-    q_base, do_base, lse_base, delta_base, dq_base,
+    q_src, do_src, lse_base, delta_base, dq_base,
     lo, hi, q_len, offset, stride_q_s, stride_do_s, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_PAD: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dK, dV of one key block over query blocks [lo, hi) of one query head; with ATOMIC_DQ also
     each block's share of dQ, added atomically to the fp32 accumulator at dq_base. MASKED applies
     the bounds and causal masks: the caller passes only the blocks that cross the diagonal or the
-    last key block; below the diagonal a query past q_len has lse = +∞ and so P = 0 already."""
+    last key block; below the diagonal a query past q_len has lse = +∞ and so P = 0 already.
+    Q and dO come through tensor descriptors (USE_TMA) or pointers to the head."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_q = offs_m < q_len
         q_tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(q_base + offs_m[:, None] * stride_q_s + offs_d[None, :], mask=q_tile, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_do_s + offs_d[None, :], mask=q_tile, other=0.0)
+        if USE_TMA:
+            q = q_src.load([start_m, 0])
+            do = do_src.load([start_m, 0])
+        else:
+            q = tl.load(q_src + offs_m[:, None] * stride_q_s + offs_d[None, :], mask=q_tile, other=0.0)
+            do = tl.load(do_src + offs_m[:, None] * stride_do_s + offs_d[None, :], mask=q_tile, other=0.0)
         lse = tl.load(lse_base + offs_m, mask=in_q, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
 
@@ -387,15 +446,16 @@ def _attn_bwd_kv_inner(
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale
+            # The scale goes on the (keys x queries) dS tile before the cast, half the elements of the dQ tile.
+            dq = tl.dot(tl.trans((ds_t * sm_scale).to(k.dtype)), k)
             tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_tile, sem="relaxed")
     return dk, dv
 
 
 # reset_to_zero: autotuning runs each config several times, and atomic dQ additions must start
 # from zero each time.
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=[*_TUNE_KEY, "ATOMIC_DQ"], reset_to_zero=["dq_acc_ptr"],
-                 prune_configs_by={"early_config_prune": _pruner(_BWD_DKDV_TILES)})
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=[*_TUNE_KEY, "ATOMIC_DQ", "USE_TMA"], reset_to_zero=["dq_acc_ptr"],
+                 prune_configs_by={"early_config_prune": _pruner(_BWD_DKDV_TILES, _DKDV_VARIANT_SPILLS)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     # pointers
@@ -414,7 +474,7 @@ def _attn_bwd_dkdv_kernel(
     sm_scale, qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one KV block, summed over all query blocks of the G query heads of its group; with
     ATOMIC_DQ, dQ too (five matrix products per block pair instead of seven with the dQ kernel)."""
@@ -454,17 +514,19 @@ def _attn_bwd_dkdv_kernel(
     for g in range(group):
         h = kv_h * group + g
         bh = b * kv_heads * group + h
-        q_base = q_ptr + b * stride_q_b + h * stride_q_h
-        do_base = do_ptr + b * stride_do_b + h * stride_do_h
+        q_src = _head_source(q_ptr + b * stride_q_b + h * stride_q_h, q_len, stride_q_s, HEAD_DIM, BLOCK_M, BLOCK_D,
+                             USE_TMA)
+        do_src = _head_source(do_ptr + b * stride_do_b + h * stride_do_h, q_len, stride_do_s, HEAD_DIM, BLOCK_M,
+                              BLOCK_D, USE_TMA)
         dq_base = dq_acc_ptr + bh * q_len * HEAD_DIM
-        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_base, do_base, lse_ptr + bh * q_len,
+        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, lse_ptr + bh * q_len,
                                     delta_ptr + bh * q_len, dq_base, q_lo, q_full, q_len, offset,
                                     stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                    MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ)
-        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_base, do_base, lse_ptr + bh * q_len,
+                                    MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ, USE_TMA=USE_TMA)
+        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, lse_ptr + bh * q_len,
                                     delta_ptr + bh * q_len, dq_base, q_full, q_end, q_len, offset,
                                     stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                    MASKED=False, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ)
+                                    MASKED=False, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ, USE_TMA=USE_TMA)
 
     tl.store(dk_ptr + b * stride_dk_b + kv_h * stride_dk_h + offs_n[:, None] * stride_dk_s + offs_d[None, :],
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_tile)
@@ -472,7 +534,7 @@ def _attn_bwd_dkdv_kernel(
              dv.to(dv_ptr.dtype.element_ty), mask=kv_tile)
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_TUNE_KEY,
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=[*_TUNE_KEY, "USE_TMA"],
                  prune_configs_by={"early_config_prune": _pruner(_BWD_DQ_TILES)})
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -491,9 +553,10 @@ def _attn_bwd_dq_kernel(
     sm_scale, qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of one query block, over the key blocks it sees."""
+    """dQ of one query block, over the key blocks it sees (K and V through tensor descriptors with
+    USE_TMA)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // q_heads
@@ -510,8 +573,10 @@ def _attn_bwd_dq_kernel(
                  mask=q_tile, other=0.0)
     lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_q, other=float("inf"))
     delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_q, other=0.0)
-    k_base = k_ptr + b * stride_k_b + kv_h * stride_k_h
-    v_base = v_ptr + b * stride_v_b + kv_h * stride_v_h
+    k_src = _head_source(k_ptr + b * stride_k_b + kv_h * stride_k_h, kv_len, stride_k_s, HEAD_DIM, BLOCK_N, BLOCK_D,
+                         USE_TMA)
+    v_src = _head_source(v_ptr + b * stride_v_b + kv_h * stride_v_h, kv_len, stride_v_s, HEAD_DIM, BLOCK_N, BLOCK_D,
+                         USE_TMA)
 
     offset = kv_len - q_len
     hi = kv_len
@@ -522,9 +587,13 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_kv = offs_n < kv_len
-        kv_tile = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :], mask=kv_tile, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_d[None, :], mask=kv_tile, other=0.0)
+        if USE_TMA:
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        else:
+            kv_tile = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_src + offs_n[:, None] * stride_k_s + offs_d[None, :], mask=kv_tile, other=0.0)
+            v = tl.load(v_src + offs_n[:, None] * stride_v_s + offs_d[None, :], mask=kv_tile, other=0.0)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         visible = in_q[:, None] & in_kv[None, :]
         if CAUSAL:
@@ -579,13 +648,37 @@ def decode_splits(batch: int, q_heads: int, kv_heads: int, q_len: int, kv_len: i
     return max(1, min(splits, triton.cdiv(kv_len, _DECODE_BLOCK_N), _DECODE_MAX_SPLITS))
 
 
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether Hopper's tensor memory accelerator can read these (B, H, S, D) tensors per head:
+    16-bit elements (TMA boxes of fp32 rows would halve the tile; the fp32 path is for accuracy,
+    not speed), a 16-byte aligned start and every stride but the last a multiple of 16 bytes."""
+    return all(t.dtype in (torch.float16, torch.bfloat16) and t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # Device-side tensor descriptors live in global memory Triton asks the launcher for (128 bytes
+    # per program); a torch allocation comes from the caching allocator, so it costs no cudaMalloc.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for the descriptors unless the user (or torch) has set one."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
+
+
 def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
-                  splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  splits: int | None = None, tma: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's shape, in a (B, Sq, Hq, D) buffer) and base-2 lse (B, Hq, Sq) fp32.
 
-    q, k, v with unit stride along D; ``pad`` a (B, Skv) uint8 view of the key padding mask or
-    None. ``splits``: force the decode path with that many splits (0: the ordinary forward);
-    default chosen by ``decode_splits``.
+    q, k, v with unit stride along D; ``softmax_scale`` > 0; ``pad`` a (B, Skv) uint8 view of the key
+    padding mask or None. ``splits``: force the decode path with that many splits (0: the ordinary
+    forward); default chosen by ``decode_splits``. ``tma``: load Q, K, V through tensor descriptors
+    (TMA on Hopper); default on for sm_90 when ``tma_ready``.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -629,27 +722,32 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         )
         return out, lse
 
+    if tma is None:
+        tma = q.is_cuda and _arch(q.device.index or 0) == 90 and tma_ready(q, k, v)
+    if tma and q.is_cuda:
+        _ensure_allocator()
+
     def grid(meta):
-        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
+        return (batch * q_heads, triton.cdiv(q_len, meta["BLOCK_M"]))
 
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pad_arg,
         q_heads, group, q_len, kv_len, _bucket(q_len), _bucket(kv_len), _bucket(batch * q_heads),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_pad,
         qk_scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, USE_TMA=tma,
     )
     return out, lse
 
 
 def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
-                  deterministic: bool = False):
+                  deterministic: bool = False, tma: bool | None = None):
     """dq, dk, dv (each in its input's layout) from the output gradient ``do`` (unit stride along D).
 
     Default: dQ accumulates atomically in fp32 inside the dK/dV kernel (five matrix products per
     block pair; the order of the additions, and so the last bits of dQ, varies run to run).
     ``deterministic=True``: a separate dQ kernel recomputes P and dP (seven products), bit-for-bit
-    reproducible.
+    reproducible. ``tma``: as for ``attention_fwd`` (Q and dO, or K and V, through tensor descriptors).
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -663,7 +761,11 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     stride_pad = pad.stride(0) if has_pad else 0
     qk_scale = softmax_scale * _LOG2E
     buckets = (_bucket(q_len), _bucket(kv_len), _bucket(batch * q_heads))
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad)
+    if tma is None:
+        tma = q.is_cuda and _arch(q.device.index or 0) == 90 and tma_ready(q, k, v, do)
+    if tma and q.is_cuda:
+        _ensure_allocator()
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, USE_TMA=tma)
 
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     delta_rows = 16 if _INTERPRET else 64

@@ -117,6 +117,59 @@ def test_decode_split_kv(device, dtype, splits, q_len, heads):
     assert_error_ratio(out, eager, ref, name=f"decode splits={splits}", floor_scale=4 * heads[0] // heads[1] * 8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,q_len,kv_len,head_dim,padded", [
+    (GQA, 65, 65, 64, False), (MQA, 7, 129, 128, True), (GQA, 20, 9, 64, False), (MHA, 33, 47, 48, True),
+], ids=lambda x: str(x))
+def test_forward_through_tensor_descriptors(device, dtype, heads, q_len, kv_len, head_dim, padded):
+    """The Hopper forward (Q, K, V through tensor descriptors: TMA on sm_90) against the reference,
+    forced on; the interpreter runs its descriptor loads too, zero fill past the length and past
+    head_dim included (48 in a 64-wide block). Its backward is the shared one."""
+    q, k, v = (t.to(dtype) for t in _qkv(device, 2, *heads, q_len, kv_len, head_dim, layout="bshd"))
+    assert kernel.tma_ready(q, k, v)
+    mask = None
+    if padded:
+        mask = torch.ones(2, kv_len, dtype=torch.bool, device=device)
+        mask[1, : kv_len // 3] = False
+    pad = None if mask is None else mask.view(torch.uint8)
+    out, lse = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=pad, splits=0, tma=True)
+    plain, plain_lse = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=pad, splits=0, tma=False)
+    eager = references.attention(q, k, v, softmax_scale=0.125, key_padding_mask=mask)
+    ref = references.attention(q.double(), k.double(), v.double(), softmax_scale=0.125, key_padding_mask=mask)
+    assert_error_ratio(out, eager, ref, name="attention via descriptors", floor_scale=4 * heads[0] // heads[1] * 8)
+    torch.testing.assert_close(lse, plain_lse)
+    torch.testing.assert_close(out, plain)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("heads,q_len,kv_len,head_dim,padded", [
+    (GQA, 65, 65, 64, False), (MQA, 7, 40, 48, True), (MHA, 33, 20, 64, True),
+], ids=lambda x: str(x))
+def test_backward_through_tensor_descriptors(device, heads, q_len, kv_len, head_dim, padded, deterministic):
+    """The Hopper backward (Q and dO, or K and V, through tensor descriptors) gives the gradients of
+    the pointer path, in both dQ modes."""
+    q, k, v = (t.half() for t in _qkv(device, 2, *heads, q_len, kv_len, head_dim, layout="bshd"))
+    pad = None
+    if padded:
+        mask = torch.ones(2, kv_len, dtype=torch.bool, device=device)
+        mask[0, : kv_len // 2] = False
+        pad = mask.view(torch.uint8)
+    out, lse = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=pad, splits=0, tma=False)
+    dout = torch.randn_like(out)
+    grads = [kernel.attention_bwd(dout, q, k, v, out, lse, causal=True, softmax_scale=0.125, pad=pad,
+                                  deterministic=deterministic, tma=tma) for tma in (True, False)]
+    for name, via_tma, plain in zip("qkv", *grads):
+        torch.testing.assert_close(via_tma, plain, msg=lambda m: f"d{name}: {m}")
+
+
+def test_tensor_descriptors_need_aligned_16_bit_rows():
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16).transpose(1, 2)
+    assert kernel.tma_ready(q)
+    assert not kernel.tma_ready(q.float())  # fp32 stays on the pointer path
+    assert not kernel.tma_ready(torch.randn(1, 2, 8, 68, dtype=torch.bfloat16)[..., :64])  # rows 136 bytes apart
+    assert not kernel.tma_ready(torch.randn(1, 2, 8, 65, dtype=torch.bfloat16)[..., 1:])  # start off 16 bytes
+
+
 def test_decode_path_is_chosen_for_decode_shapes():
     h100_target = 2 * 132
     # Llama-3-8B decoding one sequence: 8 KV heads alone would fill 8 of 132 SMs.
@@ -204,6 +257,8 @@ def test_output_layout_makes_transformers_transpose_free(device):
      ValueError, r"key_padding_mask must have shape \(batch, kv_len\) = \(2, 7\)"),
     (lambda q, k, v: ops.flash_attention(q, k, v, key_padding_mask=torch.ones(2, 7)), TypeError, "must be bool"),
     (lambda q, k, v: ops.flash_attention(q, k.to("meta"), v), ValueError, "one device"),
+    (lambda q, k, v: ops.flash_attention(q, k, v, softmax_scale=0.0), ValueError, "softmax_scale must be positive"),
+    (lambda q, k, v: ops.flash_attention(q, k, v, softmax_scale=-0.1), ValueError, "softmax_scale must be positive"),
 ])
 def test_bad_input_is_named(call, error, match):
     q, k, v = torch.randn(2, 4, 7, 64), torch.randn(2, 2, 7, 64), torch.randn(2, 2, 7, 64)

@@ -1,5 +1,6 @@
 """Every kernel compiles ahead of time for Hopper (sm_90a) at Llama-3-8B shapes with no register
-spills, memory-bound kernels issue 128-bit loads, and attention uses HGMMA (bench/audit.py).
+spills, memory-bound kernels issue 128-bit loads, attention uses HGMMA and TMA, and no instruction
+count regresses against the committed baseline (bench/audit.py).
 
 The audit compiles real kernels, so it runs in a subprocess without TRITON_INTERPRET.
 """
@@ -38,6 +39,7 @@ def test_audit_passes_everywhere(full_audit):
     assert {r["arch"] for r in reports} == {80, 90}
     assert {r["case"].split()[0] for r in reports} == {"smollm2-135m", "llama3-8b", "llama3-70b"}
     assert not [r for r in reports if r["problems"]]
+    assert "compiled kernels compared" in proc.stdout, proc.stdout[-500:]  # the baseline was read and used
 
 
 def test_sm90a_at_llama3_8b(full_audit):
@@ -49,7 +51,7 @@ def test_sm90a_at_llama3_8b(full_audit):
     for r in ours:
         assert r["spill_bytes"] == 0 and r["spill_instructions"] == 0, r
         if r["kernel"] in MATRIX_KERNELS:
-            assert r["hgmma"] > 0, r
+            assert r["hgmma"] > 0 and r["utmaldg"] > 0, r
             # the instruction mix of each loop iteration that issues HGMMA is reported
             assert r["matrix_loops"] and all(loop["hgmma"] > 0 and loop["instructions"] >= loop["hgmma"] + loop["ex2"]
                                              for loop in r["matrix_loops"]), r
@@ -126,3 +128,72 @@ def test_matrix_loop_instruction_mix():
 """
     (loop,) = matrix_loops(sass)
     assert loop == dict(instructions=5, hgmma=1, ex2=1, ffma=1, fmul=0, fadd=0, select=1, compare=0, sync=0)
+
+
+def test_baseline_catches_a_regression(tmp_path):
+    """check_baseline flags fewer HGMMA or TMA instructions, or a matrix loop grown by more than 5%,
+    and skips the comparison under another Triton version, saying so."""
+    import triton
+
+    from bench.audit import Report, check_baseline, write_baseline
+
+    def report(hgmma=24, utmaldg=13, loops=(330, 448)):
+        return Report("llama3-8b attention fwd", "_attn_fwd_kernel", 90, (128, 64), 8, 3, 155, 0, 0, 132096, 0.125,
+                      hgmma, utmaldg, 0, 0, [], [dict(instructions=n) for n in loops])
+
+    path = tmp_path / "baseline.json"
+    write_baseline([report()], path)
+    same, fewer_tma, longer, slightly_longer = report(), report(utmaldg=0), report(loops=(330, 471)), report(loops=(346, 448))
+    line = check_baseline([same, fewer_tma, longer, slightly_longer], path)
+    assert line.endswith("4 of 4 compiled kernels compared"), line
+    assert same.problems == [] and slightly_longer.problems == []  # 346 <= 1.05 * 330
+    assert fewer_tma.problems == ["regression: 0 UTMALDG (baseline 13)"]
+    assert longer.problems == ["regression: matrix loop 1 has 471 instructions per iteration (baseline 448)"]
+    other = json.loads(path.read_text()) | {"triton": "0.0.1"}
+    path.write_text(json.dumps(other))
+    skipped = report(hgmma=0)
+    assert check_baseline([skipped], path) == (f"baseline recorded with triton 0.0.1, this is {triton.__version__}: "
+                                               "instruction counts not compared")
+    assert skipped.problems == []
+
+
+def test_schedule_efficiency():
+    from bench.model import schedule_efficiency
+
+    assert schedule_efficiency([1.0] * 8, 4) == 1.0
+    assert schedule_efficiency([4.0, 1.0, 1.0, 1.0, 1.0], 2) == 1.0  # heavy first: 4 | 1+1+1+1
+    assert schedule_efficiency([1.0, 1.0, 1.0, 1.0, 4.0], 2) == 8 / 12  # heavy last: the tail idles a slot
+    assert schedule_efficiency([3.0], 4) == 0.25  # one program: three slots idle all along
+
+
+def test_performance_model_arithmetic():
+    """One steady iteration of a (128, 64) forward tile at head_dim 128 on 8 warps: 2 products of
+    2·128·64·128 FLOPs = 1024 tensor-core clocks; 330 instructions x 8 warps / 4 schedulers = 660
+    issue clocks; 34 EX2 x 8 warps x 2 = 544 exp2 clocks."""
+    from bench.audit import Report
+    from bench.model import CLOCK_HZ, SMS, predict
+
+    mix = dict(instructions=330, hgmma=12, ex2=34, ffma=34, fmul=66, fadd=36, select=0, compare=5, sync=8)
+    r = Report("llama3-8b attention fwd", "_attn_fwd_kernel", 90, (128, 64), 8, 3, 155, 0, 0, 132096, 0.125,
+               24, 13, 0, 0, [], [mix, dict(mix, instructions=448)])
+    p = predict(r, head_dim=128, batch=4, q_heads=32, kv_heads=8, seq=4096)
+    assert (p.flops, p.tensor_cycles, p.issue_cycles, p.ex2_cycles, p.bound) == (4194304, 1024, 660, 544, "tensor cores")
+    assert abs(p.ceiling_overlapped - 4194304 / 1024 * CLOCK_HZ * SMS / 1e12) < 1e-9
+    assert abs(p.ceiling_serial - 4194304 / (1024 + 660) * CLOCK_HZ * SMS / 1e12) < 1e-9
+    assert 0.99 < p.schedule_efficiency <= 1.0  # 4096 programs, longest first
+    assert p.predicted == (p.ceiling_serial * p.schedule_efficiency, p.ceiling_overlapped * p.schedule_efficiency)
+
+
+def test_model_only_command(tmp_path):
+    """`python -m bench attention --model-only` compiles the attention kernels for sm_90a and prints the
+    model, labelled as one, with a JSON that says so."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench", "attention", "--model-only", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Not a measurement." in proc.stdout and "llama3-8b     forward" in proc.stdout
+    data = json.loads((tmp_path / "attention_model.json").read_text())
+    assert "not a measurement" in data["meta"]["what"]
+    passes = {(row["shape"], row["pass_"]) for row in data["meta"]["summary"]}
+    assert ("llama3-8b", "backward (atomic dQ)") in passes and ("smollm2-135m", "forward") in passes
+    assert all(0 < r["predicted"][0] <= r["predicted"][1] <= 989.5 for r in data["results"])  # the bf16 peak

@@ -71,7 +71,7 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     tuned paths); float16, bfloat16, or float32 (matrix products then run in TF32 on the GPU).
 
     causal: query i sees keys 0 .. i + kv_len - q_len (bottom-right aligned, as after a KV cache).
-    softmax_scale: defaults to head_dim ** -0.5.
+    softmax_scale: positive; defaults to head_dim ** -0.5.
     key_padding_mask: bool (batch, kv_len), True where a key is real (left padding in generate()).
     A query that sees no key returns zeros, with zero gradient.
 
@@ -83,6 +83,9 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     """
     _check(q, k, v, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not 0.0 < scale < float("inf"):
+        # The kernels take the running maximum on unscaled scores and scale inside the exponent.
+        raise ValueError(f"flash_attention: softmax_scale must be positive and finite, got {softmax_scale}")
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask)
     pad = None
