@@ -8,6 +8,7 @@
   python -m bench audit      compile every kernel for sm_90a / sm_80: registers, spills, HGMMA, TMA, 128-bit
                              loads, instructions per matrix-loop iteration against a baseline
   python -m bench traffic    bytes eager PyTorch moves per op vs the fused kernel's minimum
+  python -m bench overhead   host time per op call and per decode layer step, launches stubbed, vs eager
 
 With --out DIR, each suite writes DIR/<suite>.json (every figure, the device, the versions and the
 date) and DIR/<suite>.png. On a machine with no GPU the suites time on the CPU and say so; those
@@ -57,6 +58,24 @@ def _attention_model(args) -> int:
     return 0
 
 
+def _overhead(args) -> int:
+    import torch
+
+    from . import device as dev
+    from .overhead import format_table, layer_rows, op_rows
+    from .report import write_json
+
+    rows = op_rows(min_s=args.rep_ms / 500) + layer_rows(min_s=args.rep_ms / 200)
+    print(format_table(rows))
+    if args.out:
+        meta = dev.describe(torch.device("cpu"))
+        meta["what"] = ("host time: the Python path of each op with kernel launches stubbed, on CPU tensors; eager ops "
+                        "run for real on the same tiny decode tensors")
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "overhead.json"), meta, rows)
+    return 0
+
+
 def _traffic(args, write: bool = True) -> int:
     from .report import write_json
     from .traffic import format_table, traffic
@@ -95,7 +114,7 @@ def _suite_cases(name, device, args):
         cases = list(attention.prefill_cases(device, configs, seqs, ["fwd", "bwd"]))
         kv_lens = [1024, 16384, 131072] if args.quick else [1024, 4096, 16384, 65536, 131072]
         return cases + list(attention.decode_cases(device, torch.bfloat16, kv_lens, [1, 8], q_lens=(1, 32)))
-    return e2e.cases(device, dtype, layers=args.layers, include_smollm2=not args.no_smollm2)
+    return e2e.cases(device, dtype, layers=args.layers, include_smollm2=not args.no_smollm2, quick=args.quick)
 
 
 def _attention_extras(device) -> dict:
@@ -163,7 +182,7 @@ def _suites(args, names) -> int:
     return 0
 
 
-COMMANDS = ("all", *SUITES, "audit", "traffic")
+COMMANDS = ("all", *SUITES, "audit", "traffic", "overhead")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,12 +206,14 @@ def _parser() -> argparse.ArgumentParser:
         "attention": ("flash attention prefill and decode vs SDPA and eager; --model-only: the static "
                       "performance model from the sm_90a SASS (no GPU needed)",
                       ("out", "dtype", "quick", "rep_ms", "no_progress", "model_only")),
-        "e2e": ("training step and generate(), patched vs unpatched",
-                ("out", "dtype", "layers", "no_smollm2", "rep_ms", "no_progress")),
+        "e2e": ("training step and generate(), patched vs unpatched, dynamic and static cache (and compiled on a GPU)",
+                ("out", "dtype", "quick", "layers", "no_smollm2", "rep_ms", "no_progress")),
         "audit": ("compile every kernel for sm_90a / sm_80: registers, spills, HGMMA, 128-bit loads (no GPU needed)",
                   ("out", "model", "arch", "group", "json", "update_baseline")),
         "traffic": ("bytes eager PyTorch moves per op vs the fused kernel's minimum (no GPU needed)",
                     ("out", "model")),
+        "overhead": ("host time per op call and per decoder-layer decode step, kernel launches stubbed, vs eager "
+                     "(CPU; no GPU needed)", ("out", "rep_ms", "no_progress")),
     }
     for command, (text, names) in helps.items():
         sub.add_parser(command, help=text, description=text, parents=[options(*names)])
@@ -239,6 +260,8 @@ def main(argv=None) -> int:
         return _audit(args)
     if args.command == "traffic":
         return _traffic(args)
+    if args.command == "overhead":
+        return _overhead(args)
     if args.command == "attention" and args.model_only:
         return _attention_model(args)
     if args.command in SUITES:

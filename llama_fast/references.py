@@ -37,14 +37,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None, key_padding_mask=None):
+def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None, key_padding_mask=None,
+              kv_lens=None):
     """Softmax attention over an explicitly masked score matrix, the reference for flash_attention.
 
     q (B, Hq, Sq, D); k, v (B, Hk, Skv, D), Hq a multiple of Hk. Causal visibility is aligned
     bottom-right: query i sees keys j <= i + Skv - Sq. key_padding_mask (B, Skv) bool, True for
-    real keys. Rows that see no key give zeros (and zero gradients). Scores and softmax are
-    computed in fp32 (float64 for float64 inputs), the products in the input dtype, as eager
-    attention in transformers does.
+    real keys. kv_lens (B,) integers: row b sees only keys j < kv_lens[b], with kv_lens[b] in place
+    of Skv in the causal rule (a static cache filled up to there). Rows that see no key give zeros
+    (and zero gradients). Scores and softmax are computed in fp32 (float64 for float64 inputs), the
+    products in the input dtype, as eager attention in transformers does.
     """
     q_len, kv_len = q.shape[2], k.shape[2]
     group = q.shape[1] // k.shape[1]
@@ -53,12 +55,13 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = Non
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q, k.transpose(-1, -2)).to(compute) * scale  # (B, Hq, Sq, Skv)
-    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device)
+    i = torch.arange(q_len, device=q.device)[None, :, None]
+    j = torch.arange(kv_len, device=q.device)[None, None, :]
+    valid = torch.full((1, 1, 1), kv_len, device=q.device) if kv_lens is None else kv_lens.view(-1, 1, 1)
+    visible = j < valid  # (B or 1, 1, Skv)
     if causal:
-        i = torch.arange(q_len, device=q.device)[:, None]
-        j = torch.arange(kv_len, device=q.device)[None, :]
-        visible = j <= i + (kv_len - q_len)
-    visible = visible[None, None]
+        visible = visible & (j <= i + (valid - q_len))
+    visible = visible[:, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :].bool()
     sees_any = visible.any(-1, keepdim=True)

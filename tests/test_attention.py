@@ -162,6 +162,48 @@ def test_backward_through_tensor_descriptors(device, heads, q_len, kv_len, head_
         torch.testing.assert_close(via_tma, plain, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_len,splits,padded", [(1, None, False), (1, 3, True), (5, 0, True), (5, 2, False),
+                                                 (40, 0, False)], ids=lambda x: str(x))
+def test_kv_lens_static_cache(device, dtype, q_len, splits, padded):
+    """A static cache: 70 key slots, row 0 filled to 45 and row 1 to 12 (its first 3 left padding);
+    kv_lens read on the device must equal the reference over those keys, through the ordinary forward
+    and the split-KV path (splits past the length see nothing), fp32/fp16/bf16. Row 1 with 40
+    queries and 12 keys has queries that see none: zeros."""
+    q, k, v = (t.to(dtype) for t in _qkv(device, 2, 4, 2, q_len, 70, 64, layout="bshd"))
+    kv_lens = torch.tensor([45, 12], device=device)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 70, dtype=torch.bool, device=device)
+        mask[1, :3] = False
+    pad = None if mask is None else mask.view(torch.uint8)
+    out, _ = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=pad,
+                                  kv_lens=kv_lens.to(torch.int32), splits=splits)
+    eager = references.attention(q, k, v, softmax_scale=0.125, key_padding_mask=mask, kv_lens=kv_lens)
+    ref = references.attention(q.double(), k.double(), v.double(), softmax_scale=0.125, key_padding_mask=mask,
+                               kv_lens=kv_lens)
+    assert_error_ratio(out, eager, ref, name=f"kv_lens splits={splits}", floor_scale=4 * 2 * 8)
+    # the reference itself: the same as slicing each row's keys to its length
+    for b, n in enumerate(kv_lens.tolist()):
+        alone = references.attention(q[b:b + 1].double(), k[b:b + 1, :, :n].double(), v[b:b + 1, :, :n].double(),
+                                     softmax_scale=0.125, key_padding_mask=None if mask is None else mask[b:b + 1, :n])
+        torch.testing.assert_close(ref[b:b + 1], alone)
+
+
+def test_kv_lens_through_the_op_and_its_refusals(device):
+    q, k, v = _qkv(device, 2, 4, 2, 1, 30, 64)
+    kv_lens = torch.tensor([30, 7], device=device)
+    out = ops.flash_attention(q, k, v, kv_lens=kv_lens)
+    torch.testing.assert_close(out[1:], ops.flash_attention(q[1:], k[1:, :, :7], v[1:, :, :7]))
+    with pytest.raises(ValueError, match=r"kv_lens must be an int32 or int64 tensor of shape \(batch,\)"):
+        ops.flash_attention(q, k, v, kv_lens=kv_lens.float())
+    with pytest.raises(ValueError, match="kv_lens must be"):
+        ops.flash_attention(q, k, v, kv_lens=kv_lens[:1])
+    q.requires_grad_()
+    with pytest.raises(NotImplementedError, match="no backward with kv_lens"):
+        ops.flash_attention(q, k, v, kv_lens=kv_lens).sum().backward()
+
+
 def test_tensor_descriptors_need_aligned_16_bit_rows():
     q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16).transpose(1, 2)
     assert kernel.tma_ready(q)

@@ -64,7 +64,11 @@ def test_suites_on_cpu_are_labelled_cpu(tmp_path, suite, extra):
     # Labelled with what ran: on a CPU the C++ kernels, and the reference for attention (no CPU kernel).
     ext = "cpu" if extension.available() else "reference"
     label = {"ops": ext, "attention": "reference", "e2e": ext if ext == "reference" else "cpu, attention reference"}
-    assert {r["provider"] for r in ours} == {f"llama_fast[{label[suite]}]"}
+    expected = {f"llama_fast[{label[suite]}]"}
+    if suite == "e2e":  # generate() with a static cache too
+        expected.add(f"llama_fast[{label[suite]}] +static")
+        assert {r["provider"] for r in rows if r["op"] == "generate"} >= {"transformers", "transformers +static"}
+    assert {r["provider"] for r in ours} == expected
     assert all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] for r in rows)
     assert (tmp_path / f"{suite}.png").stat().st_size > 10_000
 
@@ -143,3 +147,18 @@ def test_ops_cases_through_pytest_benchmark(benchmark, setup):
         benchmark.pedantic(fn, rounds=3, iterations=1)
     else:
         benchmark(fn)
+
+
+def test_overhead_bench(tmp_path):
+    """`python -m bench overhead`: each op's host path with launches stubbed (no kernel compiled, none
+    interpreted: a call takes well under a millisecond) beside eager, and a decoder layer's decode step."""
+    proc = _bench(tmp_path, "overhead")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    assert data["meta"]["kind"] == "cpu" and "launches stubbed" in data["meta"]["what"]
+    rows = {r["what"]: r for r in data["results"]}
+    assert set(rows) == {"rms_norm", "rope", "swiglu", "flash_attention decode", "decoder layer decode step"}
+    for name in ("rms_norm", "rope", "swiglu", "flash_attention decode"):
+        assert 0 < rows[name]["llama_fast_host_us"] < 1000 and rows[name]["eager_us"] > 0, rows[name]
+        assert rows[name]["in_torch_muls"] == rows[name]["llama_fast_host_us"] / rows[name]["torch_mul_us"]
+    assert "Host time, not GPU time." in proc.stdout

@@ -227,8 +227,12 @@ def test_unsupported_inputs_raise_at_call_time():
     model = llama_fast.patch(tiny_model())
     with pytest.raises(NotImplementedError, match="output_attentions=True"):
         model(tokens(1, 5), output_attentions=True)
-    from transformers import StaticCache
+    # What a sliding-window cache asks of the mask function once full (keys from an offset), and a
+    # cache that lost tokens the queries must see: refused, never computed wrongly. (Static caches
+    # work: tests/test_compile.py.)
+    from llama_fast.patch import _padding_mask
 
-    cache = StaticCache(config=model.config, max_cache_len=32)
-    with pytest.raises(NotImplementedError, match="static and sliding caches are not supported"):
-        model(tokens(1, 5), past_key_values=cache, use_cache=True)
+    with pytest.raises(NotImplementedError, match="sliding-window cache"):
+        _padding_mask(batch_size=1, q_length=1, kv_length=8, q_offset=20, kv_offset=13)
+    with pytest.raises(NotImplementedError, match="the cache lost tokens"):
+        _padding_mask(batch_size=1, q_length=2, kv_length=8, q_offset=20, kv_offset=0)

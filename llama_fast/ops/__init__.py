@@ -1,5 +1,6 @@
-"""Public ops of llama_fast. Each checks its inputs, picks a backend (``backend_for``) and runs
-Triton kernels through autograd, or the eager reference."""
+"""Public ops of llama_fast. Each checks its inputs, picks a backend (``backend_for``) and runs the
+Triton kernels or the C++ extension's through ``torch.library`` custom ops (fake implementations
+and autograd registered, so ``torch.compile`` traces them whole), or the eager reference."""
 
 from ..backend import BACKENDS, available_backends, backend_for, backend_on
 from .attention import flash_attention

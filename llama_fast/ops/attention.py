@@ -9,35 +9,64 @@ from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stri
 _MAX_HEAD_DIM = 256
 
 
-class _FlashAttentionFunction(torch.autograd.Function):
-    """q, k, v with unit stride along D; pad a (B, Skv) uint8 view of the key padding mask or None."""
+# The Triton kernels as torch.library custom ops (why custom_op: ops/rms_norm.py). pad: a (B, Skv)
+# uint8 view of the key padding mask, or None.
+@torch.library.custom_op("llama_fast::triton_flash_attention_fwd", mutates_args=())
+def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None,
+                kv_lens: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import attention
 
-    @staticmethod
-    def forward(ctx, q, k, v, pad, causal: bool, softmax_scale: float):
-        from ..kernels import attention
-
-        out, lse = attention.attention_fwd(q, k, v, causal=causal, softmax_scale=softmax_scale, pad=pad)
-        ctx.save_for_backward(q, k, v, out, lse, pad)
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        from ..kernels import attention
-
-        q, k, v, out, lse, pad = ctx.saved_tensors
-        dq, dk, dv = attention.attention_bwd(unit_stride_last(dout), q, k, v, out, lse, causal=ctx.causal,
-                                             softmax_scale=ctx.softmax_scale, pad=pad,
-                                             deterministic=torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, None, None, None
+    return attention.attention_fwd(q, k, v, causal=causal, softmax_scale=softmax_scale, pad=pad, kv_lens=kv_lens)
 
 
+@torch.library.custom_op("llama_fast::triton_flash_attention_bwd", mutates_args=())
+def _triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, pad: torch.Tensor | None, causal: bool, softmax_scale: float,
+                deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import attention
 
-def _check(q, k, v, key_padding_mask) -> None:
+    return attention.attention_bwd(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale, pad=pad,
+                                   deterministic=deterministic)
+
+
+@_triton_fwd.register_fake
+def _(q, k, v, pad, kv_lens, causal, softmax_scale):
+    # out in a (B, Sq, Hq, D) buffer viewed as (B, Hq, Sq, D), so transformers' transpose back is free
+    batch, heads, q_len, head_dim = q.shape
+    out = q.new_empty((batch, q_len, heads, head_dim)).transpose(1, 2)
+    return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
+
+
+@_triton_bwd.register_fake
+def _(dout, q, k, v, out, lse, pad, causal, softmax_scale, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pad, kv_lens, causal, softmax_scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], pad)
+    ctx.causal, ctx.softmax_scale, ctx.has_kv_lens = causal, softmax_scale, kv_lens is not None
+
+
+def _backward(ctx, dout, _dlse):
+    if ctx.has_kv_lens:
+        raise NotImplementedError("flash_attention: no backward with kv_lens (a static KV cache is for inference); "
+                                  "train with the keys sliced to their length instead")
+    q, k, v, out, lse, pad = ctx.saved_tensors
+    dq, dk, dv = _triton_bwd(unit_stride_last(dout), q, k, v, out, lse, pad, ctx.causal, ctx.softmax_scale,
+                             torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, None, None, None, None
+
+
+_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(q, k, v, key_padding_mask, kv_lens) -> None:
     op = "flash_attention"
     check_dtype(op, q=q, k=k, v=v)
     check_same_dtype(op, q=q, k=k, v=v)
     tensors = dict(q=q, k=k, v=v) | ({} if key_padding_mask is None else dict(key_padding_mask=key_padding_mask))
+    tensors |= {} if kv_lens is None else dict(kv_lens=kv_lens)
     check_same_device(op, **tensors)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{op}: q, k, v must be 4-D (batch, heads, seq, head_dim), got "
@@ -59,10 +88,15 @@ def _check(q, k, v, key_padding_mask) -> None:
         if tuple(key_padding_mask.shape) != (batch, k.shape[2]):
             raise ValueError(f"{op}: key_padding_mask must have shape (batch, kv_len) = {(batch, k.shape[2])}, "
                              f"got {tuple(key_padding_mask.shape)}")
+    if kv_lens is not None:
+        if kv_lens.dtype not in (torch.int32, torch.int64) or tuple(kv_lens.shape) != (batch,):
+            raise ValueError(f"{op}: kv_lens must be an int32 or int64 tensor of shape (batch,) = ({batch},), got "
+                             f"{kv_lens.dtype} {tuple(kv_lens.shape)}")
 
 
 def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None,
-                    key_padding_mask: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+                    key_padding_mask: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
+                    backend: str | None = None) -> torch.Tensor:
     """Softmax attention of q over k, v without materialising the score matrix.
 
     q: (batch, q_heads, q_len, head_dim); k, v: (batch, kv_heads, kv_len, head_dim) with q_heads a
@@ -73,6 +107,9 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     causal: query i sees keys 0 .. i + kv_len - q_len (bottom-right aligned, as after a KV cache).
     softmax_scale: positive; defaults to head_dim ** -0.5.
     key_padding_mask: bool (batch, kv_len), True where a key is real (left padding in generate()).
+    kv_lens: integer (batch,) on the device, for a static KV cache: row b uses only the first
+    kv_lens[b] keys of the buffer, and kv_lens[b] replaces kv_len in the causal rule. Read by the
+    kernel, never on the host (no sync; CUDA graphs can replay it). Forward only.
     A query that sees no key returns zeros, with zero gradient.
 
     Returns out with q's shape and dtype. Differentiable in q, k and v. The backward accumulates dQ
@@ -81,14 +118,19 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     gradient bit-for-bit reproducible; dK and dV are deterministic either way.
     Decoding shapes (few queries, long KV) take the split-KV path automatically.
     """
-    _check(q, k, v, key_padding_mask)
+    _check(q, k, v, key_padding_mask, kv_lens)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not 0.0 < scale < float("inf"):
         # The kernels take the running maximum on unscaled scores and scale inside the exponent.
         raise ValueError(f"flash_attention: softmax_scale must be positive and finite, got {softmax_scale}")
     if backend_for(q, backend, extension_op=False) == "reference":
-        return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask)
+        return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
+                                    kv_lens=kv_lens)
     pad = None
     if key_padding_mask is not None:
         pad = unit_stride_last(key_padding_mask).view(torch.uint8)
-    return _FlashAttentionFunction.apply(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), pad, bool(causal), scale)
+    if kv_lens is not None:
+        kv_lens = kv_lens.to(torch.int32).contiguous()
+    out, _ = _triton_fwd(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), pad, kv_lens, bool(causal),
+                         scale)
+    return out

@@ -7,24 +7,55 @@ from ..backend import backend_for
 from ._checks import check_dtype, check_same_device, unit_stride_rows
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """On 2-D rows only: the public function flattens first, so ranks never change here."""
+# The Triton path as torch.library custom ops (one for each pass), like the C++ extension's ops:
+# torch.compile sees one opaque call with a fake implementation for tracing, rather than tracing
+# (and breaking on) the launcher's host code; autograd is registered on the forward op. custom_op
+# rather than triton_op: the launchers choose tiles and paths on the host, which Dynamo would
+# otherwise have to trace, and the ops must also run on CPU tensors under Triton's interpreter.
+@torch.library.custom_op("llama_fast::triton_rms_norm_fwd", mutates_args=())
+def _triton_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import rmsnorm
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        from ..kernels import rmsnorm
+    return rmsnorm.rms_norm_fwd(x, weight, eps)
 
-        y, rstd = rmsnorm.rms_norm_fwd(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        from ..kernels import rmsnorm
+@torch.library.custom_op("llama_fast::triton_rms_norm_bwd", mutates_args=())
+def _triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import rmsnorm
 
+    return rmsnorm.rms_norm_bwd(dy, x, weight, rstd)
+
+
+def fake_fwd(x, weight, eps):
+    """Outputs of the forward ops (x 2-D rows): y in promote(weight, x), rstd fp32 per row."""
+    return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype)), x.new_empty(x.shape[:1],
+                                                                                                dtype=torch.float32)
+
+
+def fake_bwd(dy, x, weight, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def backward_with(bwd_op):
+    """The autograd formula of a forward op whose backward op is ``bwd_op`` (Triton's or the extension's)."""
+
+    def backward(ctx, dy, _drstd):
         x, weight, rstd = ctx.saved_tensors
-        dx, dweight = rmsnorm.rms_norm_bwd(unit_stride_rows(dy), x, weight, rstd)
+        dx, dweight = bwd_op(unit_stride_rows(dy), x, weight, rstd)
         return dx, dweight, None
+
+    return backward
+
+
+_triton_fwd.register_fake(fake_fwd)
+_triton_bwd.register_fake(fake_bwd)
+_triton_fwd.register_autograd(backward_with(_triton_bwd), setup_context=setup_context)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -56,5 +87,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
         extension.available()  # loads it (and its fake/autograd parts) once
         y, _ = torch.ops.llama_fast.rms_norm_fwd(unit_stride_rows(x), weight.contiguous(), float(eps))
     else:
-        y = _RMSNormFunction.apply(unit_stride_rows(x), weight, float(eps))
+        y, _ = _triton_fwd(unit_stride_rows(x), weight, float(eps))
     return y if x.dim() == 2 else y.view(x.shape)

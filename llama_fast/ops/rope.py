@@ -7,26 +7,55 @@ from ..backend import backend_for
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
 
 
-class _RoPEFunction(torch.autograd.Function):
-    """q, k: (B, H, S, D) views with unit stride along D; cos, sin: (B, S, D), possibly broadcast."""
+# The Triton path as torch.library custom ops, like the extension's (why: ops/rms_norm.py).
+@torch.library.custom_op("llama_fast::triton_rope_fwd", mutates_args=())
+def _triton_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import rope
 
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        from ..kernels import rope
+    return rope.rope(q, k, cos, sin)
 
-        ctx.save_for_backward(cos, sin)
-        ctx.q_meta = (q.shape, q.dtype)
-        ctx.k_meta = (k.shape, k.dtype)
-        return rope.rope(q, k, cos, sin)
 
-    @staticmethod
+@torch.library.custom_op("llama_fast::triton_rope_bwd", mutates_args=())
+def _triton_bwd(dq_embed: torch.Tensor, dk_embed: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import rope
+
+    return rope.rope(dq_embed, dk_embed, cos, sin, backward=True)
+
+
+def fake_fwd(q, k, cos, sin):
+    """q, k: (B, H, S, D) views with unit stride along D; cos, sin: (B, S, D). The outputs keep the
+    inputs' layout (a transposed projection stays one) in promote(q, k, cos)."""
+    out_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), cos.dtype)
+    return torch.empty_like(q, dtype=out_dtype), torch.empty_like(k, dtype=out_dtype)
+
+
+def fake_fwd_extension(q, k, cos, sin):
+    """The extension's forward rotates in q's dtype (its caller promotes q and k first)."""
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def fake_bwd(dq_embed, dk_embed, cos, sin):
+    return torch.empty_like(dq_embed), torch.empty_like(dk_embed)
+
+
+def setup_context(ctx, inputs, output):
+    q, k, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.q_meta, ctx.k_meta = (q.shape, q.dtype), (k.shape, k.dtype)
+
+
+def backward_with(bwd_op):
+    """The autograd formula of a forward op whose backward op is ``bwd_op`` (Triton's or the extension's)."""
+
     def backward(ctx, dq_embed, dk_embed):
-        from ..kernels import rope
-
         cos, sin = ctx.saved_tensors
-        dq, dk = rope.rope(_grad(dq_embed, ctx.q_meta, cos), _grad(dk_embed, ctx.k_meta, cos), cos, sin, backward=True)
+        dq, dk = bwd_op(_grad(dq_embed, ctx.q_meta, cos), _grad(dk_embed, ctx.k_meta, cos), cos, sin)
         # With fp32 cos/sin and a half-precision q the outputs were fp32; gradients go back in q's dtype.
         return dq.to(ctx.q_meta[1]), dk.to(ctx.k_meta[1]), None, None
+
+    return backward
 
 
 def _grad(grad: torch.Tensor | None, meta, like: torch.Tensor) -> torch.Tensor:
@@ -36,6 +65,10 @@ def _grad(grad: torch.Tensor | None, meta, like: torch.Tensor) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=like.device)
     return unit_stride_last(grad)
 
+
+_triton_fwd.register_fake(fake_fwd)
+_triton_bwd.register_fake(fake_bwd)
+_triton_fwd.register_autograd(backward_with(_triton_bwd), setup_context=setup_context)
 
 
 def _check(q, k, cos, sin, unsqueeze_dim) -> None:
@@ -89,7 +122,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1, *, backend: str
         q, k = q.to(out_dtype), k.to(out_dtype)
         q_embed, k_embed = torch.ops.llama_fast.rope_fwd(unit_stride_last(q), unit_stride_last(k), cos, sin)
     else:
-        q_embed, k_embed = _RoPEFunction.apply(unit_stride_last(q), unit_stride_last(k), cos, sin)
+        q_embed, k_embed = _triton_fwd(unit_stride_last(q), unit_stride_last(k), cos, sin)
     if unsqueeze_dim == 2:
         q_embed, k_embed = q_embed.transpose(1, 2), k_embed.transpose(1, 2)
     return q_embed, k_embed

@@ -7,22 +7,46 @@ from ..backend import backend_for
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_rows
 
 
-class _SwiGLUFunction(torch.autograd.Function):
-    """On 2-D rows only: the public function flattens first."""
+# The Triton path as torch.library custom ops, like the extension's (why: ops/rms_norm.py).
+@torch.library.custom_op("llama_fast::triton_swiglu_fwd", mutates_args=())
+def _triton_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    from ..kernels import swiglu as kernel
 
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        from ..kernels import swiglu as kernel
+    return kernel.swiglu_fwd(gate, up)
 
-        ctx.save_for_backward(gate, up)
-        return kernel.swiglu_fwd(gate, up)
 
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        from ..kernels import swiglu as kernel
+@torch.library.custom_op("llama_fast::triton_swiglu_bwd", mutates_args=())
+def _triton_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import swiglu as kernel
 
+    return kernel.swiglu_bwd(dout, gate, up)
+
+
+def fake_fwd(gate, up):
+    return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
+
+
+def fake_bwd(dout, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def backward_with(bwd_op):
+    """The autograd formula of a forward op whose backward op is ``bwd_op`` (Triton's or the extension's)."""
+
+    def backward(ctx, dout):
         gate, up = ctx.saved_tensors
-        return kernel.swiglu_bwd(unit_stride_rows(dout), gate, up)
+        return bwd_op(unit_stride_rows(dout), gate, up)
+
+    return backward
+
+
+_triton_fwd.register_fake(fake_fwd)
+_triton_bwd.register_fake(fake_bwd)
+_triton_fwd.register_autograd(backward_with(_triton_bwd), setup_context=setup_context)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -41,5 +65,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
         extension.available()  # loads it (and its fake/autograd parts) once
         out = torch.ops.llama_fast.swiglu_fwd(unit_stride_rows(gate), unit_stride_rows(up))
     else:
-        out = _SwiGLUFunction.apply(unit_stride_rows(gate), unit_stride_rows(up))
+        out = _triton_fwd(unit_stride_rows(gate), unit_stride_rows(up))
     return out if gate.dim() == 2 else out.view(gate.shape)

@@ -1,0 +1,89 @@
+"""Every op is a torch.library custom op with a fake implementation and registered autograd, and
+``torch.library.opcheck`` passes on each, forward and backward: the Triton ops (on CPU tensors under
+the interpreter, on CUDA tensors on a GPU) and the C++ extension's ops (on the device they were built
+for). opcheck runs the op for real, under fake tensors (the fake's shapes, dtypes and strides must
+match), through autograd's registration and through AOT dispatch with static and dynamic shapes."""
+
+import pytest
+import torch
+
+import llama_fast
+
+
+def _rope_inputs(device, dtype):
+    # q, k as transformers hands them over: (B, S, H, D) projections viewed as (B, H, S, D)
+    q = torch.randn(2, 5, 4, 16, device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(2, 5, 2, 16, device=device, dtype=dtype).transpose(1, 2)
+    cos, sin = torch.randn(2, 5, 16, device=device, dtype=dtype), torch.randn(2, 5, 16, device=device, dtype=dtype)
+    return q, k, cos, sin
+
+
+def _cases(device, dtype):
+    """(name, op, args) for each op of the Triton path."""
+    ops = torch.ops.llama_fast
+    x, w = torch.randn(6, 32, device=device, dtype=dtype), torch.randn(32, device=device, dtype=dtype)
+    _, rstd = ops.triton_rms_norm_fwd.default(x, w, 1e-6)
+    gate, up = torch.randn(6, 40, device=device, dtype=dtype), torch.randn(6, 40, device=device, dtype=dtype)
+    q, k, cos, sin = _rope_inputs(device, dtype)
+    qa = torch.randn(2, 9, 4, 16, device=device, dtype=dtype).transpose(1, 2)
+    ka, va = torch.randn(2, 2, 9, 16, device=device, dtype=dtype), torch.randn(2, 2, 9, 16, device=device, dtype=dtype)
+    pad = torch.ones(2, 9, dtype=torch.bool, device=device)
+    pad[1, :3] = False
+    pad = pad.view(torch.uint8)
+    out, lse = ops.triton_flash_attention_fwd.default(qa, ka, va, pad, None, True, 0.25)
+    kv_lens = torch.tensor([9, 6], dtype=torch.int32, device=device)
+    return [
+        ("rms_norm_fwd", ops.triton_rms_norm_fwd.default, (x, w, 1e-6)),
+        ("rms_norm_bwd", ops.triton_rms_norm_bwd.default, (torch.randn_like(x), x, w, rstd)),
+        ("swiglu_fwd", ops.triton_swiglu_fwd.default, (gate, up)),
+        ("swiglu_bwd", ops.triton_swiglu_bwd.default, (torch.randn_like(gate), gate, up)),
+        ("rope_fwd", ops.triton_rope_fwd.default, (q, k, cos, sin)),
+        ("rope_bwd", ops.triton_rope_bwd.default, (torch.randn_like(q), torch.randn_like(k), cos, sin)),
+        ("flash_attention_fwd", ops.triton_flash_attention_fwd.default, (qa, ka, va, pad, None, True, 0.25)),
+        ("flash_attention_fwd nopad", ops.triton_flash_attention_fwd.default, (qa, ka, va, None, None, True, 0.25)),
+        # a static cache: inference only, so no gradients asked for
+        ("flash_attention_fwd kv_lens", ops.triton_flash_attention_fwd.default, (qa, ka, va, pad, kv_lens, True, 0.25)),
+        ("flash_attention_bwd", ops.triton_flash_attention_bwd.default,
+         (torch.randn_like(out), qa, ka, va, out, lse, pad, True, 0.25, False)),
+        ("flash_attention_bwd deterministic", ops.triton_flash_attention_bwd.default,
+         (torch.randn_like(out), qa, ka, va, out, lse, pad, True, 0.25, True)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("index", range(11))
+def test_triton_ops(device, dtype, index):
+    if device.type == "cpu" and not llama_fast.backend.interpreting():
+        pytest.skip("the Triton ops run on CPU tensors only under the interpreter")
+    name, op, args = _cases(device, dtype)[index]
+    grads = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and name.endswith(("fwd", "nopad"))
+             else a for a in args]
+    torch.library.opcheck(op, tuple(grads))
+
+
+def test_every_triton_op_is_checked():
+    names = {name.split()[0] for name, _, _ in _cases(torch.device("cpu"), torch.float32)}
+    import llama_fast.ops  # noqa: F401  (registers the Triton ops)
+
+    registered = {n.removeprefix("triton_") for n in dir(torch.ops.llama_fast) if n.startswith("triton_")}
+    assert names == registered
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extension_ops(dtype):
+    """The C++ ops on the CPU (their fake and autograd parts are the same functions as the Triton ops')."""
+    if not llama_fast.extension.available():
+        pytest.skip(f"the C++ extension is not loaded: {llama_fast.extension.status()}")
+    ops = torch.ops.llama_fast
+    x, w = torch.randn(6, 32, dtype=dtype), torch.randn(32, dtype=dtype)
+    _, rstd = ops.rms_norm_fwd(x, w, 1e-6)
+    gate, up = torch.randn(6, 40, dtype=dtype), torch.randn(6, 40, dtype=dtype)
+    q, k, cos, sin = _rope_inputs("cpu", dtype)
+    leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+    for op, args in [
+        (ops.rms_norm_fwd, (leaf(x), leaf(w), 1e-6)), (ops.rms_norm_bwd, (torch.randn_like(x), x, w, rstd)),
+        (ops.swiglu_fwd, (leaf(gate), leaf(up))), (ops.swiglu_bwd, (torch.randn_like(gate), gate, up)),
+        (ops.rope_fwd, (q.requires_grad_(), k.requires_grad_(), cos, sin)),
+        (ops.rope_bwd, (torch.randn_like(q), torch.randn_like(k), cos, sin)),
+    ]:
+        torch.library.opcheck(op, args)
