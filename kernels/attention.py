@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import persistent_programs
+from ._launch import cdiv, next_power_of_2, persistent_programs
 
 _LOG2E = 1.4426950408889634
 # Read once, as triton.jit itself does when it decorates: the interpreter takes one autotuning
@@ -632,11 +632,11 @@ _DECODE_MAX_SPLITS = 128
 
 def _bucket(n: int) -> int:
     """Autotuning key for a size: its power of two, so a growing KV cache does not retune per token."""
-    return triton.next_power_of_2(max(n, 1))
+    return next_power_of_2(max(n, 1))
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -655,11 +655,11 @@ def decode_splits(batch: int, q_heads: int, kv_heads: int, q_len: int, kv_len: i
     rows of each query head, would leave SMs idle (fewer programs than half the target: one per SM).
     """
     group = q_heads // kv_heads
-    row_tiles = triton.cdiv(group * q_len, _DECODE_MAX_ROWS)
-    if row_tiles > 1 and (kv_len < 4 * q_len or 2 * batch * q_heads * triton.cdiv(q_len, 64) >= target_programs):
+    row_tiles = cdiv(group * q_len, _DECODE_MAX_ROWS)
+    if row_tiles > 1 and (kv_len < 4 * q_len or 2 * batch * q_heads * cdiv(q_len, 64) >= target_programs):
         return 0
     splits = -(-target_programs // (batch * kv_heads * row_tiles))
-    return max(1, min(splits, triton.cdiv(kv_len, _DECODE_BLOCK_N), _DECODE_MAX_SPLITS))
+    return max(1, min(splits, cdiv(kv_len, _DECODE_BLOCK_N), _DECODE_MAX_SPLITS))
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
@@ -718,12 +718,12 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         splits = decode_splits(batch, q_heads, kv_heads, q_len, kv_len, target)
 
     if splits:
-        split_len = triton.cdiv(triton.cdiv(kv_len, splits), _DECODE_BLOCK_N) * _DECODE_BLOCK_N
-        splits = triton.cdiv(kv_len, split_len)
+        split_len = cdiv(cdiv(kv_len, splits), _DECODE_BLOCK_N) * _DECODE_BLOCK_N
+        splits = cdiv(kv_len, split_len)
         o_part = torch.empty((batch, q_heads, q_len, splits, head_dim), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((batch, q_heads, q_len, splits), dtype=torch.float32, device=q.device)
-        block_r = min(_DECODE_MAX_ROWS, max(16, triton.next_power_of_2(group * q_len)))
-        _attn_decode_kernel[(splits, batch * kv_heads, triton.cdiv(group * q_len, block_r))](
+        block_r = min(_DECODE_MAX_ROWS, max(16, next_power_of_2(group * q_len)))
+        _attn_decode_kernel[(splits, batch * kv_heads, cdiv(group * q_len, block_r))](
             q, k, v, o_part, lse_part, pad_arg, kv_lens_arg,
             kv_heads, group, q_len, kv_len, split_len, splits,
             *_strides(q), *_strides(k), *_strides(v), stride_pad,
@@ -736,7 +736,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
             o_part, lse_part, out, lse,
             q_heads, q_len, splits,
             *_strides(out),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_power_of_2(splits),
             num_warps=4 if block_d >= 128 else 2,
         )
         return out, lse
@@ -747,7 +747,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         _ensure_allocator()
 
     def grid(meta):
-        return (batch * q_heads, triton.cdiv(q_len, meta["BLOCK_M"]))
+        return (batch * q_heads, cdiv(q_len, meta["BLOCK_M"]))
 
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pad_arg, kv_lens_arg,
@@ -788,13 +788,13 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
 
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     delta_rows = 16 if _INTERPRET else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(q_len, delta_rows), batch * q_heads)](
+    _attn_bwd_delta_kernel[(cdiv(q_len, delta_rows), batch * q_heads)](
         out, do, delta, q_heads, q_len, *_strides(out), *_strides(do),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows, num_warps=4,
     )
     # (B, Hq, Sq, D) fp32, zeroed: the atomic dQ's accumulator (empty, never touched, when deterministic).
     dq_acc = q.new_zeros((batch, q_heads, q_len, head_dim) if not deterministic else (0,), dtype=torch.float32)
-    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)](
+    _attn_bwd_dkdv_kernel[lambda m: (cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)](
         q, k, v, do, lse, delta, dk, dv, pad_arg, dq_acc,
         kv_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_pad,
@@ -802,7 +802,7 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     )
     if not deterministic:
         return dq.copy_(dq_acc), dk, dv
-    _attn_bwd_dq_kernel[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * q_heads)](
+    _attn_bwd_dq_kernel[lambda m: (cdiv(q_len, m["BLOCK_M"]), batch * q_heads)](
         q, k, v, do, lse, delta, dq, pad_arg,
         q_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), stride_pad,

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import next_power_of_2
+
 
 @triton.jit
 def _rotate_heads(
@@ -101,9 +103,9 @@ def rope(
     if q.numel() == 0 and k.numel() == 0:
         return q_out, k_out
     half = head_dim // 2
-    block_hq = triton.next_power_of_2(n_q_heads)
-    block_hk = triton.next_power_of_2(n_k_heads)
-    block_half = triton.next_power_of_2(half)
+    block_hq = next_power_of_2(n_q_heads)
+    block_hk = next_power_of_2(n_k_heads)
+    block_half = next_power_of_2(half)
     elements = (block_hq + block_hk) * block_half * 2
     _rope_kernel[(batch * seq_len,)](
         q, k, cos, sin, q_out, k_out,

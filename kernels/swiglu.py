@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv
+
 # 1024 elements per program: 4 warps × 32 threads × 8 values, one 128-bit vector of bf16 each.
 _BLOCK_N = 1024
 
@@ -67,7 +69,7 @@ def _swiglu_bwd_kernel(
 
 
 def _grid(n_rows: int, n_cols: int) -> tuple[int, int]:
-    return (n_rows, triton.cdiv(n_cols, _BLOCK_N))
+    return (n_rows, cdiv(n_cols, _BLOCK_N))
 
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
