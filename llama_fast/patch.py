@@ -224,6 +224,15 @@ def _decode_static_cache_mask(mask: torch.Tensor, kv_len: int):
     return mask[:, 0, 0, :kv_len].bool(), mask[:, 0, 0, kv_len]
 
 
+# Keywords transformers hands the attention function that do not change what it computes here (the
+# cache and positions act before attention: RoPE, the cache update, the mask function). Any other
+# keyword with a value is refused: e.g. the cu_seq_lens_q/k and max_length_q/k of packed batches
+# (DataCollatorWithFlattening(return_flash_attn_kwargs=True)), which ignored would let tokens attend
+# across document boundaries, or a sliding window, softcap or attention sinks.
+_NEUTRAL_KWARGS = frozenset({"position_ids", "use_cache", "cache", "past_key_values", "cache_position", "layer_idx",
+                             "output_attentions"})
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The attention function registered as "llama_fast" (transformers' AttentionInterface).
 
@@ -238,6 +247,13 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if kwargs.get("output_attentions"):
         raise NotImplementedError("llama_fast attention never forms the attention matrix: output_attentions=True "
                                   "needs the eager implementation (patch with attention=False)")
+    unknown = sorted(k for k, v in kwargs.items() if k not in _NEUTRAL_KWARGS and v is not None)
+    if unknown:
+        raise NotImplementedError(
+            f"llama_fast attention: does not implement {', '.join(unknown)}; refusing rather than ignoring them "
+            "(cu_seq_lens_* / max_length_* come with packed sequences, e.g. DataCollatorWithFlattening with "
+            "return_flash_attn_kwargs=True); patch with attention=False for such inputs"
+        )
     kv_lens = None
     if attention_mask is not None and (static := _decode_static_cache_mask(attention_mask, key.shape[-2])):
         attention_mask, kv_lens = static

@@ -14,7 +14,7 @@ from llama_fast.kernels import attention as attention_kernel
 from llama_fast.kernels import rmsnorm as rmsnorm_kernel
 from llama_fast.kernels import rope as rope_kernel
 from llama_fast.kernels import swiglu as swiglu_kernel
-from models import clone, tiny_model, tokens
+from models import DEVICE, clone, tiny_model, tokens
 
 
 def _forward_loss(model, ids):
@@ -236,3 +236,18 @@ def test_unsupported_inputs_raise_at_call_time():
         _padding_mask(batch_size=1, q_length=1, kv_length=8, q_offset=20, kv_offset=13)
     with pytest.raises(NotImplementedError, match="the cache lost tokens"):
         _padding_mask(batch_size=1, q_length=2, kv_length=8, q_offset=20, kv_offset=0)
+
+
+def test_packed_batch_kwargs_are_refused_not_ignored():
+    """A batch from DataCollatorWithFlattening(return_flash_attn_kwargs=True) carries cu_seq_lens_q/k and
+    max_length_q/k for the attention function; ignoring them let tokens attend across documents (loss off
+    by 0.58% with no error). Until packed sequences are implemented they are refused, by name."""
+    from transformers import DataCollatorWithFlattening
+
+    model = llama_fast.patch(tiny_model())
+    examples = [{"input_ids": tokens(1, n, seed=n)[0].tolist()} for n in (5, 9)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(examples)
+    assert "cu_seq_lens_q" in batch
+    batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with pytest.raises(NotImplementedError, match="does not implement cu_seq_lens_k, cu_seq_lens_q, max_length_k"):
+        model(**batch)
