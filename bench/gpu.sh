@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run (about 8 minutes on an H200 with torch 2.11 / triton 3.6): the GPU tests,
+# The prepared GPU run (8-10 minutes on an H200 with torch 2.11 / triton 3.6): the GPU tests,
 # then the bench suites. Writes logs, JSON and plots under OUT (default bench/results/<date>).
 #   bash bench/gpu.sh [OUT]
 #   bash bench/gpu.sh --stage DIR   only lay out the staged copy it runs from (checked without a GPU)
@@ -47,6 +47,13 @@ LLAMA_FAST_TEST_DEVICE=cuda LLAMA_FAST_AUTOTUNE=0 timeout 180 python -m pytest -
   tests/test_attention.py tests/test_ops.py tests/test_zero_size.py tests/test_transformers_match.py \
   tests/test_patch.py >> "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
+
+# 1b. torch.compile on the GPU: custom ops (opcheck), fullgraph compiles incl. Inductor with the Triton
+# kernels, static-cache decode compiled with mode="reduce-overhead" (CUDA graphs), and no host sync
+# under torch.cuda.set_sync_debug_mode("error"). Separate, so a failure here cannot stop the rest.
+LLAMA_FAST_TEST_DEVICE=cuda LLAMA_FAST_AUTOTUNE=0 timeout 120 python -m pytest -q -p no:cacheprovider \
+  tests/test_compile.py tests/test_custom_ops.py >> "$OUT/gpu_tests.log" 2>&1
+echo "gpu compile tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
 
 # 2. The suites, autotuned, quick sweeps so that all three fit. The attention suite first measures
 # the first call against the steady state and the backward per kernel, then fwd/bwd TFLOP/s vs SDPA

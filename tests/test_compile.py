@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import llama_fast
 from helpers import assert_error_ratio
-from models import clone, tiny_model, tokens
+from models import DEVICE, clone, tiny_model, tokens
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,11 @@ def _graph_breaks(fn, *args, **kwargs) -> int:
     return explanation.graph_break_count
 
 
-@pytest.mark.parametrize("compiler,backend", [("eager", None), ("aot_eager", None), ("inductor", "cpu")])
+# Inductor: with the C++ CPU kernels on a CPU (Inductor does not run Triton on CPU tensors), the default path on a GPU.
+INDUCTOR = ("inductor", "cpu" if DEVICE.type == "cpu" else None)
+
+
+@pytest.mark.parametrize("compiler,backend", [("eager", None), ("aot_eager", None), INDUCTOR])
 def test_fullgraph_forward(compiler, backend):
     if backend == "cpu" and not llama_fast.extension.available():
         pytest.skip(f"the C++ extension is not loaded: {llama_fast.extension.status()}")
@@ -58,7 +62,7 @@ def test_fullgraph_forward(compiler, backend):
     assert_error_ratio(logits, eager, ref, name=f"compiled ({compiler}) logits")
 
 
-@pytest.mark.parametrize("compiler,backend", [("aot_eager", None), ("inductor", "cpu")])
+@pytest.mark.parametrize("compiler,backend", [("aot_eager", None), INDUCTOR])
 def test_fullgraph_training_step(compiler, backend):
     """Forward + backward compiled with fullgraph=True: loss and every gradient match eager by the error-ratio rule."""
     if backend == "cpu" and not llama_fast.extension.available():
@@ -84,6 +88,7 @@ def test_fullgraph_training_step(compiler, backend):
         assert_error_ratio(grad, eager_grads[name], ref_grads[name], name=f"compiled d{name}")
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the real model's files are not carried to a lent GPU")
 def test_real_model_fullgraph():
     """SmolLM2-135M-Instruct, patched (the C++ CPU kernels, attention through its custom op): compiles
     with fullgraph=True (which fails on any graph break) and gives the eager patched logits."""
@@ -113,7 +118,8 @@ def test_static_cache_generation(monkeypatch):
     attention = ops.flash_attention
     monkeypatch.setattr(ops, "flash_attention", lambda *a, **kw: seen.append(kw["kv_lens"]) or attention(*a, **kw))
     base = tiny_model()
-    ids, mask = tokens(2, 7), torch.ones(2, 7, dtype=torch.long)
+    ids = tokens(2, 7)
+    mask = torch.ones_like(ids)
     mask[1, :3] = 0
     expected = _generate(base, ids, mask, "static")
     assert torch.equal(_generate(llama_fast.patch(clone(base)), ids, mask, "static"), expected)
@@ -124,7 +130,8 @@ def test_compiled_static_cache_decode():
     """The recipe for CUDA-graph decoding: static cache + forward compiled with reduce-overhead and
     fullgraph. Here (CPU) it traces with no graph break into two graphs and gives the eager tokens."""
     base = tiny_model()
-    ids, mask = tokens(2, 7), torch.ones(2, 7, dtype=torch.long)
+    ids = tokens(2, 7)
+    mask = torch.ones_like(ids)
     mask[1, :3] = 0
     expected = _generate(base, ids, mask, "static")
     patched = llama_fast.patch(clone(base))
@@ -136,7 +143,8 @@ def test_compiled_static_cache_decode():
 
 def test_recompiles_across_a_growing_cache():
     base = tiny_model()
-    ids, mask = tokens(2, 7), torch.ones(2, 7, dtype=torch.long)
+    ids = tokens(2, 7)
+    mask = torch.ones_like(ids)
     mask[1, :3] = 0
     expected = _generate(base, ids, mask, "dynamic", new=12)
     patched = llama_fast.patch(clone(base))
@@ -183,11 +191,17 @@ def test_no_host_sync(cache):
     config = model.config
     past = DynamicCache(config=config) if cache == "dynamic" else StaticCache(config=config, max_cache_len=32)
     check = _NoHostSync()
-    with check:
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
-        step = out.logits[:, -1:].argmax(-1)
-        model(input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), past_key_values=past,
-              use_cache=True)
+    if DEVICE.type == "cuda":  # on a GPU, CUDA's own check too: any synchronising call raises
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with check:
+            out = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+            step = out.logits[:, -1:].argmax(-1)
+            model(input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), past_key_values=past,
+                  use_cache=True)
+    finally:
+        if DEVICE.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     assert {"triton_flash_attention_fwd", "triton_rms_norm_fwd"} <= check.custom_ops
     model.train()
     with check:

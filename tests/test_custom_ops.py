@@ -61,10 +61,10 @@ def test_triton_ops(device, dtype, index):
     torch.library.opcheck(op, tuple(grads))
 
 
-def test_every_triton_op_is_checked():
-    names = {name.split()[0] for name, _, _ in _cases(torch.device("cpu"), torch.float32)}
-    import llama_fast.ops  # noqa: F401  (registers the Triton ops)
-
+def test_every_triton_op_is_checked(device):
+    if device.type == "cpu" and not llama_fast.backend.interpreting():
+        pytest.skip("the Triton ops run on CPU tensors only under the interpreter")
+    names = {name.split()[0] for name, _, _ in _cases(device, torch.float32)}  # importing llama_fast registered them
     registered = {n.removeprefix("triton_") for n in dir(torch.ops.llama_fast) if n.startswith("triton_")}
     assert names == registered
 
