@@ -676,13 +676,20 @@ def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_allocator() -> None:
-    """Give Triton an allocator for the descriptors unless the user (or torch) has set one."""
-    from triton.runtime import _allocation
+def _use_tma(tma: bool | None, *tensors: torch.Tensor) -> bool:
+    """Whether a launch reads through tensor descriptors: ``tma`` when given, else on sm_90 when the
+    tensors are ``tma_ready``. On a GPU, gives Triton an allocator for the descriptors unless the
+    user (or torch) has set one."""
+    first = tensors[0]
+    if tma is None:
+        tma = first.is_cuda and _arch(first.device.index or 0) == 90 and tma_ready(*tensors)
+    if tma and first.is_cuda:
+        from triton.runtime import _allocation
 
-    current = getattr(_allocation, "_allocator", None)
-    if current is None or isinstance(current.get(), _allocation.NullAllocator):
-        triton.set_allocator(_tma_scratch)
+        current = getattr(_allocation, "_allocator", None)
+        if current is None or isinstance(current.get(), _allocation.NullAllocator):
+            triton.set_allocator(_tma_scratch)
+    return tma
 
 
 def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
@@ -693,8 +700,8 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     q, k, v with unit stride along D; ``softmax_scale`` > 0; ``pad`` a (B, Skv) uint8 view of the key
     padding mask or None. ``kv_lens``: (B,) int32 on q's device, or None: batch row b attends over
     the first kv_lens[b] keys of the buffer only, causal aligned to that length (a static KV cache
-    filled up to there); read by the kernels, never on the host. ``splits``: force the decode path with that many splits (0: the ordinary
-    forward); default chosen by ``decode_splits``. ``tma``: load Q, K, V through tensor descriptors
+    filled up to there); read by the kernels, never on the host. ``splits``: force the decode path
+    with that many splits (0: the ordinary forward); default chosen by ``decode_splits``. ``tma``: load Q, K, V through tensor descriptors
     (TMA on Hopper); default on for sm_90 when ``tma_ready``.
     """
     batch, q_heads, q_len, head_dim = q.shape
@@ -741,10 +748,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         )
         return out, lse
 
-    if tma is None:
-        tma = q.is_cuda and _arch(q.device.index or 0) == 90 and tma_ready(q, k, v)
-    if tma and q.is_cuda:
-        _ensure_allocator()
+    tma = _use_tma(tma, q, k, v)
 
     def grid(meta):
         return (batch * q_heads, cdiv(q_len, meta["BLOCK_M"]))
@@ -780,10 +784,7 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     stride_pad = pad.stride(0) if has_pad else 0
     qk_scale = softmax_scale * _LOG2E
     buckets = (_bucket(q_len), _bucket(kv_len), _bucket(batch * q_heads))
-    if tma is None:
-        tma = q.is_cuda and _arch(q.device.index or 0) == 90 and tma_ready(q, k, v, do)
-    if tma and q.is_cuda:
-        _ensure_allocator()
+    tma = _use_tma(tma, q, k, v, do)
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, USE_TMA=tma)
 
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
