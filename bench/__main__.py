@@ -65,7 +65,7 @@ def _overhead(args) -> int:
     from .overhead import format_table, layer_rows, op_rows
     from .report import write_json
 
-    rows = op_rows(min_s=args.rep_ms / 500) + layer_rows(min_s=args.rep_ms / 200)
+    rows = op_rows(rep_ms=args.rep_ms) + layer_rows(rep_ms=args.rep_ms)
     print(format_table(rows))
     if args.out:
         meta = dev.describe(torch.device("cpu"))

@@ -12,13 +12,12 @@ two such tensors, the unit: the goal is each op within two of those.
 
 The layer rows time a whole ``LlamaDecoderLayer`` decode step (one token on a 128-token
 DynamicCache) patched with the kernels stubbed, and unpatched (transformers' SDPA attention, run
-for real): the projections run for real in both.
+for real): the projections run for real in both. The callables of a row are timed in turn, one call
+each per round (``bench.device.measure_cpu``), so a slow spell of a shared CPU slows them alike.
 """
 
 import contextlib
 import os
-import statistics
-import time
 
 import torch
 
@@ -71,20 +70,15 @@ def _zeroed_allocations():
         torch.empty, torch.empty_like = saved
 
 
-def time_call(fn, *, min_s: float = 0.2, rounds: int = 5) -> float:
-    """Median microseconds per call over ``rounds`` rounds of at least ``min_s`` seconds each."""
-    fn()
-    per_round = []
-    for _ in range(rounds):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_s / rounds:
-                break
-        per_round.append(elapsed / n * 1e6)
-    return statistics.median(per_round)
+def _host_us(fns: dict, rep_ms: int) -> dict:
+    """Median microseconds per call of each callable, taken in turn (``device.measure_cpu``)."""
+    from .device import measure_cpu
+
+    timings = measure_cpu(fns, rep_ms=rep_ms)
+    failed = {name: t["error"] for name, t in timings.items() if "error" in t}
+    if failed:
+        raise RuntimeError(f"overhead: {failed}")
+    return {name: t["ms"] * 1e3 for name, t in timings.items()}
 
 
 def _decode_tensors(dtype=torch.float32, cached=128):
@@ -101,7 +95,7 @@ def _decode_tensors(dtype=torch.float32, cached=128):
     )
 
 
-def op_rows(min_s: float = 0.2) -> list[dict]:
+def op_rows(rep_ms: int = 100) -> list[dict]:
     from llama_fast import ops, references
 
     t = _decode_tensors()
@@ -115,18 +109,18 @@ def op_rows(min_s: float = 0.2) -> list[dict]:
             lambda: torch.nn.functional.scaled_dot_product_attention(t["q"], t["k_cache"], t["v_cache"],
                                                                      enable_gqa=True)),
     }
-    unit = time_call(lambda: torch.mul(t["x"], t["x"]), min_s=min_s)
     rows = []
-    for name, (ours, eager) in pairs.items():
-        with triton_path_on_cpu():
-            ours_us = time_call(ours, min_s=min_s)
-        eager_us = time_call(eager, min_s=min_s)
-        rows.append(dict(what=name, llama_fast_host_us=ours_us, eager_us=eager_us, torch_mul_us=unit,
-                         in_torch_muls=ours_us / unit))
+    # Each op with its eager twin and one torch.mul, in turn; the eager ones never reach Triton, so
+    # the stub and the variable change only our path.
+    with triton_path_on_cpu():
+        for name, (ours, eager) in pairs.items():
+            us = _host_us({"ours": ours, "eager": eager, "unit": lambda: torch.mul(t["x"], t["x"])}, rep_ms)
+            rows.append(dict(what=name, llama_fast_host_us=us["ours"], eager_us=us["eager"], torch_mul_us=us["unit"],
+                             in_torch_muls=us["ours"] / us["unit"]))
     return rows
 
 
-def layer_rows(min_s: float = 0.5) -> list[dict]:
+def layer_rows(rep_ms: int = 100) -> list[dict]:
     import copy
     import inspect
 
@@ -158,10 +152,15 @@ def layer_rows(min_s: float = 0.5) -> list[dict]:
         cache.update(keys, values, 0)
         return run
 
-    eager_us = time_call(step(eager_layer, None), min_s=min_s)
-    with triton_path_on_cpu(), _zeroed_allocations():
-        ours_us = time_call(step(model.layers[0], torch.ones(1, 129, dtype=torch.bool)), min_s=min_s)
-    return [dict(what="decoder layer decode step", llama_fast_host_us=ours_us, eager_us=eager_us)]
+    eager, patched = step(eager_layer, None), step(model.layers[0], torch.ones(1, 129, dtype=torch.bool))
+
+    def ours():
+        with _zeroed_allocations():
+            patched()
+
+    with triton_path_on_cpu():
+        us = _host_us({"ours": ours, "eager": eager}, rep_ms)
+    return [dict(what="decoder layer decode step", llama_fast_host_us=us["ours"], eager_us=us["eager"])]
 
 
 def format_table(rows: list[dict]) -> str:
