@@ -10,9 +10,13 @@ no-op. Beside each op: the eager reference it replaces, running for real on the 
 (compute is a few microseconds there, so it is mostly host time too), and one ``torch.mul`` of
 two such tensors, the unit: the goal is each op within two of those.
 
+Inference calls each op's launcher directly; the "with grad" column is the same call on inputs
+that require grad, through the custom op and its autograd node (ops/_dispatch.py says why).
+
 The layer rows time a whole ``LlamaDecoderLayer`` decode step (one token on a 128-token
 DynamicCache) patched with the kernels stubbed, and unpatched (transformers' SDPA attention, run
-for real): the projections run for real in both. The callables of a row are timed in turn, one call
+for real), with the seven projections replaced by fixed outputs in both (``_FixedProjection``):
+the same GEMMs either way, whose CPU time would bury the host time compared. The callables of a row are timed in turn, one call
 each per round (``bench.device.measure_cpu``), so a slow spell of a shared CPU slows them alike.
 """
 
@@ -55,19 +59,26 @@ def triton_path_on_cpu():
             os.environ["TRITON_INTERPRET"] = saved
 
 
-@contextlib.contextmanager
-def _zeroed_allocations():
-    """torch.empty and torch.empty_like give zeros inside the block. The stubbed kernels leave their
-    outputs as allocated, and the garbage in uninitialised memory (denormals, huge values) made the
-    real projections after them 25x slower (2.8 ms instead of 0.11 ms for a 576 x 576 linear of one
-    token, measured here); zeros cost a memset of a few hundred bytes per output instead."""
-    saved = torch.empty, torch.empty_like
-    torch.empty = lambda *a, **kw: saved[0](*a, **kw).zero_()
-    torch.empty_like = lambda *a, **kw: saved[1](*a, **kw).zero_()
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = saved
+class _FixedProjection(torch.nn.Module):
+    """Stands in for a projection (nn.Linear) of the layer rows: returns one fixed tensor of the
+    output's shape. The seven GEMMs are the same in both rows (one cuBLAS launch each on a GPU) but
+    on this CPU they are most of a layer's time (~1.7 ms of ~1.8 with one thread, measured here) and
+    their noise hid the host time being compared. They also read the stubbed kernels' uninitialised
+    outputs, whose denormals made them several times slower in the patched row only."""
+
+    def __init__(self, linear: torch.nn.Linear, tokens: int):
+        super().__init__()
+        self.out = torch.randn(1, tokens, linear.out_features)
+
+    def forward(self, x):
+        return self.out
+
+
+def _fix_projections(layer: torch.nn.Module, tokens: int) -> None:
+    for name, child in list(layer.named_modules()):
+        if isinstance(child, torch.nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, _FixedProjection(child, tokens))
 
 
 def _host_us(fns: dict, rep_ms: int) -> dict:
@@ -99,24 +110,31 @@ def op_rows(rep_ms: int = 100) -> list[dict]:
     from llama_fast import ops, references
 
     t = _decode_tensors()
-    pairs = {
-        "rms_norm": (lambda: ops.rms_norm(t["x"], t["w"], 1e-5), lambda: references.rms_norm(t["x"], t["w"], 1e-5)),
-        "rope": (lambda: ops.apply_rotary_pos_emb(t["q"], t["k"], t["cos"], t["sin"]),
-                 lambda: references.apply_rotary_pos_emb(t["q"], t["k"], t["cos"], t["sin"])),
-        "swiglu": (lambda: ops.swiglu(t["gate"], t["up"]), lambda: references.swiglu(t["gate"], t["up"])),
-        "flash_attention decode": (
-            lambda: ops.flash_attention(t["q"], t["k_cache"], t["v_cache"], key_padding_mask=t["mask"]),
-            lambda: torch.nn.functional.scaled_dot_product_attention(t["q"], t["k_cache"], t["v_cache"],
-                                                                     enable_gqa=True)),
-    }
+    g = {name: v.detach().requires_grad_() if v.is_floating_point() else v for name, v in t.items()}
+
+    def calls(t):
+        return {
+            "rms_norm": (lambda: ops.rms_norm(t["x"], t["w"], 1e-5), lambda: references.rms_norm(t["x"], t["w"], 1e-5)),
+            "rope": (lambda: ops.apply_rotary_pos_emb(t["q"], t["k"], t["cos"].detach(), t["sin"].detach()),
+                     lambda: references.apply_rotary_pos_emb(t["q"], t["k"], t["cos"], t["sin"])),
+            "swiglu": (lambda: ops.swiglu(t["gate"], t["up"]), lambda: references.swiglu(t["gate"], t["up"])),
+            "flash_attention decode": (
+                lambda: ops.flash_attention(t["q"], t["k_cache"], t["v_cache"], key_padding_mask=t["mask"]),
+                lambda: torch.nn.functional.scaled_dot_product_attention(t["q"], t["k_cache"], t["v_cache"],
+                                                                         enable_gqa=True)),
+        }
+
     rows = []
     # Each op with its eager twin and one torch.mul, in turn; the eager ones never reach Triton, so
-    # the stub and the variable change only our path.
+    # the stub and the variable change only our path. "grad": the same call on inputs that require
+    # grad, which goes through the custom op and records its autograd node (a training step's path;
+    # inference calls the launcher directly, ops/_dispatch.py).
     with triton_path_on_cpu():
-        for name, (ours, eager) in pairs.items():
-            us = _host_us({"ours": ours, "eager": eager, "unit": lambda: torch.mul(t["x"], t["x"])}, rep_ms)
-            rows.append(dict(what=name, llama_fast_host_us=us["ours"], eager_us=us["eager"], torch_mul_us=us["unit"],
-                             in_torch_muls=us["ours"] / us["unit"]))
+        for (name, (ours, eager)), (ours_grad, _) in zip(calls(t).items(), calls(g).values()):
+            us = _host_us({"ours": ours, "grad": ours_grad, "eager": eager,
+                           "unit": lambda: torch.mul(t["x"], t["x"])}, rep_ms)
+            rows.append(dict(what=name, llama_fast_host_us=us["ours"], llama_fast_grad_host_us=us["grad"],
+                             eager_us=us["eager"], torch_mul_us=us["unit"], in_torch_muls=us["ours"] / us["unit"]))
     return rows
 
 
@@ -152,22 +170,21 @@ def layer_rows(rep_ms: int = 100) -> list[dict]:
         cache.update(keys, values, 0)
         return run
 
-    eager, patched = step(eager_layer, None), step(model.layers[0], torch.ones(1, 129, dtype=torch.bool))
-
-    def ours():
-        with _zeroed_allocations():
-            patched()
-
+    for layer in (eager_layer, model.layers[0]):
+        _fix_projections(layer, tokens=1)
+    eager, ours = step(eager_layer, None), step(model.layers[0], torch.ones(1, 129, dtype=torch.bool))
     with triton_path_on_cpu():
         us = _host_us({"ours": ours, "eager": eager}, rep_ms)
     return [dict(what="decoder layer decode step", llama_fast_host_us=us["ours"], eager_us=us["eager"])]
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'':<28} {'llama_fast host µs':>19} {'eager µs':>9} {'in torch.mul calls':>19}"]
+    lines = [f"{'':<28} {'llama_fast host µs':>19} {'with grad':>10} {'eager µs':>9} {'in torch.mul calls':>19}"]
     for r in rows:
         ratio = f"{r['in_torch_muls']:.1f}" if "in_torch_muls" in r else "-"
-        lines.append(f"{r['what']:<28} {r['llama_fast_host_us']:>19.1f} {r['eager_us']:>9.1f} {ratio:>19}")
-    lines.append("llama_fast: the Python path with kernel launches stubbed (CPU); eager: transformers' ops run for "
-                 "real on the same tiny decode tensors (CPU). Host time, not GPU time.")
+        grad = f"{r['llama_fast_grad_host_us']:.1f}" if "llama_fast_grad_host_us" in r else "-"
+        lines.append(f"{r['what']:<28} {r['llama_fast_host_us']:>19.1f} {grad:>10} {r['eager_us']:>9.1f} {ratio:>19}")
+    lines.append("llama_fast: the Python path with kernel launches stubbed (CPU), inference; with grad: the same call "
+                 "on inputs that require grad (custom op + autograd node); eager: transformers' ops run for real on "
+                 "the same tiny decode tensors (CPU). Host time, not GPU time.")
     return "\n".join(lines)

@@ -640,7 +640,7 @@ def _block_d(head_dim: int) -> int:
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]  # one call: a third of the host time of three stride(i) calls
 
 
 def decode_splits(batch: int, q_heads: int, kv_heads: int, q_len: int, kv_len: int, target_programs: int) -> int:

@@ -44,9 +44,11 @@ def backend_for(tensor: torch.Tensor, backend: str | None = None, *, extension_o
 
     ``extension_op=False`` for ops the C++ extension does not implement (flash attention).
     """
+    if backend is None and tensor.is_cuda:  # the common case first: one attribute read, no device object
+        return "triton"
     device = tensor.device.type
     if backend is None:
-        if device == "cuda" or (device == "cpu" and interpreting()):
+        if device == "cpu" and interpreting():
             return "triton"
         if device == "cpu":
             return "cpu" if extension_op and extension.available() else "reference"

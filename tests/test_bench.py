@@ -160,5 +160,6 @@ def test_overhead_bench(tmp_path):
     assert set(rows) == {"rms_norm", "rope", "swiglu", "flash_attention decode", "decoder layer decode step"}
     for name in ("rms_norm", "rope", "swiglu", "flash_attention decode"):
         assert 0 < rows[name]["llama_fast_host_us"] < 1000 and rows[name]["eager_us"] > 0, rows[name]
+        assert 0 < rows[name]["llama_fast_grad_host_us"] < 2000, rows[name]
         assert rows[name]["in_torch_muls"] == rows[name]["llama_fast_host_us"] / rows[name]["torch_mul_us"]
     assert "Host time, not GPU time." in proc.stdout

@@ -87,3 +87,69 @@ def test_extension_ops(dtype):
         (ops.rope_bwd, (torch.randn_like(q), torch.randn_like(k), cos, sin)),
     ]:
         torch.library.opcheck(op, args)
+
+
+def _op_calls(device, requires_grad):
+    """(module, call) per public op: the module whose ``_triton_fwd`` custom op the call may use."""
+    import importlib
+
+    def leaf(*shape, **kw):
+        return torch.randn(*shape, device=device, **kw).requires_grad_(requires_grad)
+
+    x, w, gate, up = leaf(3, 32), leaf(32), leaf(3, 40), leaf(3, 40)
+    q, k = leaf(1, 5, 4, 16).transpose(1, 2), leaf(1, 5, 2, 16).transpose(1, 2)
+    cos, sin = torch.randn(1, 5, 16, device=device), torch.randn(1, 5, 16, device=device)
+    kv = leaf(1, 2, 5, 16)
+    module = lambda name: importlib.import_module(f"llama_fast.ops.{name}")  # noqa: E731
+    return [
+        (module("rms_norm"), lambda: llama_fast.ops.rms_norm(x, w)),
+        (module("swiglu"), lambda: llama_fast.ops.swiglu(gate, up)),
+        (module("rope"), lambda: llama_fast.ops.apply_rotary_pos_emb(q, k, cos, sin)),
+        (module("attention"), lambda: llama_fast.ops.flash_attention(q, kv, kv)),
+    ]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["inference", "training"])
+def test_eager_inference_skips_the_custom_op(device, monkeypatch, requires_grad):
+    """Inference calls the launcher directly (the custom op's dispatch is most of an op's host time,
+    ops/_dispatch.py); inputs that need gradients go through the custom op, whose autograd they need.
+    Both give the same result."""
+    if device.type == "cpu" and not llama_fast.backend.interpreting():
+        pytest.skip("the Triton ops run on CPU tensors only under the interpreter")
+    for module, call in _op_calls(device, requires_grad):
+        expected = call()
+        custom_op, used = module._triton_fwd, []
+        monkeypatch.setattr(module, "_triton_fwd", lambda *a, op=custom_op: used.append(1) or op(*a))
+        got = call()
+        assert used == ([1] if requires_grad else []), module.__name__
+        for e, g in zip(expected if isinstance(expected, tuple) else (expected,), got if isinstance(got, tuple) else (got,)):
+            assert torch.equal(e, g) and g.requires_grad == requires_grad
+        with torch.no_grad():  # no graph to record: direct even for inputs that require grad
+            used.clear()
+            call()
+            assert used == []
+
+
+def test_direct_call_rule():
+    """When an op may skip its custom op: never for tensor subclasses with their own dispatch (fake
+    tensors), under a dispatch mode, or for a tensor that needs a graph; a Parameter is plain."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llama_fast.ops._dispatch import direct_call_ok
+
+    plain, weight = torch.ones(2), torch.nn.Parameter(torch.ones(2))
+    assert direct_call_ok(plain, None) and not direct_call_ok(plain, weight)
+    with torch.no_grad():
+        assert direct_call_ok(plain, weight)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(plain)
+        assert not direct_call_ok(fake)
+    assert not direct_call_ok(fake)  # a subclass even outside its mode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert not direct_call_ok(plain)

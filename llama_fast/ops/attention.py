@@ -5,18 +5,21 @@ import torch
 from .. import references
 from ..backend import backend_for
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
+from ._dispatch import direct_call_ok
 
 _MAX_HEAD_DIM = 256
 
 
-# The Triton kernels as torch.library custom ops (why custom_op: ops/rms_norm.py). pad: a (B, Skv)
-# uint8 view of the key padding mask, or None.
-@torch.library.custom_op("llama_fast::triton_flash_attention_fwd", mutates_args=())
-def _triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None,
+# The Triton kernels as torch.library custom ops (why custom_op: ops/rms_norm.py); eager inference
+# calls the launcher itself (_dispatch.py). pad: a (B, Skv) uint8 view of the key padding mask, or None.
+def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None,
                 kv_lens: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention
 
     return attention.attention_fwd(q, k, v, causal=causal, softmax_scale=softmax_scale, pad=pad, kv_lens=kv_lens)
+
+
+_triton_fwd = torch.library.custom_op("llama_fast::triton_flash_attention_fwd", _launch_fwd, mutates_args=())
 
 
 @torch.library.custom_op("llama_fast::triton_flash_attention_bwd", mutates_args=())
@@ -131,6 +134,6 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
         pad = unit_stride_last(key_padding_mask).view(torch.uint8)
     if kv_lens is not None:
         kv_lens = kv_lens.to(torch.int32).contiguous()
-    out, _ = _triton_fwd(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), pad, kv_lens, bool(causal),
-                         scale)
+    forward = _launch_fwd if direct_call_ok(q, k, v) else _triton_fwd
+    out, _ = forward(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), pad, kv_lens, bool(causal), scale)
     return out

@@ -5,6 +5,7 @@ import torch
 from .. import extension, references
 from ..backend import backend_for
 from ._checks import check_dtype, check_same_device, unit_stride_rows
+from ._dispatch import call_extension_op, direct_call_ok
 
 
 # The Triton path as torch.library custom ops (one for each pass), like the C++ extension's ops:
@@ -12,11 +13,14 @@ from ._checks import check_dtype, check_same_device, unit_stride_rows
 # (and breaking on) the launcher's host code; autograd is registered on the forward op. custom_op
 # rather than triton_op: the launchers choose tiles and paths on the host, which Dynamo would
 # otherwise have to trace, and the ops must also run on CPU tensors under Triton's interpreter.
-@torch.library.custom_op("llama_fast::triton_rms_norm_fwd", mutates_args=())
-def _triton_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+# Eager inference calls the launcher itself (``_launch_fwd``), skipping the op's dispatch (_dispatch.py).
+def _launch_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import rmsnorm
 
     return rmsnorm.rms_norm_fwd(x, weight, eps)
+
+
+_triton_fwd = torch.library.custom_op("llama_fast::triton_rms_norm_fwd", _launch_fwd, mutates_args=())
 
 
 @torch.library.custom_op("llama_fast::triton_rms_norm_bwd", mutates_args=())
@@ -83,9 +87,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     chosen = backend_for(x, backend)
     if chosen == "reference":
         return references.rms_norm(x, weight, eps)
+    direct = direct_call_ok(x, weight)
     if chosen in ("cpu", "cuda"):
         extension.available()  # loads it (and its fake/autograd parts) once
-        y, _ = torch.ops.llama_fast.rms_norm_fwd(unit_stride_rows(x), weight.contiguous(), float(eps))
+        args, op = (unit_stride_rows(x), weight.contiguous(), float(eps)), torch.ops.llama_fast.rms_norm_fwd
+        y, _ = call_extension_op(op, *args) if direct else op(*args)
     else:
-        y, _ = _triton_fwd(unit_stride_rows(x), weight, float(eps))
+        y, _ = (_launch_fwd if direct else _triton_fwd)(unit_stride_rows(x), weight, float(eps))
     return y if x.dim() == 2 else y.view(x.shape)

@@ -5,15 +5,19 @@ import torch
 from .. import extension, references
 from ..backend import backend_for
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
+from ._dispatch import call_extension_op, direct_call_ok
 
 
-# The Triton path as torch.library custom ops, like the extension's (why: ops/rms_norm.py).
-@torch.library.custom_op("llama_fast::triton_rope_fwd", mutates_args=())
-def _triton_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+# The Triton path as torch.library custom ops, like the extension's (why: ops/rms_norm.py); eager
+# inference calls the launcher itself (_dispatch.py).
+def _launch_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import rope
 
     return rope.rope(q, k, cos, sin)
+
+
+_triton_fwd = torch.library.custom_op("llama_fast::triton_rope_fwd", _launch_fwd, mutates_args=())
 
 
 @torch.library.custom_op("llama_fast::triton_rope_bwd", mutates_args=())
@@ -114,15 +118,17 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1, *, backend: str
     shape = (q.shape[0], q.shape[2], q.shape[3])
     cos = unit_stride_last(cos.expand(shape))
     sin = unit_stride_last(sin.expand(shape))
+    direct = direct_call_ok(q, k)
     if chosen in ("cpu", "cuda"):
         extension.available()  # loads it (and its fake/autograd parts) once
         # The extension rotates in q's dtype; the result dtype of transformers' function is
         # promote(q, cos) (fp32 tables with bf16 q give fp32), so promote first.
         out_dtype = torch.promote_types(q.dtype, cos.dtype)
         q, k = q.to(out_dtype), k.to(out_dtype)
-        q_embed, k_embed = torch.ops.llama_fast.rope_fwd(unit_stride_last(q), unit_stride_last(k), cos, sin)
+        args, op = (unit_stride_last(q), unit_stride_last(k), cos, sin), torch.ops.llama_fast.rope_fwd
+        q_embed, k_embed = call_extension_op(op, *args) if direct else op(*args)
     else:
-        q_embed, k_embed = _triton_fwd(unit_stride_last(q), unit_stride_last(k), cos, sin)
+        q_embed, k_embed = (_launch_fwd if direct else _triton_fwd)(unit_stride_last(q), unit_stride_last(k), cos, sin)
     if unsqueeze_dim == 2:
         q_embed, k_embed = q_embed.transpose(1, 2), k_embed.transpose(1, 2)
     return q_embed, k_embed

@@ -5,14 +5,18 @@ import torch
 from .. import extension, references
 from ..backend import backend_for
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_rows
+from ._dispatch import call_extension_op, direct_call_ok
 
 
-# The Triton path as torch.library custom ops, like the extension's (why: ops/rms_norm.py).
-@torch.library.custom_op("llama_fast::triton_swiglu_fwd", mutates_args=())
-def _triton_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+# The Triton path as torch.library custom ops, like the extension's (why: ops/rms_norm.py); eager
+# inference calls the launcher itself (_dispatch.py).
+def _launch_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from ..kernels import swiglu as kernel
 
     return kernel.swiglu_fwd(gate, up)
+
+
+_triton_fwd = torch.library.custom_op("llama_fast::triton_swiglu_fwd", _launch_fwd, mutates_args=())
 
 
 @torch.library.custom_op("llama_fast::triton_swiglu_bwd", mutates_args=())
@@ -61,9 +65,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     chosen = backend_for(gate, backend)
     if chosen == "reference":
         return references.swiglu(gate, up)
+    direct = direct_call_ok(gate, up)
     if chosen in ("cpu", "cuda"):
         extension.available()  # loads it (and its fake/autograd parts) once
-        out = torch.ops.llama_fast.swiglu_fwd(unit_stride_rows(gate), unit_stride_rows(up))
+        args, op = (unit_stride_rows(gate), unit_stride_rows(up)), torch.ops.llama_fast.swiglu_fwd
+        out = call_extension_op(op, *args) if direct else op(*args)
     else:
-        out = _triton_fwd(unit_stride_rows(gate), unit_stride_rows(up))
+        out = (_launch_fwd if direct else _triton_fwd)(unit_stride_rows(gate), unit_stride_rows(up))
     return out if gate.dim() == 2 else out.view(gate.shape)
