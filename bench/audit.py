@@ -355,6 +355,14 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]
     q1, k1, v1 = bshd(model.q_heads, 1), bshd(model.kv_heads, decode_kv), bshd(model.kv_heads, decode_kv)
     yield "attention decode", lambda arch: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale, pad=None,
                                                               splits=32), "memory"
+    # Packed sequences (flash_attention_varlen): the same kernels with VARLEN, over (1, H, total, D)
+    # views of (total, H, D) tensors, here 8 sequences of up to 512 tokens in the same 4096.
+    packed = attention.Packed(torch.zeros(9, dtype=torch.int32), torch.zeros(9, dtype=torch.int32), 512, 512)
+    yield "attention varlen fwd", lambda arch: attention.attention_fwd(q, k, v, causal=True, softmax_scale=scale,
+                                                                       pad=None, tma=arch == 90, packed=packed), "matrix"
+    yield "attention varlen bwd", lambda arch: attention.attention_bwd(out, q, k, v, out, lse, causal=True,
+                                                                       softmax_scale=scale, pad=None, tma=arch == 90,
+                                                                       packed=packed), "matrix"
     q32 = bshd(model.q_heads, 32)  # a 32-token chunk on the cache: 64-row tiles of packed query rows
     yield "attention chunk", lambda arch: attention.attention_fwd(q32, k1, v1, causal=True, softmax_scale=scale, pad=None,
                                                              splits=16), "memory"

@@ -55,6 +55,7 @@ once, 2·B·Hk·Skv·D·elem, plus q and out.
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -88,10 +89,12 @@ _BWD_DKDV_TILES = {90: [(16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 1)],
                    80: [(16, 64, 8, 2), (32, 64, 8, 1)]}
 _DQ_TILES = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 _BWD_DQ_TILES = {90: _DQ_TILES, 80: _DQ_TILES}
-# Tiles of a list that spill in one variant of the kernel only, by (arch, USE_TMA, ATOMIC_DQ): the
-# dK/dV kernel reading Q and dO through descriptors while adding dQ atomically sits at 254-255
-# registers with 32 x 64 tiles on sm_90a, and with one stage spills 16 B (2026-11-30).
-_DKDV_VARIANT_SPILLS = {(90, True, True): {(32, 64, 8, 1)}}
+# Tiles of a list that spill in one variant of the kernel only, by (arch, USE_TMA, ATOMIC_DQ, VARLEN):
+# the dK/dV kernel reading Q and dO through descriptors while adding dQ atomically sits at 254-255
+# registers with 32 x 64 tiles on sm_90a, and with one stage spills 16 B; with packed sequences
+# (VARLEN: per-sequence offsets and lengths) two stages spill 40 B too (2026-11-30).
+_DKDV_VARIANT_SPILLS = {(90, True, True, False): {(32, 64, 8, 1)},
+                        (90, True, True, True): {(32, 64, 8, 1), (32, 64, 8, 2)}}
 
 
 def _tile(config: triton.Config) -> tuple[int, int, int, int]:
@@ -127,7 +130,8 @@ def _pruner(tiles: dict[int, list[tuple[int, int, int, int]]], variant_spills: d
 
         if target_arch is None:
             target_arch = _arch(named_args["q_ptr"].device.index or 0)
-        spilling = (variant_spills or {}).get((target_arch, bool(arg("USE_TMA")), bool(arg("ATOMIC_DQ"))), ())
+        variant = (target_arch, bool(arg("USE_TMA")), bool(arg("ATOMIC_DQ")), bool(arg("VARLEN")))
+        spilling = (variant_spills or {}).get(variant, ())
         allowed = [t for t in tiles.get(target_arch, tiles[80]) if t not in spilling]
         kept = [c for c in configs if _tile(c) in allowed] or configs[:1]
         if (arg("BLOCK_D") or 0) > 128 and len(kept) > 1:
@@ -225,6 +229,20 @@ def _valid_keys(kv_len, kv_lens_ptr, b, HAS_KV_LENS: tl.constexpr):
 
 
 @triton.jit
+def _sequence(cu_ptr, b, rows, VARLEN: tl.constexpr):
+    """(slice, first row, length) of batch entry b. Dense: its own batch slice b, from row 0, all
+    ``rows``. Packed (VARLEN): every sequence lies in slice 0 of a (1, H, total, D) view, from row
+    cu[b] for cu[b + 1] − cu[b] rows; the bounds are clamped to the ``rows`` the buffer has, so a
+    bad cu_seqlens can make a wrong answer (the host checks it) but never an out-of-bounds access."""
+    if VARLEN:
+        start = tl.minimum(tl.maximum(tl.load(cu_ptr + b), 0), rows)
+        end = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1), start), rows)
+        return 0, start.to(tl.int64), end - start
+    else:
+        return b, 0, rows
+
+
+@triton.jit
 def _finish_rows(acc, l_i, m_i):
     """Normalised output and base-2 lse; rows that saw no key give zeros and lse = +∞."""
     empty = l_i == 0.0
@@ -233,12 +251,12 @@ def _finish_rows(acc, l_i, m_i):
     return out, lse
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=[*_TUNE_KEY, "USE_TMA", "HAS_KV_LENS"],
+@triton.autotune(configs=_FWD_CONFIGS, key=[*_TUNE_KEY, "USE_TMA", "HAS_KV_LENS", "VARLEN"],
                  prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
 @triton.jit
 def _attn_fwd_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr, kv_lens_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr, kv_lens_ptr, cu_q_ptr, cu_k_ptr,
     # sizes
     q_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket, heads_bucket,
     # strides (elements; unit stride along D)
@@ -251,28 +269,37 @@ def _attn_fwd_kernel(
     qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One program per (batch x query head, query block). The grid's first axis is the heads, its
     second the query blocks in reverse, so the GPU starts the longest causal rows (the last query
-    blocks, which see the most keys) first and the short ones fill the tail."""
+    blocks, which see the most keys) first and the short ones fill the tail. VARLEN: "batch" is a
+    packed sequence and the grid spans the longest one; the programs past a shorter one's end
+    return at once."""
     bh = tl.program_id(0).to(tl.int64)
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     b = bh // q_heads
     h = bh % q_heads
     kv_h = h // group
+    rows = q_len
+    sq, q_start, q_len = _sequence(cu_q_ptr, b, q_len, VARLEN)
+    sk, k_start, kv_len = _sequence(cu_k_ptr, b, kv_len, VARLEN)
+    if VARLEN:
+        if start_m >= q_len:
+            return
     kv_len = _valid_keys(kv_len, kv_lens_ptr, b, HAS_KV_LENS)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     in_q = offs_m < q_len
     tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q_src = _head_source(q_ptr + b * stride_q_b + h * stride_q_h, q_len, stride_q_s, HEAD_DIM, BLOCK_M, BLOCK_D,
-                         USE_TMA)
-    k_src = _head_source(k_ptr + b * stride_k_b + kv_h * stride_k_h, kv_len, stride_k_s, HEAD_DIM, BLOCK_N, BLOCK_D,
-                         USE_TMA)
-    v_src = _head_source(v_ptr + b * stride_v_b + kv_h * stride_v_h, kv_len, stride_v_s, HEAD_DIM, BLOCK_N, BLOCK_D,
-                         USE_TMA)
+    q_src = _head_source(q_ptr + sq * stride_q_b + q_start * stride_q_s + h * stride_q_h, q_len, stride_q_s,
+                         HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    k_src = _head_source(k_ptr + sk * stride_k_b + k_start * stride_k_s + kv_h * stride_k_h, kv_len, stride_k_s,
+                         HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    v_src = _head_source(v_ptr + sk * stride_v_b + k_start * stride_v_s + kv_h * stride_v_h, kv_len, stride_v_s,
+                         HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
     if USE_TMA:
         q = q_src.load([start_m, 0])
     else:
@@ -299,9 +326,9 @@ def _attn_fwd_kernel(
                                     offset, kv_len, stride_k_s, stride_v_s, qk_scale,
                                     HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA)
     out, lse = _finish_rows(acc, l_i, m_i)
-    tl.store(o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=tile)
-    tl.store(lse_ptr + bh * q_len + offs_m, lse, mask=in_q)
+    tl.store(o_ptr + sq * stride_o_b + q_start * stride_o_s + h * stride_o_h + offs_m[:, None] * stride_o_s
+             + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=tile)
+    tl.store(lse_ptr + (sq * q_heads + h) * rows + q_start + offs_m, lse, mask=in_q)
 
 
 @triton.jit
@@ -468,15 +495,16 @@ def _attn_bwd_kv_inner(
 
 # reset_to_zero: autotuning runs each config several times, and atomic dQ additions must start
 # from zero each time.
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=[*_TUNE_KEY, "ATOMIC_DQ", "USE_TMA"], reset_to_zero=["dq_acc_ptr"],
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=[*_TUNE_KEY, "ATOMIC_DQ", "USE_TMA", "VARLEN"],
+                 reset_to_zero=["dq_acc_ptr"],
                  prune_configs_by={"early_config_prune": _pruner(_BWD_DKDV_TILES, _DKDV_VARIANT_SPILLS)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pad_ptr, dq_acc_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, pad_ptr, dq_acc_ptr, cu_q_ptr, cu_k_ptr,
     # sizes
     kv_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket, heads_bucket,
-    # strides (elements; unit stride along D; dq_acc is contiguous (B, Hq, Sq, HEAD_DIM))
+    # strides (elements; unit stride along D; dq_acc is contiguous (B, Hq, Sq, HEAD_DIM), like lse and delta)
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
@@ -488,23 +516,33 @@ def _attn_bwd_dkdv_kernel(
     sm_scale, qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one KV block, summed over all query blocks of the G query heads of its group; with
-    ATOMIC_DQ, dQ too (five matrix products per block pair instead of seven with the dQ kernel)."""
+    ATOMIC_DQ, dQ too (five matrix products per block pair instead of seven with the dQ kernel).
+    VARLEN: "batch" is a packed sequence; programs past its last key return at once."""
     start_n = tl.program_id(0) * BLOCK_N
     b_kv = tl.program_id(1).to(tl.int64)
     b = b_kv // kv_heads
     kv_h = b_kv % kv_heads
+    rows = q_len
+    sq, q_start, q_len = _sequence(cu_q_ptr, b, q_len, VARLEN)
+    sk, k_start, kv_len = _sequence(cu_k_ptr, b, kv_len, VARLEN)
+    if VARLEN:
+        if start_n >= kv_len:
+            return
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_kv = offs_n < kv_len
     kv_tile = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_ptr + b * stride_k_b + kv_h * stride_k_h + offs_n[:, None] * stride_k_s + offs_d[None, :],
-                mask=kv_tile, other=0.0)
-    v = tl.load(v_ptr + b * stride_v_b + kv_h * stride_v_h + offs_n[:, None] * stride_v_s + offs_d[None, :],
-                mask=kv_tile, other=0.0)
+    # Each sequence's start goes into the scalar base pointers, so the per-row offsets stay 32-bit
+    # vectors (int64 ones cost the VARLEN kernel a 48-byte spill at 32 x 64 on sm_90a).
+    k = tl.load(k_ptr + sk * stride_k_b + k_start * stride_k_s + kv_h * stride_k_h + offs_n[:, None] * stride_k_s
+                + offs_d[None, :], mask=kv_tile, other=0.0)
+    v = tl.load(v_ptr + sk * stride_v_b + k_start * stride_v_s + kv_h * stride_v_h + offs_n[:, None] * stride_v_s
+                + offs_d[None, :], mask=kv_tile, other=0.0)
     key_ok = in_kv
     if HAS_PAD:
         key_ok = key_ok & (tl.load(pad_ptr + b * stride_pad_b + offs_n, mask=in_kv, other=0) != 0)
@@ -527,33 +565,33 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(group):
         h = kv_h * group + g
-        bh = b * kv_heads * group + h
-        q_src = _head_source(q_ptr + b * stride_q_b + h * stride_q_h, q_len, stride_q_s, HEAD_DIM, BLOCK_M, BLOCK_D,
-                             USE_TMA)
-        do_src = _head_source(do_ptr + b * stride_do_b + h * stride_do_h, q_len, stride_do_s, HEAD_DIM, BLOCK_M,
-                              BLOCK_D, USE_TMA)
-        dq_base = dq_acc_ptr + bh * q_len * HEAD_DIM
-        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, lse_ptr + bh * q_len,
-                                    delta_ptr + bh * q_len, dq_base, q_lo, q_full, q_len, offset,
+        row0 = (sq * kv_heads * group + h) * rows + q_start  # this head's first query row in lse, delta, dq_acc
+        q_src = _head_source(q_ptr + sq * stride_q_b + q_start * stride_q_s + h * stride_q_h, q_len, stride_q_s,
+                             HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+        do_src = _head_source(do_ptr + sq * stride_do_b + q_start * stride_do_s + h * stride_do_h, q_len, stride_do_s,
+                              HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+        dq_base = dq_acc_ptr + row0 * HEAD_DIM
+        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, lse_ptr + row0,
+                                    delta_ptr + row0, dq_base, q_lo, q_full, q_len, offset,
                                     stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
                                     MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ, USE_TMA=USE_TMA)
-        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, lse_ptr + bh * q_len,
-                                    delta_ptr + bh * q_len, dq_base, q_full, q_end, q_len, offset,
+        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, lse_ptr + row0,
+                                    delta_ptr + row0, dq_base, q_full, q_end, q_len, offset,
                                     stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
                                     MASKED=False, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ, USE_TMA=USE_TMA)
 
-    tl.store(dk_ptr + b * stride_dk_b + kv_h * stride_dk_h + offs_n[:, None] * stride_dk_s + offs_d[None, :],
-             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_tile)
-    tl.store(dv_ptr + b * stride_dv_b + kv_h * stride_dv_h + offs_n[:, None] * stride_dv_s + offs_d[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_tile)
+    tl.store(dk_ptr + sk * stride_dk_b + k_start * stride_dk_s + kv_h * stride_dk_h + offs_n[:, None] * stride_dk_s
+             + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_tile)
+    tl.store(dv_ptr + sk * stride_dv_b + k_start * stride_dv_s + kv_h * stride_dv_h + offs_n[:, None] * stride_dv_s
+             + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_tile)
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=[*_TUNE_KEY, "USE_TMA"],
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=[*_TUNE_KEY, "USE_TMA", "VARLEN"],
                  prune_configs_by={"early_config_prune": _pruner(_BWD_DQ_TILES)})
 @triton.jit
 def _attn_bwd_dq_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, pad_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, pad_ptr, cu_q_ptr, cu_k_ptr,
     # sizes
     q_heads, group, q_len, kv_len, q_len_bucket, kv_len_bucket, heads_bucket,
     # strides (elements; unit stride along D)
@@ -567,30 +605,37 @@ def _attn_bwd_dq_kernel(
     sm_scale, qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block, over the key blocks it sees (K and V through tensor descriptors with
-    USE_TMA)."""
+    USE_TMA). VARLEN: as in the forward."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // q_heads
     h = bh % q_heads
     kv_h = h // group
+    rows = q_len
+    sq, q_start, q_len = _sequence(cu_q_ptr, b, q_len, VARLEN)
+    sk, k_start, kv_len = _sequence(cu_k_ptr, b, kv_len, VARLEN)
+    if VARLEN:
+        if start_m >= q_len:
+            return
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     in_q = offs_m < q_len
     q_tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s + offs_d[None, :],
-                mask=q_tile, other=0.0)
-    do = tl.load(do_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_s + offs_d[None, :],
-                 mask=q_tile, other=0.0)
-    lse = tl.load(lse_ptr + bh * q_len + offs_m, mask=in_q, other=float("inf"))
-    delta = tl.load(delta_ptr + bh * q_len + offs_m, mask=in_q, other=0.0)
-    k_src = _head_source(k_ptr + b * stride_k_b + kv_h * stride_k_h, kv_len, stride_k_s, HEAD_DIM, BLOCK_N, BLOCK_D,
-                         USE_TMA)
-    v_src = _head_source(v_ptr + b * stride_v_b + kv_h * stride_v_h, kv_len, stride_v_s, HEAD_DIM, BLOCK_N, BLOCK_D,
-                         USE_TMA)
+    q = tl.load(q_ptr + sq * stride_q_b + q_start * stride_q_s + h * stride_q_h + offs_m[:, None] * stride_q_s
+                + offs_d[None, :], mask=q_tile, other=0.0)
+    do = tl.load(do_ptr + sq * stride_do_b + q_start * stride_do_s + h * stride_do_h + offs_m[:, None] * stride_do_s
+                 + offs_d[None, :], mask=q_tile, other=0.0)
+    row0 = (sq * q_heads + h) * rows + q_start
+    lse = tl.load(lse_ptr + row0 + offs_m, mask=in_q, other=float("inf"))
+    delta = tl.load(delta_ptr + row0 + offs_m, mask=in_q, other=0.0)
+    k_src = _head_source(k_ptr + sk * stride_k_b + k_start * stride_k_s + kv_h * stride_k_h, kv_len, stride_k_s,
+                         HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    v_src = _head_source(v_ptr + sk * stride_v_b + k_start * stride_v_s + kv_h * stride_v_h, kv_len, stride_v_s,
+                         HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
 
     offset = kv_len - q_len
     hi = kv_len
@@ -619,8 +664,8 @@ def _attn_bwd_dq_kernel(
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
 
-    tl.store(dq_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_s + offs_d[None, :],
-             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_tile)
+    tl.store(dq_ptr + sq * stride_dq_b + q_start * stride_dq_s + h * stride_dq_h + offs_m[:, None] * stride_dq_s
+             + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_tile)
 
 
 # Decode tiles: rows are the packed G·Sq query rows (at least 16 for tl.dot); keys 64 at a time
@@ -692,17 +737,38 @@ def _use_tma(tma: bool | None, *tensors: torch.Tensor) -> bool:
     return tma
 
 
+class Packed(NamedTuple):
+    """Sequences packed along one axis: sequence i is rows cu_q[i] .. cu_q[i + 1] of the queries
+    and cu_k[i] .. cu_k[i + 1] of the keys (int32 on the device); max_q, max_k bound every
+    sequence's length and size the grid (host ints, as flash-attn's varlen functions take them)."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+def _sequences(batch: int, q_len: int, kv_len: int, packed: Packed | None, dummy: torch.Tensor):
+    """What the kernels iterate over: (entries, the longest query and key lengths, cu_q, cu_k, VARLEN).
+    Packed: q, k, v are (1, H, total, D) views and each entry is a sequence."""
+    if packed is None:
+        return batch, q_len, kv_len, dummy, dummy, False  # the cu pointers are never read
+    return packed.cu_q.numel() - 1, packed.max_q, packed.max_k, packed.cu_q, packed.cu_k, True
+
+
 def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
                   kv_lens: torch.Tensor | None = None, splits: int | None = None,
-                  tma: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  tma: bool | None = None, packed: Packed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's shape, in a (B, Sq, Hq, D) buffer) and base-2 lse (B, Hq, Sq) fp32.
 
     q, k, v with unit stride along D; ``softmax_scale`` > 0; ``pad`` a (B, Skv) uint8 view of the key
     padding mask or None. ``kv_lens``: (B,) int32 on q's device, or None: batch row b attends over
     the first kv_lens[b] keys of the buffer only, causal aligned to that length (a static KV cache
     filled up to there); read by the kernels, never on the host. ``splits``: force the decode path
-    with that many splits (0: the ordinary forward); default chosen by ``decode_splits``. ``tma``: load Q, K, V through tensor descriptors
-    (TMA on Hopper); default on for sm_90 when ``tma_ready``.
+    with that many splits (0: the ordinary forward); default chosen by ``decode_splits``. ``tma``:
+    load Q, K, V through tensor descriptors (TMA on Hopper); default on for sm_90 when ``tma_ready``.
+    ``packed``: q, k, v are (1, H, total, D) views of packed sequences (no pad, no kv_lens, never the
+    decode path); out and lse keep that layout.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -713,6 +779,11 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         return out, lse
     if kv_len == 0:  # no key to see: every row is one that sees nothing (zeros, lse = +inf)
         return out.zero_(), lse.fill_(float("inf"))
+    entries, longest_q, longest_k, cu_q, cu_k, varlen = _sequences(batch, q_len, kv_len, packed, q)
+    if varlen:
+        splits = 0
+        if entries == 0 or longest_q == 0:  # no sequence has a query (the caller checked the lengths)
+            return out.zero_(), lse.fill_(float("inf"))
     qk_scale = softmax_scale * _LOG2E
     has_pad = pad is not None
     pad_arg = pad if has_pad else q  # never read when HAS_PAD is False
@@ -751,26 +822,27 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     tma = _use_tma(tma, q, k, v)
 
     def grid(meta):
-        return (batch * q_heads, cdiv(q_len, meta["BLOCK_M"]))
+        return (entries * q_heads, cdiv(longest_q, meta["BLOCK_M"]))
 
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, pad_arg, kv_lens_arg,
-        q_heads, group, q_len, kv_len, _bucket(q_len), _bucket(kv_len), _bucket(batch * q_heads),
+        q, k, v, out, lse, pad_arg, kv_lens_arg, cu_q, cu_k,
+        q_heads, group, q_len, kv_len, _bucket(longest_q), _bucket(longest_k), _bucket(entries * q_heads),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_pad,
         qk_scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, USE_TMA=tma, **lens,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, USE_TMA=tma, VARLEN=varlen, **lens,
     )
     return out, lse
 
 
 def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
-                  deterministic: bool = False, tma: bool | None = None):
+                  deterministic: bool = False, tma: bool | None = None, packed: Packed | None = None):
     """dq, dk, dv (each in its input's layout) from the output gradient ``do`` (unit stride along D).
 
     Default: dQ accumulates atomically in fp32 inside the dK/dV kernel (five matrix products per
     block pair; the order of the additions, and so the last bits of dQ, varies run to run).
     ``deterministic=True``: a separate dQ kernel recomputes P and dP (seven products), bit-for-bit
     reproducible. ``tma``: as for ``attention_fwd`` (Q and dO, or K and V, through tensor descriptors).
+    ``packed``: as for ``attention_fwd``.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -783,9 +855,12 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     pad_arg = pad if has_pad else q
     stride_pad = pad.stride(0) if has_pad else 0
     qk_scale = softmax_scale * _LOG2E
-    buckets = (_bucket(q_len), _bucket(kv_len), _bucket(batch * q_heads))
+    entries, longest_q, longest_k, cu_q, cu_k, varlen = _sequences(batch, q_len, kv_len, packed, q)
+    if varlen and (entries == 0 or longest_q == 0):
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    buckets = (_bucket(longest_q), _bucket(longest_k), _bucket(entries * q_heads))
     tma = _use_tma(tma, q, k, v, do)
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, USE_TMA=tma)
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, VARLEN=varlen, USE_TMA=tma)
 
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     delta_rows = 16 if _INTERPRET else 64
@@ -795,16 +870,16 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     )
     # (B, Hq, Sq, D) fp32, zeroed: the atomic dQ's accumulator (empty, never touched, when deterministic).
     dq_acc = q.new_zeros((batch, q_heads, q_len, head_dim) if not deterministic else (0,), dtype=torch.float32)
-    _attn_bwd_dkdv_kernel[lambda m: (cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, pad_arg, dq_acc,
+    _attn_bwd_dkdv_kernel[lambda m: (cdiv(longest_k, m["BLOCK_N"]), entries * kv_heads)](
+        q, k, v, do, lse, delta, dk, dv, pad_arg, dq_acc, cu_q, cu_k,
         kv_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_pad,
         softmax_scale, qk_scale, ATOMIC_DQ=not deterministic, **meta,
     )
     if not deterministic:
         return dq.copy_(dq_acc), dk, dv
-    _attn_bwd_dq_kernel[lambda m: (cdiv(q_len, m["BLOCK_M"]), batch * q_heads)](
-        q, k, v, do, lse, delta, dq, pad_arg,
+    _attn_bwd_dq_kernel[lambda m: (cdiv(longest_q, m["BLOCK_M"]), entries * q_heads)](
+        q, k, v, do, lse, delta, dq, pad_arg, cu_q, cu_k,
         q_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), stride_pad,
         softmax_scale, qk_scale, **meta,

@@ -70,3 +70,17 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = Non
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~sees_any, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(~sees_any, 0.0)
     return torch.matmul(probs.to(v.dtype), v)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, softmax_scale: float | None = None):
+    """The reference for flash_attention_varlen: ``attention`` on each packed sequence alone.
+
+    q (total_q, Hq, D); k, v (total_k, Hk, D); cu_seqlens_q/k (batch + 1,) offsets (read on the
+    host: this is a reference, not a fast path). Returns (total_q, Hq, D).
+    """
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    pieces = [q.new_zeros((0, *q.shape[1:]))]
+    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+        seq = [t[lo:hi].transpose(0, 1)[None] for t, lo, hi in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
+        pieces.append(attention(*seq, causal=causal, softmax_scale=softmax_scale)[0].transpose(0, 1))
+    return torch.cat(pieces)  # the offsets cover q's rows from 0 to the end (checked by the op)

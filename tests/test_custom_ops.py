@@ -32,6 +32,10 @@ def _cases(device, dtype):
     pad = pad.view(torch.uint8)
     out, lse = ops.triton_flash_attention_fwd.default(qa, ka, va, pad, None, True, 0.25)
     kv_lens = torch.tensor([9, 6], dtype=torch.int32, device=device)
+    # packed: sequences of 5, 0 and 12 queries over 7, 3 and 12 keys
+    qp, kp, vp = (torch.randn(n, h, 16, device=device, dtype=dtype) for n, h in ((17, 4), (22, 2), (22, 2)))
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=device) for c in ([0, 5, 5, 17], [0, 7, 10, 22]))
+    out_p, lse_p = ops.triton_flash_attention_varlen_fwd.default(qp, kp, vp, cu_q, cu_k, 12, 12, True, 0.25)
     return [
         ("rms_norm_fwd", ops.triton_rms_norm_fwd.default, (x, w, 1e-6)),
         ("rms_norm_bwd", ops.triton_rms_norm_bwd.default, (torch.randn_like(x), x, w, rstd)),
@@ -47,11 +51,15 @@ def _cases(device, dtype):
          (torch.randn_like(out), qa, ka, va, out, lse, pad, True, 0.25, False)),
         ("flash_attention_bwd deterministic", ops.triton_flash_attention_bwd.default,
          (torch.randn_like(out), qa, ka, va, out, lse, pad, True, 0.25, True)),
+        ("flash_attention_varlen_fwd", ops.triton_flash_attention_varlen_fwd.default,
+         (qp, kp, vp, cu_q, cu_k, 12, 12, True, 0.25)),
+        ("flash_attention_varlen_bwd", ops.triton_flash_attention_varlen_bwd.default,
+         (torch.randn_like(out_p), qp, kp, vp, out_p, lse_p, cu_q, cu_k, 12, 12, True, 0.25, False)),
     ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(13))
 def test_triton_ops(device, dtype, index):
     if device.type == "cpu" and not llama_fast.backend.interpreting():
         pytest.skip("the Triton ops run on CPU tensors only under the interpreter")
@@ -90,7 +98,7 @@ def test_extension_ops(dtype):
 
 
 def _op_calls(device, requires_grad):
-    """(module, call) per public op: the module whose ``_triton_fwd`` custom op the call may use."""
+    """(module, name, call) per public op: the module and name of the custom op the call may use."""
     import importlib
 
     def leaf(*shape, **kw):
@@ -100,12 +108,16 @@ def _op_calls(device, requires_grad):
     q, k = leaf(1, 5, 4, 16).transpose(1, 2), leaf(1, 5, 2, 16).transpose(1, 2)
     cos, sin = torch.randn(1, 5, 16, device=device), torch.randn(1, 5, 16, device=device)
     kv = leaf(1, 2, 5, 16)
+    packed_q, packed_kv = leaf(5, 4, 16), leaf(5, 2, 16)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
     module = lambda name: importlib.import_module(f"llama_fast.ops.{name}")  # noqa: E731
     return [
-        (module("rms_norm"), lambda: llama_fast.ops.rms_norm(x, w)),
-        (module("swiglu"), lambda: llama_fast.ops.swiglu(gate, up)),
-        (module("rope"), lambda: llama_fast.ops.apply_rotary_pos_emb(q, k, cos, sin)),
-        (module("attention"), lambda: llama_fast.ops.flash_attention(q, kv, kv)),
+        (module("rms_norm"), "_triton_fwd", lambda: llama_fast.ops.rms_norm(x, w)),
+        (module("swiglu"), "_triton_fwd", lambda: llama_fast.ops.swiglu(gate, up)),
+        (module("rope"), "_triton_fwd", lambda: llama_fast.ops.apply_rotary_pos_emb(q, k, cos, sin)),
+        (module("attention"), "_triton_fwd", lambda: llama_fast.ops.flash_attention(q, kv, kv)),
+        (module("attention"), "_triton_varlen_fwd",
+         lambda: llama_fast.ops.flash_attention_varlen(packed_q, packed_kv, packed_kv, cu, cu, 3, 3)),
     ]
 
 
@@ -116,10 +128,10 @@ def test_eager_inference_skips_the_custom_op(device, monkeypatch, requires_grad)
     Both give the same result."""
     if device.type == "cpu" and not llama_fast.backend.interpreting():
         pytest.skip("the Triton ops run on CPU tensors only under the interpreter")
-    for module, call in _op_calls(device, requires_grad):
+    for module, name, call in _op_calls(device, requires_grad):
         expected = call()
-        custom_op, used = module._triton_fwd, []
-        monkeypatch.setattr(module, "_triton_fwd", lambda *a, op=custom_op: used.append(1) or op(*a))
+        custom_op, used = getattr(module, name), []
+        monkeypatch.setattr(module, name, lambda *a, op=custom_op: used.append(1) or op(*a))
         got = call()
         assert used == ([1] if requires_grad else []), module.__name__
         for e, g in zip(expected if isinstance(expected, tuple) else (expected,), got if isinstance(got, tuple) else (got,)):

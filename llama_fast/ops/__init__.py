@@ -3,10 +3,10 @@ Triton kernels or the C++ extension's through ``torch.library`` custom ops (fake
 and autograd registered, so ``torch.compile`` traces them whole), or the eager reference."""
 
 from ..backend import BACKENDS, available_backends, backend_for, backend_on
-from .attention import flash_attention
+from .attention import flash_attention, flash_attention_varlen
 from .rms_norm import rms_norm
 from .rope import apply_rotary_pos_emb
 from .swiglu import swiglu
 
-__all__ = ["BACKENDS", "apply_rotary_pos_emb", "available_backends", "backend_for", "backend_on", "flash_attention", "rms_norm",
-           "swiglu"]
+__all__ = ["BACKENDS", "apply_rotary_pos_emb", "available_backends", "backend_for", "backend_on", "flash_attention",
+           "flash_attention_varlen", "rms_norm", "swiglu"]

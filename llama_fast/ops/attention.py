@@ -64,6 +64,24 @@ def _backward(ctx, dout, _dlse):
 _triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_heads(op, q_heads, kv_heads, head_dim, kv_head_dim) -> None:
+    if kv_head_dim != head_dim:
+        raise ValueError(f"{op}: q has head_dim {head_dim} but k and v have head_dim {kv_head_dim}")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"{op}: q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    if head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim must be a multiple of 16 between 16 and {_MAX_HEAD_DIM}, got {head_dim}")
+
+
+def _scale(op, q, softmax_scale) -> float:
+    """The softmax scale as a float: head_dim ** -0.5 unless given; positive and finite, because the
+    kernels take the running maximum on unscaled scores and scale inside the exponent."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not 0.0 < scale < float("inf"):
+        raise ValueError(f"{op}: softmax_scale must be positive and finite, got {softmax_scale}")
+    return scale
+
+
 def _check(q, k, v, key_padding_mask, kv_lens) -> None:
     op = "flash_attention"
     check_dtype(op, q=q, k=k, v=v)
@@ -79,12 +97,7 @@ def _check(q, k, v, key_padding_mask, kv_lens) -> None:
     batch, q_heads, _, head_dim = q.shape
     if k.shape[0] != batch:
         raise ValueError(f"{op}: q has batch {batch} but k and v have batch {k.shape[0]}")
-    if k.shape[-1] != head_dim:
-        raise ValueError(f"{op}: q has head_dim {head_dim} but k and v have head_dim {k.shape[-1]}")
-    if k.shape[1] == 0 or q_heads % k.shape[1]:
-        raise ValueError(f"{op}: q_heads ({q_heads}) must be a multiple of kv_heads ({k.shape[1]})")
-    if head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
-        raise ValueError(f"{op}: head_dim must be a multiple of 16 between 16 and {_MAX_HEAD_DIM}, got {head_dim}")
+    _check_heads(op, q_heads, k.shape[1], head_dim, k.shape[-1])
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"{op}: key_padding_mask must be bool (True for real keys), got {key_padding_mask.dtype}")
@@ -122,10 +135,7 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     Decoding shapes (few queries, long KV) take the split-KV path automatically.
     """
     _check(q, k, v, key_padding_mask, kv_lens)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not 0.0 < scale < float("inf"):
-        # The kernels take the running maximum on unscaled scores and scale inside the exponent.
-        raise ValueError(f"flash_attention: softmax_scale must be positive and finite, got {softmax_scale}")
+    scale = _scale("flash_attention", q, softmax_scale)
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
                                     kv_lens=kv_lens)
@@ -136,4 +146,153 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
         kv_lens = kv_lens.to(torch.int32).contiguous()
     forward = _launch_fwd if direct_call_ok(q, k, v) else _triton_fwd
     out, _ = forward(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), pad, kv_lens, bool(causal), scale)
+    return out
+
+
+# Packed (varlen) sequences: the same kernels over (1, H, total, D) views, each "batch" entry a
+# sequence (kernels/attention.py, Packed). Separate ops because the signature differs.
+def _launch_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import attention
+
+    packed = attention.Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out, lse = attention.attention_fwd(*_heads_first(q, k, v), causal=causal, softmax_scale=softmax_scale, pad=None,
+                                       packed=packed)
+    return out.transpose(1, 2).squeeze(0), lse.squeeze(0)
+
+
+_triton_varlen_fwd = torch.library.custom_op("llama_fast::triton_flash_attention_varlen_fwd", _launch_varlen_fwd,
+                                             mutates_args=())
+
+
+@torch.library.custom_op("llama_fast::triton_flash_attention_varlen_bwd", mutates_args=())
+def _triton_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                       max_seqlen_k: int, causal: bool, softmax_scale: float,
+                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import attention
+
+    packed = attention.Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    grads = attention.attention_bwd(*_heads_first(dout, q, k, v, out), lse.unsqueeze(0), causal=causal,
+                                    softmax_scale=softmax_scale, pad=None, deterministic=deterministic, packed=packed)
+    return tuple(g.transpose(1, 2).squeeze(0) for g in grads)
+
+
+def _heads_first(*packed: torch.Tensor) -> list[torch.Tensor]:
+    """(total, H, D) tensors as the (1, H, total, D) views the kernels take."""
+    return [t.unsqueeze(0).transpose(1, 2) for t in packed]
+
+
+@_triton_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    total, heads, head_dim = q.shape
+    return q.new_empty((total, heads, head_dim)), q.new_empty((heads, total), dtype=torch.float32)
+
+
+@_triton_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+      deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.args = max_q, max_k, causal, softmax_scale
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _triton_varlen_bwd(unit_stride_last(dout), q, k, v, out, lse, cu_q, cu_k, *ctx.args,
+                                    torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_triton_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:
+    """Shapes, dtypes and devices; returns max_seqlen_q, max_seqlen_k as host ints."""
+    op = "flash_attention_varlen"
+    check_dtype(op, q=q, k=k, v=v)
+    check_same_dtype(op, q=q, k=k, v=v)
+    check_same_device(op, q=q, k=k, v=v)
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"{op}: q, k, v must be 3-D (total_tokens, heads, head_dim), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
+    q_heads, head_dim = q.shape[1:]
+    _check_heads(op, q_heads, k.shape[1], head_dim, k.shape[2])
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() == 0:
+            got = f"{cu.dtype} {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise TypeError(f"{op}: {name} must be a 1-D int32 tensor (batch + 1,), got {got}")
+        if cu.device != q.device:
+            raise ValueError(f"{op}: {name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    maxes = []
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, torch.Tensor):
+            m = int(m)  # flash-attn takes these as ints too; a device tensor costs a sync here
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"{op}: {name} must be a non-negative int, got {m!r}")
+        maxes.append(m)
+    return maxes[0], maxes[1]
+
+
+def _check_varlen_values(cu_q, cu_k, total_q, total_k, max_q, max_k) -> None:
+    """What the offsets must satisfy: start at 0, never decrease, end at the total token count, no
+    sequence longer than its max_seqlen (the grid covers only that many rows). On the CPU the
+    values are host memory and a failure raises ValueError naming the rule; on a GPU (or while
+    torch.compile traces) reading them would sync, so the same rules go to one device-side assert
+    (torch._assert_async): an error, not a wrong answer, reported when the device gets there."""
+    op = "flash_attention_varlen"
+    rules = []
+    for name, cu, total, longest in (("cu_seqlens_q", cu_q, total_q, max_q), ("cu_seqlens_k", cu_k, total_k, max_k)):
+        lengths = cu[1:] - cu[:-1]
+        rules += [
+            (cu[0] == 0, f"{name} must start at 0"),
+            ((lengths >= 0).all(), f"{name} must never decrease"),
+            (cu[-1] == total, f"{name} must end at the total number of tokens, {total}"),
+            ((lengths <= longest).all(), f"a sequence is longer than max_seqlen_{name[-1]} = {longest}"),
+        ]
+    if cu_q.device.type == "cpu" and not torch.compiler.is_compiling():
+        for ok, message in rules:
+            if not ok:
+                raise ValueError(f"{op}: {message} (cu_seqlens_q {cu_q.tolist()}, cu_seqlens_k {cu_k.tolist()})")
+        return
+    ok = rules[0][0]
+    for rule, _ in rules[1:]:
+        ok = ok & rule
+    torch._assert_async(ok, f"{op}: cu_seqlens_q/k or max_seqlen_q/k are inconsistent (start at 0, never decrease, "
+                            "end at the token count, no sequence longer than its max_seqlen)")
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal: bool = True,
+                           softmax_scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Flash attention over sequences packed without padding, in flash-attn's varlen layout.
+
+    q: (total_q, q_heads, head_dim); k, v: (total_k, kv_heads, head_dim), q_heads a multiple of
+    kv_heads (K/V never expanded). Sequence i is rows cu_seqlens_q[i] .. cu_seqlens_q[i + 1] of q
+    and cu_seqlens_k[i] .. cu_seqlens_k[i + 1] of k and v: int32 (batch + 1,) tensors on q's
+    device, from 0 to the total, never decreasing (zero-length sequences allowed). max_seqlen_q,
+    max_seqlen_k: ints at least every sequence's length (they size the grid; a tensor is read on
+    the host). Each sequence attends only to itself; ``causal`` is bottom-right aligned per
+    sequence (query i of a sequence sees its keys j <= i + len_k − len_q). Other arguments and
+    numerics as ``flash_attention``. Returns (total_q, q_heads, head_dim) in q's dtype,
+    differentiable in q, k and v. No host sync on a GPU (the offsets are checked by a device-side
+    assert there).
+    """
+    max_q, max_k = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = _scale("flash_attention_varlen", q, softmax_scale)
+    _check_varlen_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_q, max_k)
+    if backend_for(q, backend, extension_op=False) == "reference":
+        return references.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale)
+    forward = _launch_varlen_fwd if direct_call_ok(q, k, v) else _triton_varlen_fwd
+    out, _ = forward(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), cu_seqlens_q.contiguous(),
+                     cu_seqlens_k.contiguous(), max_q, max_k, bool(causal), scale)
     return out
