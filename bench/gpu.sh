@@ -44,8 +44,8 @@ cat "$OUT/gpu_tests.log"
 # Attention first: on sm_90 its 16-bit cases take the TMA path (tensor descriptors), which the
 # interpreter runs only as plain loads; the rest follow.
 LLAMA_FAST_TEST_DEVICE=cuda LLAMA_FAST_AUTOTUNE=0 timeout 180 python -m pytest -q -x -p no:cacheprovider \
-  tests/test_attention.py tests/test_ops.py tests/test_zero_size.py tests/test_transformers_match.py \
-  tests/test_patch.py >> "$OUT/gpu_tests.log" 2>&1
+  tests/test_attention.py tests/test_attention_varlen.py tests/test_ops.py tests/test_zero_size.py \
+  tests/test_transformers_match.py tests/test_patch.py tests/test_packing.py >> "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
 
 # 1b. torch.compile on the GPU: custom ops (opcheck), fullgraph compiles incl. Inductor with the Triton

@@ -85,6 +85,11 @@ def _validate(model: torch.nn.Module, options: dict) -> None:
         if not getattr(config, "is_causal", True):
             raise ValueError("llama_fast.patch: the model is configured for bidirectional attention "
                              "(config.is_causal = False); pass attention=False")
+    if options["cross_entropy"]:
+        head = getattr(model, "lm_head", None)
+        if head is None or not isinstance(_head_linear(head), torch.nn.Linear):
+            raise ValueError(f"llama_fast.patch: cross_entropy=True needs a causal LM with a linear lm_head "
+                             f"({type(model).__name__} has {type(head).__name__})")
     if options["rope"] and layers[0].self_attn.head_dim % 2:
         raise ValueError("llama_fast.patch: RoPE needs an even head_dim")
     if options["backend"] is not None:
@@ -128,6 +133,76 @@ def _mlp_forward(backend):
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
 
     return forward
+
+
+def _head_linear(head):
+    """The nn.Linear of an lm_head: itself, or the base layer PEFT wraps it in."""
+    return getattr(head, "base_layer", head)
+
+
+def _head_weight(head):
+    """lm_head's weight and bias as its forward would use them: with a LoRA adapter on lm_head, the
+    base weight plus each active adapter's delta (differentiable in the adapter), which is only the
+    same as the adapter's forward without LoRA dropout."""
+    linear = _head_linear(head)
+    if linear is head or getattr(head, "merged", False) or getattr(head, "disable_adapters", False):
+        return linear.weight, linear.bias
+    weight = linear.weight
+    for name in head.active_adapters:
+        if name not in getattr(head, "lora_A", {}):
+            continue
+        dropout = head.lora_dropout[name]
+        if not isinstance(dropout, torch.nn.Identity) and dropout.p > 0 and head.training:
+            raise NotImplementedError("llama_fast cross_entropy: LoRA dropout on lm_head in training cannot be fused "
+                                      "(patch with cross_entropy=False, or lora_dropout=0 for lm_head)")
+        weight = weight + head.get_delta_weight(name)
+    return weight, linear.bias
+
+
+def _causal_lm_forward():
+    """The forward patched causal LMs get with cross_entropy=True. Without labels it is the class's
+    own. With labels, the class's forward runs with lm_head's forward replaced for that call by one
+    that computes the fused loss from the hidden states (no logits): the weight is read inside
+    lm_head's own call, so the hooks FSDP2 and DeepSpeed ZeRO-3 put on lm_head gather it first.
+    The output's ``loss`` is the loss and its ``logits`` is None."""
+
+    def forward(self, *args, labels=None, **kwargs):
+        if labels is None:
+            return type(self).forward(self, *args, **kwargs)
+        head, losses = self.lm_head, []
+
+        def fused(hidden):
+            losses.append(_fused_causal_lm_loss(head, hidden, labels, kwargs.get("num_items_in_batch"),
+                                                kwargs.get("shift_labels"), getattr(self.config, "final_logit_softcapping",
+                                                                                    None)))
+            return hidden.new_empty(0)  # stands in for the logits, and is dropped below
+
+        head.forward = fused
+        try:
+            out = type(self).forward(self, *args, **kwargs)
+        finally:
+            del head.forward
+        out.loss, out.logits = losses[0], None
+        return out
+
+    return forward
+
+
+def _fused_causal_lm_loss(head, hidden, labels, num_items_in_batch, shift_labels, softcap):
+    """transformers' ForCausalLMLoss (labels shifted left, -100 ignored, num_items_in_batch) by
+    ops.linear_cross_entropy on lm_head's weights."""
+    from . import ops
+
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    shift_labels = shift_labels.reshape(-1).to(hidden.device)
+    tokens = hidden.reshape(-1, hidden.shape[-1])
+    if tokens.shape[0] != shift_labels.shape[0]:
+        raise ValueError(f"llama_fast cross_entropy: {tokens.shape[0]} positions (after logits_to_keep) but "
+                         f"{shift_labels.shape[0]} labels")
+    weight, bias = _head_weight(head)
+    return ops.linear_cross_entropy(tokens, weight, shift_labels, bias=bias, num_items_in_batch=num_items_in_batch,
+                                    logit_softcap=softcap)
 
 
 def _with_globals(fn, replacements: dict):
@@ -175,10 +250,15 @@ def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     from transformers import masking_utils
 
     if mask_function is not None and mask_function is not masking_utils.causal_mask_function:
+        if attention_mask is None and q_offset == 0 and kv_offset == 0 and kv_length == q_length:
+            # For a Llama, transformers asks for another mask without a cache or padding only when
+            # position_ids show packed sequences: the attention function finds the same sequences
+            # (or refuses, if it cannot).
+            return _packed_marker(batch_size, kwargs.get("device"))
         raise NotImplementedError(
             "llama_fast attention: this forward asks for a mask other than plain causal + padding "
-            f"({getattr(mask_function, '__name__', mask_function)}; e.g. packed sequences or a custom "
-            "mask function); patch with attention=False for such inputs"
+            f"({getattr(mask_function, '__name__', mask_function)}; e.g. a custom mask function); patch with "
+            "attention=False for such inputs"
         )
     cache_position = kwargs.get("cache_position")
     if cache_position is not None:  # transformers versions that pass the query positions instead
@@ -224,13 +304,100 @@ def _decode_static_cache_mask(mask: torch.Tensor, kv_len: int):
     return mask[:, 0, 0, :kv_len].bool(), mask[:, 0, 0, kv_len]
 
 
+def _packed_marker(batch_size: int, device) -> torch.Tensor:
+    """The mask function's answer when transformers asks for packed sequences' mask: an empty
+    (B, 1, 1, 0) int8 tensor that tells the attention function to find the sequences itself."""
+    return torch.empty((batch_size, 1, 1, 0), dtype=torch.int8, device=device)
+
+
+def _is_packed_marker(mask: torch.Tensor) -> bool:
+    return mask.dim() == 4 and mask.dtype == torch.int8 and mask.shape[-1] == 0
+
+
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _packed_sequences(query, key, attention_mask, kwargs):
+    """The packed sequences of this batch as (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+    or None for an ordinary batch.
+
+    From the ``cu_seq_lens_q/k`` and ``max_length_q/k`` keywords when given (what
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` makes: no host sync). Else, for a
+    batch without a padding mask or a cache (queries and keys alike, more than one token), from
+    ``position_ids``: a new sequence starts wherever a position is not the previous one plus one,
+    as transformers' mask code decides; that reads the positions on the host once per forward
+    (``_sequences_from_positions``), as transformers' FlashAttention-2 path does in every layer.
+    Under torch.compile that read would break the graph, so there a row whose positions are not one
+    run fails a device-side assert instead (pass the keywords to compile packed batches).
+    """
+    given = {name: kwargs.get(name) for name in _PACKED_KWARGS}
+    marker = attention_mask is not None and _is_packed_marker(attention_mask)
+    if any(value is not None for value in given.values()):
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            raise NotImplementedError(f"llama_fast attention: packed sequences need all of {', '.join(_PACKED_KWARGS)}; "
+                                      f"{', '.join(missing)} missing")
+        if attention_mask is not None and not marker:
+            raise NotImplementedError("llama_fast attention: packed sequences (cu_seq_lens_*) come without a padding "
+                                      "mask; got both")
+        as_int32 = [t.to(torch.int32) for t in (given["cu_seq_lens_q"], given["cu_seq_lens_k"])]
+        return (*as_int32, given["max_length_q"], given["max_length_k"])
+    position_ids = kwargs.get("position_ids")
+    plain = attention_mask is None or marker
+    if plain and position_ids is not None and query.shape[2] > 1 and key.shape[2] == query.shape[2]:
+        if torch.compiler.is_compiling():
+            # Traced, transformers asks for the packed mask whether or not the positions show packing.
+            _assert_one_run_per_row(position_ids)
+            return None
+        found = _sequences_from_positions(position_ids, query.shape[0])
+        if found is not None:
+            return found
+    if marker:
+        raise NotImplementedError("llama_fast attention: transformers asked for a mask other than causal + padding "
+                                  "and position_ids show no packed sequences; patch with attention=False")
+    return None
+
+
+def _sequences_from_positions(position_ids: torch.Tensor, batch: int):
+    """(cu_seqlens, cu_seqlens, longest, longest) of the sequences in ``position_ids`` (1 or batch
+    rows): each row starts one, and so does every position that is not the previous one plus one.
+    None when each row is one sequence. The positions are copied to the host once (a sync) and the
+    answer is kept on the tensor itself, which transformers hands every layer of a forward."""
+    memo = vars(position_ids).get("_llama_fast_sequences")
+    if memo is not None and memo[0] == (position_ids._version, batch):
+        return memo[1]
+    rows = position_ids.expand(batch, -1).cpu()
+    starts = torch.ones(rows.shape, dtype=torch.bool)
+    starts[:, 1:] = rows[:, 1:] != rows[:, :-1] + 1
+    edges = starts.flatten().nonzero().flatten().tolist()
+    found = None
+    if len(edges) > batch:
+        bounds = [*edges, rows.numel()]
+        cu = torch.tensor(bounds, dtype=torch.int32).to(position_ids.device, non_blocking=True)
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        found = (cu, cu, longest, longest)
+    position_ids._llama_fast_sequences = ((position_ids._version, batch), found)
+    return found
+
+
+def _assert_one_run_per_row(position_ids: torch.Tensor) -> None:
+    """Under torch.compile: fail (device-side) unless each row's positions run up by one, i.e. the
+    batch holds no packed sequences that only position_ids describe."""
+    steps = position_ids[:, 1:] - position_ids[:, :-1]
+    torch._assert_async((steps == 1).all(), "llama_fast attention: position_ids show packed sequences; under "
+                        "torch.compile pass cu_seq_lens_q/k and max_length_q/k (DataCollatorWithFlattening("
+                        "return_flash_attn_kwargs=True)) so that no host read is needed")
+
+
 # Keywords transformers hands the attention function that do not change what it computes here (the
-# cache and positions act before attention: RoPE, the cache update, the mask function). Any other
-# keyword with a value is refused: e.g. the cu_seq_lens_q/k and max_length_q/k of packed batches
-# (DataCollatorWithFlattening(return_flash_attn_kwargs=True)), which ignored would let tokens attend
-# across document boundaries, or a sliding window, softcap or attention sinks.
+# cache and positions act before attention: RoPE, the cache update, the mask function; position_ids
+# also show packed sequences, read by _packed_sequences with the _PACKED_KWARGS). Any other keyword
+# with a value is refused rather than ignored: e.g. a sliding window, softcap or attention sinks.
 _NEUTRAL_KWARGS = frozenset({"position_ids", "use_cache", "cache", "past_key_values", "cache_position", "layer_idx",
-                             "output_attentions"})
+                             "output_attentions", "output_hidden_states", "output_router_logits",
+                             # the loss's normaliser, which transformers' Trainer passes down the whole model
+                             "num_items_in_batch",
+                             "is_causal"})  # honoured by _attention
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -247,13 +414,17 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if kwargs.get("output_attentions"):
         raise NotImplementedError("llama_fast attention never forms the attention matrix: output_attentions=True "
                                   "needs the eager implementation (patch with attention=False)")
-    unknown = sorted(k for k, v in kwargs.items() if k not in _NEUTRAL_KWARGS and v is not None)
+    unknown = [k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_KWARGS and k not in _PACKED_KWARGS]
     if unknown:
-        raise NotImplementedError(
-            f"llama_fast attention: does not implement {', '.join(unknown)}; refusing rather than ignoring them "
-            "(cu_seq_lens_* / max_length_* come with packed sequences, e.g. DataCollatorWithFlattening with "
-            "return_flash_attn_kwargs=True); patch with attention=False for such inputs"
-        )
+        raise NotImplementedError(f"llama_fast attention: does not implement {', '.join(sorted(unknown))}; refusing "
+                                  "rather than ignoring them; patch with attention=False for such inputs")
+    # transformers' own attention functions let an is_causal keyword override the module's
+    causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
+    packed = _packed_sequences(query, key, attention_mask, kwargs)
+    if packed is not None:
+        return _packed_attention(query, key, value, packed, causal, scaling), None
+    if attention_mask is not None and _is_packed_marker(attention_mask):
+        attention_mask = None  # traced: each row is one sequence (asserted on the device)
     kv_lens = None
     if attention_mask is not None and (static := _decode_static_cache_mask(attention_mask, key.shape[-2])):
         attention_mask, kv_lens = static
@@ -262,9 +433,21 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             f"llama_fast attention: expected the (batch, kv_len) padding mask made by llama_fast's mask function, "
             f"got a {attention_mask.dim()}-D mask (was the attention implementation changed after patch()?)"
         )
-    out = ops.flash_attention(query, key, value, causal=getattr(module, "is_causal", True), softmax_scale=scaling,
-                              key_padding_mask=attention_mask, kv_lens=kv_lens)
+    out = ops.flash_attention(query, key, value, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
+                              kv_lens=kv_lens)
     return out.transpose(1, 2), None
+
+
+def _packed_attention(query, key, value, packed, causal, scaling):
+    """Attention over packed sequences: the (B, H, S, D) views the module hands over, which are
+    (B, S, H, D) projections transposed, as flash-attn's (B·S, H, D) layout (views, no copy), and
+    the result back as (B, S, H, D)."""
+    from . import ops
+
+    batch, heads, q_len, head_dim = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], head_dim) for t in (query, key, value))
+    out = ops.flash_attention_varlen(q, k, v, *packed, causal=causal, softmax_scale=scaling)
+    return out.view(batch, q_len, heads, head_dim)
 
 
 def _register_attention() -> None:
@@ -287,7 +470,7 @@ def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
 
 
 def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, attention: bool = True,
-          backend: str | None = None):
+          cross_entropy: bool = False, backend: str | None = None):
     """Put llama_fast's kernels into ``model`` in place and return it.
 
     ``model``: a transformers Llama model (``LlamaForCausalLM``, ``LlamaModel`` or another head on
@@ -296,12 +479,17 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
     ``llama_fast.backend``) applies to RMSNorm, RoPE and SwiGLU; attention always runs the Triton
     kernel (or, on a CPU without the interpreter, the reference). Raises ``ValueError`` naming what
     is unsupported, before changing anything. Patching a patched model re-patches it.
+
+    ``cross_entropy=True`` (off by default: it changes the output) makes a causal LM's forward with
+    ``labels`` compute the loss fused with lm_head (``ops.linear_cross_entropy``): the logits are
+    never formed and the output's ``logits`` is None. Without labels nothing changes.
     """
     from .backend import BACKENDS
 
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"llama_fast.patch: unknown backend {backend!r}; choose one of {BACKENDS}")
-    options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, backend=backend)
+    options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy,
+                   backend=backend)
     backbone = _backbone(model)
     _validate(backbone, options)
     if getattr(backbone, _RECORD, None) is not None:
@@ -313,6 +501,8 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
         module.forward = types.MethodType(forward, module)
         record.forwards.append(module)
 
+    if cross_entropy:
+        give_forward(backbone, _causal_lm_forward())
     for module in backbone.modules():
         if rms_norm and isinstance(module, llama.LlamaRMSNorm):
             give_forward(module, _rms_norm_forward(backend))

@@ -84,3 +84,16 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True
         seq = [t[lo:hi].transpose(0, 1)[None] for t, lo, hi in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
         pieces.append(attention(*seq, causal=causal, softmax_scale=softmax_scale)[0].transpose(0, 1))
     return torch.cat(pieces)  # the offsets cover q's rows from 0 to the end (checked by the op)
+
+
+def linear_cross_entropy_rows(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
+                              label_smoothing: float = 0.0, softcap: float | None = None):
+    """The reference for linear_cross_entropy, unfused: the whole logits matrix, upcast to fp32 as
+    transformers' ``ForCausalLMLoss`` does, then PyTorch's cross_entropy per row. Returns (loss per
+    row, 0 where ignored; log-sum-exp per row)."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    rows = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    return rows, torch.logsumexp(logits, -1)

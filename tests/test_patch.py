@@ -238,16 +238,15 @@ def test_unsupported_inputs_raise_at_call_time():
         _padding_mask(batch_size=1, q_length=2, kv_length=8, q_offset=20, kv_offset=0)
 
 
-def test_packed_batch_kwargs_are_refused_not_ignored():
-    """A batch from DataCollatorWithFlattening(return_flash_attn_kwargs=True) carries cu_seq_lens_q/k and
-    max_length_q/k for the attention function; ignoring them let tokens attend across documents (loss off
-    by 0.58% with no error). Until packed sequences are implemented they are refused, by name."""
-    from transformers import DataCollatorWithFlattening
-
+def test_unknown_attention_keywords_are_refused_not_ignored():
+    """A keyword that reaches the attention function and could change its result is refused by name
+    (ignoring the packed-sequence keywords once let tokens attend across documents with no error;
+    those are implemented now, tests/test_packing.py); the Trainer's loss normaliser passes."""
     model = llama_fast.patch(tiny_model())
-    examples = [{"input_ids": tokens(1, n, seed=n)[0].tolist()} for n in (5, 9)]
-    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(examples)
-    assert "cu_seq_lens_q" in batch
-    batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    with pytest.raises(NotImplementedError, match="does not implement cu_seq_lens_k, cu_seq_lens_q, max_length_k"):
-        model(**batch)
+    ids = tokens(1, 6)
+    with pytest.raises(NotImplementedError, match="does not implement softcap"):
+        model(input_ids=ids, softcap=30.0)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        normalised = model(input_ids=ids, num_items_in_batch=torch.tensor(5, device=DEVICE)).logits
+    assert torch.equal(expected, normalised)

@@ -4,9 +4,10 @@ and autograd registered, so ``torch.compile`` traces them whole), or the eager r
 
 from ..backend import BACKENDS, available_backends, backend_for, backend_on
 from .attention import flash_attention, flash_attention_varlen
+from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import apply_rotary_pos_emb
 from .swiglu import swiglu
 
 __all__ = ["BACKENDS", "apply_rotary_pos_emb", "available_backends", "backend_for", "backend_on", "flash_attention",
-           "flash_attention_varlen", "rms_norm", "swiglu"]
+           "flash_attention_varlen", "linear_cross_entropy", "rms_norm", "swiglu"]
