@@ -9,6 +9,7 @@
                              loads, instructions per matrix-loop iteration against a baseline
   python -m bench traffic    bytes eager PyTorch moves per op vs the fused kernel's minimum
   python -m bench overhead   host time per op call and per decode layer step, launches stubbed, vs eager
+  python -m bench loss       peak memory of the fused linear + cross-entropy loss step vs the unfused loss
 
 With --out DIR, each suite writes DIR/<suite>.json (every figure, the device, the versions and the
 date) and DIR/<suite>.png. On a machine with no GPU the suites time on the CPU and say so; those
@@ -73,6 +74,24 @@ def _overhead(args) -> int:
                         "run for real on the same tiny decode tensors")
         os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "overhead.json"), meta, rows)
+    return 0
+
+
+def _loss(args, write: bool = True) -> int:
+    import torch
+
+    from . import device as dev
+    from .loss import format_table, rows
+    from .report import write_json
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "meta")
+    result = rows(device)
+    print(format_table(result))
+    if args.out and write:
+        meta = dev.describe(torch.device("cuda" if device.type == "cuda" else "cpu"))
+        meta["what"] = "peak memory of one loss step (forward + backward), " + result[0]["how"]
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "loss.json"), meta, result)
     return 0
 
 
@@ -182,7 +201,7 @@ def _suites(args, names) -> int:
     return 0
 
 
-COMMANDS = ("all", *SUITES, "audit", "traffic", "overhead")
+COMMANDS = ("all", *SUITES, "audit", "traffic", "overhead", "loss")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -214,6 +233,8 @@ def _parser() -> argparse.ArgumentParser:
                     ("out", "model")),
         "overhead": ("host time per op call and per decoder-layer decode step, kernel launches stubbed, vs eager "
                      "(CPU; no GPU needed)", ("out", "rep_ms", "no_progress")),
+        "loss": ("peak memory of the fused linear + cross-entropy loss step vs the unfused loss, Llama-3-8B shapes "
+                 "(meta tensors without a GPU)", ("out",)),
     }
     for command, (text, names) in helps.items():
         sub.add_parser(command, help=text, description=text, parents=[options(*names)])
@@ -262,6 +283,8 @@ def main(argv=None) -> int:
         return _traffic(args)
     if args.command == "overhead":
         return _overhead(args)
+    if args.command == "loss":
+        return _loss(args)
     if args.command == "attention" and args.model_only:
         return _attention_model(args)
     if args.command in SUITES:
@@ -273,6 +296,7 @@ def main(argv=None) -> int:
     # On a lent GPU only 8 files come back (bench/gpu.sh): the traffic count is printed, not saved,
     # and the audit, which needs no GPU, is left to CI.
     status |= _traffic(args, write=not gpu)
+    status |= _loss(args, write=not gpu)
     if not gpu:
         status |= _audit(args)
     return status

@@ -311,7 +311,7 @@ def check_baseline(reports: list[Report], path: Path = BASELINE) -> str:
 
 
 def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
-    from llama_fast.kernels import rmsnorm, rope, swiglu
+    from llama_fast.kernels import cross_entropy, rmsnorm, rope, swiglu
 
     tokens, batch, seq = 4096, 2, 2048
     bf16 = torch.bfloat16
@@ -328,6 +328,15 @@ def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[int], object], s
     gate = torch.empty(tokens, model.intermediate, dtype=bf16)
     yield "swiglu fwd", lambda arch: swiglu.swiglu_fwd(gate, gate), "memory"
     yield "swiglu bwd", lambda arch: swiglu.swiglu_bwd(gate, gate, gate), "memory"
+    # the fused loss's kernels: a chunk of logits (rows x the vocabulary), and a block of columns
+    logits = torch.empty(256, model.vocab, dtype=bf16)
+    labels = torch.zeros(256, dtype=torch.long)
+    lse = torch.empty(256, dtype=torch.float32)
+    yield "cross_entropy loss", lambda arch: cross_entropy.loss_rows(logits, labels, ignore_index=-100,
+                                                                     label_smoothing=0.0, softcap=None), "memory"
+    yield "cross_entropy grad", lambda arch: cross_entropy.grad_in_place(logits[:, :4096], labels, lse, lse, 0,
+                                                                         model.vocab, ignore_index=-100,
+                                                                         label_smoothing=0.0, softcap=None), "memory"
 
 
 def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:

@@ -48,11 +48,11 @@ LLAMA_FAST_TEST_DEVICE=cuda LLAMA_FAST_AUTOTUNE=0 timeout 180 python -m pytest -
   tests/test_transformers_match.py tests/test_patch.py tests/test_packing.py >> "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
 
-# 1b. torch.compile on the GPU: custom ops (opcheck), fullgraph compiles incl. Inductor with the Triton
+# 1b. torch.compile on the GPU: custom ops (opcheck), the fused loss, fullgraph compiles incl. Inductor with the Triton
 # kernels, static-cache decode compiled with mode="reduce-overhead" (CUDA graphs), and no host sync
 # under torch.cuda.set_sync_debug_mode("error"). Separate, so a failure here cannot stop the rest.
 LLAMA_FAST_TEST_DEVICE=cuda LLAMA_FAST_AUTOTUNE=0 timeout 120 python -m pytest -q -p no:cacheprovider \
-  tests/test_compile.py tests/test_custom_ops.py >> "$OUT/gpu_tests.log" 2>&1
+  tests/test_compile.py tests/test_custom_ops.py tests/test_linear_cross_entropy.py >> "$OUT/gpu_tests.log" 2>&1
 echo "gpu compile tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
 
 # 2. The suites, autotuned, quick sweeps so that all three fit. The attention suite first measures

@@ -65,9 +65,14 @@ def test_suites_on_cpu_are_labelled_cpu(tmp_path, suite, extra):
     ext = "cpu" if extension.available() else "reference"
     label = {"ops": ext, "attention": "reference", "e2e": ext if ext == "reference" else "cpu, attention reference"}
     expected = {f"llama_fast[{label[suite]}]"}
-    if suite == "e2e":  # generate() with a static cache too
-        expected.add(f"llama_fast[{label[suite]}] +static")
+    if suite == "e2e":  # generate() with a static cache too, and training on padded and packed examples
+        expected |= {f"llama_fast[{label[suite]}] +static", f"llama_fast[{label[suite]}] padded",
+                     f"llama_fast[{label[suite]}] packed"}
         assert {r["provider"] for r in rows if r["op"] == "generate"} >= {"transformers", "transformers +static"}
+        packing = [r for r in rows if r["mode"] == "padded vs packed"]
+        assert {r["provider"] for r in packing} == {"transformers padded", f"llama_fast[{label[suite]}] padded",
+                                                    f"llama_fast[{label[suite]}] packed"}
+        assert all(r["tokens_per_s"] > 0 and "attention FLOPs packed/padded" in r["shape"] for r in packing)
     assert {r["provider"] for r in ours} == expected
     assert all(r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"] for r in rows)
     assert (tmp_path / f"{suite}.png").stat().st_size > 10_000
@@ -163,3 +168,30 @@ def test_overhead_bench(tmp_path):
         assert 0 < rows[name]["llama_fast_grad_host_us"] < 2000, rows[name]
         assert rows[name]["in_torch_muls"] == rows[name]["llama_fast_host_us"] / rows[name]["torch_mul_us"]
     assert "Host time, not GPU time." in proc.stdout
+
+
+def test_loss_memory_bench(tmp_path):
+    """`python -m bench loss`: the loss step's peak, counted on meta tensors, fused against unfused."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench", "loss", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = json.loads((tmp_path / "loss.json").read_text())["results"][0]
+    gib = 2 ** 30
+    # dweight alone (bf16, 128256 x 4096) is 0.98 GiB: the fused peak holds it and little else
+    assert 0.98 * gib < row["fused_bytes"] < 1.5 * gib < 4 * gib < row["unfused_bytes"], row
+    assert "goal <= 0.125" in proc.stdout
+
+
+def test_live_bytes_counts_what_is_alive():
+    from bench.loss import LiveBytes
+
+    with LiveBytes() as counter:
+        a = torch.empty(1024, device="meta")  # 4 KiB
+        b = a + 1  # 4 KiB more
+        view = b[:10]  # no new memory
+        del a
+        c = torch.empty(256, device="meta")  # 1 KiB
+    assert counter.peak == 8192 and counter.live == 4096 + 1024
+    del b, view, c
+    assert counter.live == 0

@@ -101,8 +101,8 @@ def _phase_one(hidden, weight, labels, bias, ignore_index, smoothing, softcap):
 
 def _mm_fp32(a, b):
     """a @ b summed and returned in fp32: on CUDA by cuBLAS with fp32 output (no rounding of the
-    16-bit product), elsewhere in fp32."""
-    if a.is_cuda and a.dtype != torch.float32:
+    16-bit product; meta tensors too, for the memory bench), elsewhere in fp32."""
+    if a.device.type in ("cuda", "meta") and a.dtype != torch.float32:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError):  # a torch without mm's out_dtype
