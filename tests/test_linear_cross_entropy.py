@@ -155,11 +155,12 @@ def test_custom_ops(device, index):
     (lambda a: {**a, "labels": a["labels"][:3]}, ValueError, "labels must be int64"),
     (lambda a: {**a, "labels": a["labels"].clamp(min=0) + 500}, ValueError, "outside"),
     (lambda a: {**a, "reduction": "avg"}, ValueError, "reduction must be"),
+    (lambda a: {**a, "reduction": "sum", "num_items_in_batch": 4}, ValueError, "would be ignored"),
     (lambda a: {**a, "label_smoothing": 1.5}, ValueError, "label_smoothing"),
     (lambda a: {**a, "logit_softcap": 0.0}, ValueError, "logit_softcap"),
     (lambda a: {**a, "bias": a["weight"][0]}, ValueError, "bias must have shape"),
-], ids=["float64", "dtypes", "H", "float labels", "label count", "label range", "reduction", "smoothing", "softcap",
-        "bias"])
+], ids=["float64", "dtypes", "H", "float labels", "label count", "label range", "reduction", "num_items with sum",
+        "smoothing", "softcap", "bias"])
 def test_bad_input_is_named(change, error, match):
     h, w, _, y = _inputs("cpu")
     args = change(dict(hidden=h, weight=w, labels=y))

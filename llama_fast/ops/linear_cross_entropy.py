@@ -186,7 +186,7 @@ def _backward(ctx, grad_rows, _dlse):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(hidden, weight, labels, bias, reduction, label_smoothing, logit_softcap) -> None:
+def _check(hidden, weight, labels, bias, reduction, num_items_in_batch, label_smoothing, logit_softcap) -> None:
     op = "linear_cross_entropy"
     tensors = dict(hidden=hidden, weight=weight) | ({} if bias is None else dict(bias=bias))
     check_dtype(op, **tensors)
@@ -204,6 +204,9 @@ def _check(hidden, weight, labels, bias, reduction, label_smoothing, logit_softc
                          f"{tuple(labels.shape)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(f"{op}: num_items_in_batch divides the mean's sum; with reduction={reduction!r} it would be "
+                         "ignored")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if logit_softcap is not None and not 0.0 < logit_softcap < float("inf"):
@@ -243,7 +246,7 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index: int
     backend: "reference" runs the unfused eager computation; otherwise Triton's kernels on CUDA
     tensors (or under the interpreter), and the same chunked phases in torch on a CPU.
     """
-    _check(hidden, weight, labels, bias, reduction, label_smoothing, logit_softcap)
+    _check(hidden, weight, labels, bias, reduction, num_items_in_batch, label_smoothing, logit_softcap)
     _check_labels(labels, weight.shape[0], ignore_index)
     if backend is not None and backend_for(hidden, backend, extension_op=False) == "reference":
         rows, lse = references.linear_cross_entropy_rows(hidden, weight, labels, bias, ignore_index=ignore_index,
