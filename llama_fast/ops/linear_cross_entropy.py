@@ -29,11 +29,6 @@ from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stri
 # reference instead); Triton runs the cross-entropy kernels on CUDA tensors and under the interpreter.
 
 
-def _pow2_at_least_1(n: float) -> int:
-    n = max(1, int(n))
-    return 1 << (n - 1).bit_length()
-
-
 # At least this many rows per chunk: a one-row chunk would be a matrix-vector product, slower and
 # rounded unlike the unfused loss's GEMM (8.6e-6 off in the real SmolLM2's loss, where one GEMM over
 # its 16 tokens is within 5e-7; measured in fp32 on the CPU).
@@ -41,11 +36,15 @@ _MIN_CHUNK_ROWS = 32
 
 
 def _chunk_rows(tokens: int, hidden: int, vocab: int) -> int:
-    return min(max(tokens, 1), max(_MIN_CHUNK_ROWS, _pow2_at_least_1(tokens * hidden / max(vocab, 1))))
+    from ..kernels._launch import next_power_of_2
+
+    return min(max(tokens, 1), max(_MIN_CHUNK_ROWS, next_power_of_2(tokens * hidden // max(vocab, 1))))
 
 
 def _block_cols(hidden: int, vocab: int) -> int:
-    return min(max(vocab, 1), _pow2_at_least_1(hidden))
+    from ..kernels._launch import next_power_of_2
+
+    return min(max(vocab, 1), next_power_of_2(hidden))
 
 
 def _logits(h, weight, bias):
@@ -85,11 +84,11 @@ def _phase_one(hidden, weight, labels, bias, ignore_index, smoothing, softcap):
     tokens, vocab = hidden.shape[0], weight.shape[0]
     loss = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
-    step = _chunk_rows(tokens, hidden.shape[1], vocab)
+    step, triton = _chunk_rows(tokens, hidden.shape[1], vocab), _triton(hidden)
     for start in range(0, tokens, step):
         rows = slice(start, start + step)
         logits = _logits(hidden[rows], weight, bias)
-        if _triton(hidden):
+        if triton:
             from ..kernels import cross_entropy
 
             loss[rows], lse[rows] = cross_entropy.loss_rows(logits, labels[rows], ignore_index=ignore_index,
@@ -116,12 +115,12 @@ def _phase_two(grad_rows, hidden, weight, labels, bias, lse, ignore_index, smoot
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty_like(bias) if need_db else None
-    step = _block_cols(hidden.shape[1], vocab)
+    step, triton = _block_cols(hidden.shape[1], vocab), _triton(hidden)
     grad_rows = grad_rows.float().contiguous()
     for start in range(0, vocab, step):
         cols = slice(start, start + step)
         logits = _logits(hidden, weight[cols], None if bias is None else bias[cols])
-        if _triton(hidden):
+        if triton:
             from ..kernels import cross_entropy
 
             dz = cross_entropy.grad_in_place(logits, labels, lse, grad_rows, start, vocab, ignore_index=ignore_index,
