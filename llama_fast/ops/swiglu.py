@@ -72,4 +72,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
         out = call_extension_op(op, *args) if direct else op(*args)
     else:
         out = (_launch_fwd if direct else _triton_fwd)(unit_stride_rows(gate), unit_stride_rows(up))
-    return out if gate.dim() == 2 else out.view(gate.shape)
+    return out if gate.dim() == 2 else out.view_as(gate)
