@@ -50,8 +50,24 @@ def _llama_classes():
     return modeling_llama
 
 
+def _is_fsdp1(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside ``model`` (a PEFT ``PeftModel`` is unwrapped)."""
+    """The transformers model inside ``model``: a DDP (or DataParallel) wrapper and a PEFT
+    ``PeftModel`` are unwrapped. The wrappers' forward calls the model's, so patching the model
+    inside patches what they run; FSDP2's ``fully_shard`` wraps nothing (it changes the modules in
+    place), so a sharded model is patched as it is. FSDP1's ``FullyShardedDataParallel`` is refused:
+    it needs a GPU even to wrap (so it is untested here), and torch deprecates it for FSDP2."""
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    if torch.distributed.is_available() and _is_fsdp1(model):
+        raise ValueError("llama_fast.patch: the model is wrapped in FSDP1's FullyShardedDataParallel, which llama_fast "
+                         "does not support; patch the model before wrapping it, and shard it with FSDP2's "
+                         "torch.distributed.fsdp.fully_shard (tested)")
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) and get_base() is not model else model
 
@@ -162,27 +178,35 @@ def _head_weight(head):
 def _causal_lm_forward():
     """The forward patched causal LMs get with cross_entropy=True. Without labels it is the class's
     own. With labels, the class's forward runs with lm_head's forward replaced for that call by one
-    that computes the fused loss from the hidden states (no logits): the weight is read inside
-    lm_head's own call, so the hooks FSDP2 and DeepSpeed ZeRO-3 put on lm_head gather it first.
-    The output's ``loss`` is the loss and its ``logits`` is None."""
+    that computes the fused loss from the hidden states (no logits) and returns it as lm_head's
+    output. Both halves matter under sharded data parallelism: the weight is read inside lm_head's
+    own call, so the hooks FSDP2 and DeepSpeed ZeRO-3 put on lm_head gather it first; and the loss
+    is what lm_head returns, so the hooks they put on a module's output to gather the weight again
+    before its backward fire on the loss's gradient. (Returning a placeholder and keeping the loss
+    aside, as this did first, ran the backward on a resharded, empty weight under FSDP2: the
+    failure Liger's fused loss had, Liger-Kernel #332 and #631.) The loss is read back from the
+    class's output, since such hooks may hand on a new tensor. The output's ``loss`` is the loss and
+    its ``logits`` is None."""
 
     def forward(self, *args, labels=None, **kwargs):
         if labels is None:
             return type(self).forward(self, *args, **kwargs)
-        head, losses = self.lm_head, []
+        head = self.lm_head
 
         def fused(hidden):
-            losses.append(_fused_causal_lm_loss(head, hidden, labels, kwargs.get("num_items_in_batch"),
-                                                kwargs.get("shift_labels"), getattr(self.config, "final_logit_softcapping",
-                                                                                    None)))
-            return hidden.new_empty(0)  # stands in for the logits, and is dropped below
+            return _fused_causal_lm_loss(head, hidden, labels, kwargs.get("num_items_in_batch"),
+                                         kwargs.get("shift_labels"), getattr(self.config, "final_logit_softcapping",
+                                                                             None))
 
         head.forward = fused
         try:
             out = type(self).forward(self, *args, **kwargs)
         finally:
             del head.forward
-        out.loss, out.logits = losses[0], None
+        if out.logits is None or out.logits.dim() != 0:
+            raise RuntimeError(f"llama_fast cross_entropy: {type(self).__name__}.forward did not return lm_head's "
+                               "output as its logits; patch with cross_entropy=False")
+        out.loss, out.logits = out.logits, None
         return out
 
     return forward
