@@ -422,6 +422,8 @@ _NEUTRAL_KWARGS = frozenset({"position_ids", "use_cache", "cache", "past_key_val
                              # the loss's normaliser, which transformers' Trainer passes down the whole model
                              "num_items_in_batch",
                              "is_causal"})  # honoured by _attention
+# TRL's padding-free collator adds ``seq_idx`` (each token's sequence number) beside the cu_seq_lens_*
+# it makes from the same lengths: with those it says nothing new. Alone it is refused, like any other.
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -438,10 +440,18 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if kwargs.get("output_attentions"):
         raise NotImplementedError("llama_fast attention never forms the attention matrix: output_attentions=True "
                                   "needs the eager implementation (patch with attention=False)")
-    unknown = [k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_KWARGS and k not in _PACKED_KWARGS]
+    unknown = [k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_KWARGS and k not in _PACKED_KWARGS
+               and not (k == "seq_idx" and kwargs.get("cu_seq_lens_q") is not None)]
     if unknown:
         raise NotImplementedError(f"llama_fast attention: does not implement {', '.join(sorted(unknown))}; refusing "
                                   "rather than ignoring them; patch with attention=False for such inputs")
+    # Under autocast (the HF Trainer's bf16=True / fp16=True), SDPA is one of the ops autocast runs in
+    # its low precision, while the RoPE before it follows type promotion (fp32 cos/sin give fp32 q and k,
+    # v stays the projection's bf16): so attention gets the inputs SDPA would, all in autocast's dtype.
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        low = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(low), key.to(low), value.to(low)
     # transformers' own attention functions let an is_causal keyword override the module's
     causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
     packed = _packed_sequences(query, key, attention_mask, kwargs)

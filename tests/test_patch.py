@@ -117,6 +117,30 @@ def test_gradient_checkpointing():
         assert_error_ratio(grads["patched"][n], grads["eager"][n], grads["ref"][n], name=f"grad {n}", floor_scale=8)
 
 
+@pytest.mark.parametrize("cross_entropy", [False, True], ids=["loss", "fused_loss"])
+def test_autocast_bf16_training(cross_entropy):
+    """Under bf16 autocast (the HF Trainer's bf16=True): loss and gradients match the unpatched
+    model's under the same autocast, by the rule at bf16 against float64 (which autocast leaves
+    alone). Autocast runs SDPA in bf16 while RoPE's fp32 tables promote q and k to fp32, so the
+    patched attention got fp32 q, k and bf16 v and refused them, until it followed SDPA's rule."""
+    base = tiny_model()
+    models = {"patched": llama_fast.patch(clone(base), cross_entropy=cross_entropy), "eager": clone(base),
+              "ref": clone(base, torch.float64)}
+    ids = tokens(2, 10)
+    results = {}
+    for name, model in models.items():
+        model.train()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[name] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (loss, grads), (eager_loss, eager_grads), (ref_loss, ref_grads) = results.values()
+    assert_error_ratio(loss.float(), eager_loss.float(), ref_loss, name="loss", dtype=torch.bfloat16, floor_scale=8)
+    for n in ref_grads:
+        assert_error_ratio(grads[n], eager_grads[n], ref_grads[n], name=f"grad {n}", dtype=torch.bfloat16,
+                           floor_scale=8)
+
+
 def test_peft_lora_gradients_match():
     """Point 6: a PEFT LoRA model trains on the kernels; its LoRA gradients match unpatched LoRA."""
     peft = pytest.importorskip("peft")
