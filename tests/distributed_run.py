@@ -7,15 +7,16 @@ the root) with and without activation checkpointing and with bf16 mixed precisio
 linear + cross-entropy with lm_head sharded and trainable, untied and tied. Each rank takes its
 slice of every batch; every example has the same number of tokens and no ignored labels, so the
 mean of the ranks' losses is the global batch's loss and the gradients the engines average are
-the global batch's. Rank 0 saves each step's global loss and the parameters after the last step
-(gathered whole) to OUT/<scenario>.pt.
+the global batch's. DDP and the fused-loss scenarios patch with ``cross_entropy=True``. Rank 0
+saves each step's global loss and the parameters after the last step (gathered whole) to
+OUT/<scenario>.pt.
 
 The same file run with one process and ``--unpatched`` gives the comparison runs: the same engine
 and precision in one process, transformers' own code. The test process adds the float64 run
 (``train`` below, with no engine) and compares by the error-ratio rule.
 
-The patched runs exercise both orders users patch in: before wrapping (DDP's ``patch`` of the
-wrapped model is after), and after FSDP2's sharding for the fused-loss case.
+The patched runs patch in both orders: before wrapping (FSDP2 except one), and after (DDP's
+``patch`` of the wrapped model; FSDP2's fused-loss case, patched after sharding).
 """
 
 import argparse
@@ -77,7 +78,7 @@ def run(scenario: str, patched: bool, rank: int, world: int) -> dict:
     import llama_fast
 
     model = base_model(scenario)
-    fused = scenario.startswith("fsdp2_fused_loss")
+    fused = scenario == "ddp" or scenario.startswith("fsdp2_fused_loss")
 
     def patch(m):
         if patched:
