@@ -39,7 +39,9 @@ class _Record:
     """What ``patch`` changed on one model, for ``unpatch``."""
 
     options: dict
-    forwards: list = dataclasses.field(default_factory=list)  # modules given an instance forward
+    # (module, the instance forward it had before or None): transformers' tensor-parallel plans, for
+    # one, set instance forwards of their own, which unpatch must give back rather than delete
+    forwards: list = dataclasses.field(default_factory=list)
     config: object = None  # the config object the modules held before, when attention was patched
     config_holders: list = dataclasses.field(default_factory=list)  # modules given the copy
 
@@ -54,6 +56,23 @@ def _is_fsdp1(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return isinstance(model, FullyShardedDataParallel)
+
+
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _fsdp2_shards(model: torch.nn.Module, head: torch.nn.Module, weight) -> bool:
+    """Whether ``weight``, a sharded DTensor, is FSDP2's to gather (the model or lm_head went through
+    ``fully_shard``, on a one-dimensional mesh): then lm_head's own call sees it whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_by_fsdp2 = isinstance(head, FSDPModule) or isinstance(model, FSDPModule)
+    return sharded_by_fsdp2 and weight.device_mesh.ndim == 1
 
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -106,6 +125,12 @@ def _validate(model: torch.nn.Module, options: dict) -> None:
         if head is None or not isinstance(_head_linear(head), torch.nn.Linear):
             raise ValueError(f"llama_fast.patch: cross_entropy=True needs a causal LM with a linear lm_head "
                              f"({type(model).__name__} has {type(head).__name__})")
+        weight = _head_linear(head).weight
+        if type(weight) not in (torch.Tensor, torch.nn.Parameter) and _is_dtensor(weight) \
+                and any(p.is_shard() for p in weight.placements) and not _fsdp2_shards(model, head, weight):
+            raise ValueError("llama_fast.patch: cross_entropy=True with lm_head split by tensor parallelism: its "
+                             "weight is a DTensor sharded over the vocabulary, and the fused loss has no log-sum-exp "
+                             "across ranks; pass cross_entropy=False")
     if options["rope"] and layers[0].self_attn.head_dim % 2:
         raise ValueError("llama_fast.patch: RoPE needs an even head_dim")
     if options["backend"] is not None:
@@ -198,11 +223,15 @@ def _causal_lm_forward():
                                          kwargs.get("shift_labels"), getattr(self.config, "final_logit_softcapping",
                                                                              None))
 
+        previous = vars(head).get("forward")  # e.g. a tensor-parallel plan's, given back below
         head.forward = fused
         try:
             out = type(self).forward(self, *args, **kwargs)
         finally:
-            del head.forward
+            if previous is None:
+                del head.forward
+            else:
+                head.forward = previous
         if out.logits is None or out.logits.dim() != 0:
             raise RuntimeError(f"llama_fast cross_entropy: {type(self).__name__}.forward did not return lm_head's "
                                "output as its logits; patch with cross_entropy=False")
@@ -532,8 +561,8 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
     record = _Record(options=options)
 
     def give_forward(module, forward):
+        record.forwards.append((module, vars(module).get("forward")))
         module.forward = types.MethodType(forward, module)
-        record.forwards.append(module)
 
     if cross_entropy:
         give_forward(backbone, _causal_lm_forward())
@@ -563,8 +592,11 @@ def unpatch(model):
     record = getattr(backbone, _RECORD, None)
     if record is None:
         return model
-    for module in record.forwards:
-        del module.forward
+    for module, previous in reversed(record.forwards):
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
     for module in record.config_holders:
         module.config = record.config
     delattr(backbone, _RECORD)

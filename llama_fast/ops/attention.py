@@ -4,6 +4,7 @@ import torch
 
 from .. import references
 from ..backend import backend_for
+from . import _dtensor
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
 from ._dispatch import direct_call_ok
 
@@ -136,6 +137,8 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     """
     _check(q, k, v, key_padding_mask, kv_lens)
     scale = _scale("flash_attention", q, softmax_scale)
+    if _dtensor.has_dtensor(q, k, v, key_padding_mask, kv_lens):
+        return _dtensor.flash_attention(q, k, v, causal, scale, key_padding_mask, kv_lens, backend)
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
                                     kv_lens=kv_lens)
@@ -289,6 +292,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     max_q, max_k = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _scale("flash_attention_varlen", q, softmax_scale)
+    if _dtensor.has_dtensor(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        return _dtensor.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale,
+                                               backend)
     _check_varlen_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_q, max_k)
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale)

@@ -23,6 +23,7 @@ import torch
 
 from .. import references
 from ..backend import backend_for
+from . import _dtensor
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
 
 # The CPU keeps the same two phases in plain torch (the "reference" backend runs the unfused
@@ -246,6 +247,9 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index: int
     tensors (or under the interpreter), and the same chunked phases in torch on a CPU.
     """
     _check(hidden, weight, labels, bias, reduction, num_items_in_batch, label_smoothing, logit_softcap)
+    if _dtensor.has_dtensor(hidden, weight, labels, bias):
+        return _dtensor.linear_cross_entropy(hidden, weight, labels, bias, ignore_index, reduction, num_items_in_batch,
+                                             label_smoothing, logit_softcap, return_lse, backend)
     _check_labels(labels, weight.shape[0], ignore_index)
     if backend is not None and backend_for(hidden, backend, extension_op=False) == "reference":
         rows, lse = references.linear_cross_entropy_rows(hidden, weight, labels, bias, ignore_index=ignore_index,

@@ -4,6 +4,7 @@ import torch
 
 from .. import extension, references
 from ..backend import backend_for
+from . import _dtensor
 from ._checks import check_dtype, check_same_device, unit_stride_rows
 from ._dispatch import call_extension_op, direct_call_ok
 
@@ -84,6 +85,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     ``promote_types(weight.dtype, x.dtype)``. Differentiable in x and weight.
     """
     _check(x, weight)
+    if _dtensor.has_dtensor(x, weight):
+        return _dtensor.rms_norm(x, weight, eps, backend)
     chosen = backend_for(x, backend)
     if chosen == "reference":
         return references.rms_norm(x, weight, eps)

@@ -4,6 +4,7 @@ import torch
 
 from .. import extension, references
 from ..backend import backend_for
+from . import _dtensor
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
 from ._dispatch import call_extension_op, direct_call_ok
 
@@ -110,6 +111,8 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1, *, backend: str
     q's layout, differentiable in q and k.
     """
     _check(q, k, cos, sin, unsqueeze_dim)
+    if _dtensor.has_dtensor(q, k, cos, sin):
+        return _dtensor.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, backend)
     chosen = backend_for(q, backend)
     if chosen == "reference":
         return references.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)

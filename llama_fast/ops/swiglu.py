@@ -4,6 +4,7 @@ import torch
 
 from .. import extension, references
 from ..backend import backend_for
+from . import _dtensor
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_rows
 from ._dispatch import call_extension_op, direct_call_ok
 
@@ -62,6 +63,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
         raise ValueError(f"swiglu: gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     if gate.dim() == 0 or gate.shape[-1] == 0:
         raise ValueError(f"swiglu: inputs need a non-empty last dim, got shape {tuple(gate.shape)}")
+    if _dtensor.has_dtensor(gate, up):
+        return _dtensor.swiglu(gate, up, backend)
     chosen = backend_for(gate, backend)
     if chosen == "reference":
         return references.swiglu(gate, up)
