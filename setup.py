@@ -114,6 +114,8 @@ setup(
     python_requires=">=3.10",
     packages=["llama_fast", "llama_fast.ops", "llama_fast.kernels"],
     package_dir={"llama_fast": "llama_fast", "llama_fast.kernels": "kernels"},
+    # The instruction set of `python -m llama_fast train`, read with importlib.resources.
+    package_data={"llama_fast": ["data/*.jsonl"]},
     install_requires=["torch>=2.11", "triton>=3.6", "transformers>=5.17,<6"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,

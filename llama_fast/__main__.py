@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m llama_fast",
         description="llama_fast demonstrations. With no command: chat, the default model answering a prompt with "
                     "and without llama_fast.")
-    sub = parser.add_subparsers(dest="command", metavar="{chat,ops}")
+    sub = parser.add_subparsers(dest="command", metavar="{chat,ops,train}")
     chat = sub.add_parser("chat", help="(default) a real model answers a prompt, patched and eager, side by side",
                           description="A real model answers a prompt with transformers' own code and with "
                                       "llama_fast.patch, greedy; both answers, the largest logit difference, "
@@ -34,12 +34,45 @@ def _parser() -> argparse.ArgumentParser:
                          description="Each op (RMSNorm, RoPE, SwiGLU, flash attention) and its eager reference "
                                      "on SmolLM2-135M-shaped inputs: the largest forward and gradient "
                                      "differences, the backend that ran and warm timings.")
-    for p in (parser, chat, ops):
+    train = sub.add_parser("train", help="LoRA fine-tuning (SFT) of the default model, patched vs unpatched",
+                           description="Supervised fine-tuning of SmolLM2-135M-Instruct with a PEFT LoRA adapter on "
+                                       "the instruction set bundled with llama_fast (prompt tokens masked), with "
+                                       "llama_fast.patch: per-step loss (progress bar), tokens/s and peak memory. "
+                                       "Runs under torchrun as well (DDP; gloo on CPUs, nccl on GPUs).")
+    train.set_defaults(subparser=train)
+    train.add_argument("--steps", type=_positive, default=20, help="optimizer steps (default 20)")
+    train.add_argument("--batch-size", type=_positive, default=4, help="examples per process and step (default 4)")
+    train.add_argument("--max-length", type=_positive, default=256, help="tokens per example; longer responses are "
+                                                                         "cut (default 256)")
+    train.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    train.add_argument("--seed", type=int, default=0, help="LoRA initialisation and data order (default 0)")
+    train.add_argument("--packing", action="store_true",
+                       help="padding-free batches: a batch's examples in one row, position_ids restarting at 0 "
+                            "for each (as transformers' DataCollatorWithFlattening makes them)")
+    train.add_argument("--fused-loss", action="store_true",
+                       help="patch(model, cross_entropy=True): the loss fused with lm_head, no logits")
+    which = train.add_mutually_exclusive_group()
+    which.add_argument("--no-patch", action="store_true", help="train with transformers' own code only")
+    which.add_argument("--compare", action="store_true",
+                       help="train unpatched, then patched, from the same seed and data; figures side by side")
+    train.add_argument("--out", metavar="DIR", help="write DIR/train.json (per-step losses, figures) and "
+                                                    "DIR/loss.png (the loss curves)")
+    for p in (parser, chat, ops, train):
         p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=argparse.SUPPRESS,
                        help="default: bfloat16 on a GPU, float32 on a CPU")
         p.add_argument("--backend", choices=["triton", "cuda", "cpu", "reference"], default=argparse.SUPPRESS,
                        help=BACKEND_HELP)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _interpret_triton(argv: list[str]) -> None:
@@ -57,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     command = args.command or "chat"
+    if command == "train" and args.fused_loss and args.no_patch:
+        args.subparser.error("--fused-loss is llama_fast's fused loss: it cannot go with --no-patch")
     backend = getattr(args, "backend", None)
 
     import torch
@@ -77,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             where = "this machine has no GPU" if device.type == "cpu" else f"on {torch.cuda.get_device_name(device)}"
             parser.exit(2, f"{parser.prog}: error: --backend {backend} cannot run here ({where}): "
                            f"{str(exc).removeprefix('llama_fast: ')}\n")
+    if command == "train":
+        from . import train
+
+        return train.main(args, dtype, device.type)
     if command == "ops":
         demo.print_ops_demo(demo.ops_demo(device, dtype, backend), device, dtype)
         return 0

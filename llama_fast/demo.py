@@ -18,6 +18,7 @@ it ran on.
 import copy
 import importlib.util
 import os
+import shutil
 import time
 
 import torch
@@ -39,14 +40,70 @@ def default_model_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
+def _converted_cache(gguf_path: str) -> str:
+    """Where the bundled GGUF model, once converted, is kept: a folder under the user's cache dir
+    (``$LLAMA_FAST_CACHE``, else ``$XDG_CACHE_HOME/llama_fast``, else ``~/.cache/llama_fast``),
+    named after the file's size and modification time and the transformers version that converted it.
+
+    transformers converts a GGUF file in Python on every load: about 37 s for SmolLM2-135M on the
+    2-core Xeon this was written on (it parses the file's metadata three times and rebuilds gguf's
+    tensor-name map per tensor), against about 1 s to load the converted weights saved once."""
+    import transformers
+
+    stat = os.stat(gguf_path)
+    root = os.environ.get("LLAMA_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llama_fast")
+    stem = os.path.splitext(os.path.basename(gguf_path))[0]
+    return os.path.join(root, f"{stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{transformers.__version__}")
+
+
+def _load_bundled(dtype: torch.dtype):
+    """The bundled SmolLM2: from the converted copy when there is one, else converted from the GGUF
+    file (in float32, the dtype its blocks dequantize to) and saved for next time. The copy is written
+    to a temporary folder and renamed into place, so processes loading at once (torchrun's ranks)
+    never read a half-written one; a copy that cannot be written costs only the time."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = os.path.join(default_model_dir(), DEFAULT_GGUF)
+    cache = _converted_cache(gguf)
+    if os.path.isdir(cache):
+        return AutoModelForCausalLM.from_pretrained(cache, dtype=dtype), AutoTokenizer.from_pretrained(cache)
+    folder, kwargs = os.path.dirname(gguf), {"gguf_file": DEFAULT_GGUF}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(cache), prefix=".converting-")
+        # transformers marks a model loaded from GGUF as quantized and will not save_pretrained it,
+        # although its weights are plain dequantized tensors: save the config without the mark and
+        # the weights (the tied embedding once) with safetensors.
+        from safetensors.torch import save_model
+
+        config = copy.deepcopy(model.config)
+        config.__dict__.pop("quantization_config", None)
+        config.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, cache)  # atomic; fails if another process got there first, which is fine
+    except OSError:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model.to(dtype), tokenizer
+
+
 def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
     """(model, tokenizer): ``name`` is None for the bundled SmolLM2, a .gguf file, a local folder,
     or a Hugging Face model id (downloaded by transformers if not cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name is None:
-        folder, kwargs = default_model_dir(), {"gguf_file": DEFAULT_GGUF}
-    elif name.endswith(".gguf"):
+        model, tokenizer = _load_bundled(dtype)
+        return model.to(device).eval(), tokenizer
+    if name.endswith(".gguf"):
         folder, kwargs = os.path.dirname(os.path.abspath(name)), {"gguf_file": os.path.basename(name)}
     else:
         folder, kwargs = name, {}

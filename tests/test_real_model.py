@@ -8,6 +8,7 @@ answer, bf16, and a left-padded batch of two prompts.
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -108,3 +109,27 @@ def test_real_model_fused_loss(smollm2):
     for n, ref in results["ref"][1].items():
         err = (results["patched"][1][n].double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)
         assert err < 5e-4, f"grad {n}: {err:.2e} of its scale from float64"
+
+
+def test_bundled_model_cache_is_the_gguf_conversion(tmp_path, monkeypatch):
+    """The converted copy demo.load_model keeps of the bundled GGUF model (written on first use, in a
+    fresh cache folder here) loads the same weights, generation settings and tokenizer as a
+    conversion of the GGUF file itself."""
+    monkeypatch.setenv("LLAMA_FAST_CACHE", str(tmp_path))
+    converted, tokenizer = demo.load_model(None, torch.float32)  # converts, and writes the copy
+    (folder,) = list(tmp_path.iterdir())  # the copy, and no half-written one left
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    cached, cached_tokenizer = demo.load_model(None, torch.float32)  # from the copy
+    gguf, gguf_tokenizer = demo.load_model(os.path.join(demo.default_model_dir(), demo.DEFAULT_GGUF), torch.float32)
+    for model in (converted, cached):
+        state, want = model.state_dict(), gguf.state_dict()
+        assert state.keys() == want.keys()
+        assert all(torch.equal(state[k], want[k]) for k in want)
+        assert model.generation_config.to_dict() == gguf.generation_config.to_dict()
+    assert cached.lm_head.weight.data_ptr() == cached.model.embed_tokens.weight.data_ptr()  # still tied
+    chat = demo.chat_inputs(gguf_tokenizer, PROMPTS[0], "cpu")["input_ids"]
+    for tok in (tokenizer, cached_tokenizer):
+        assert torch.equal(demo.chat_inputs(tok, PROMPTS[0], "cpu")["input_ids"], chat)
+        assert tok.decode(chat[0]) == gguf_tokenizer.decode(chat[0])
+    assert (cached_tokenizer.eos_token, cached_tokenizer.pad_token) == (gguf_tokenizer.eos_token,
+                                                                        gguf_tokenizer.pad_token)
