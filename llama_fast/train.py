@@ -375,7 +375,8 @@ def _run(options, dtype, processes, variants, out) -> dict:
 
     lead = processes.rank == 0
     if lead:
-        print("Loading SmolLM2-135M-Instruct (about 30 s: transformers reads the GGUF file in Python)...", flush=True)
+        print("Loading SmolLM2-135M-Instruct (the first load converts the GGUF file, about 40 s; later ones "
+              "read the converted copy kept in the cache)...", flush=True)
     base, tokenizer = demo.load_model(None, dtype, "cpu")
     examples, dropped = encode_all(tokenizer, load_instructions(), options.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
