@@ -90,6 +90,8 @@ def _load_bundled(dtype: torch.dtype):
         tokenizer.save_pretrained(tmp)
         os.rename(tmp, cache)  # atomic; fails if another process got there first, which is fine
     except OSError:
+        pass
+    finally:  # whatever stopped the copy (a full disk, Ctrl-C), no half-written folder stays behind
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return model.to(dtype), tokenizer
