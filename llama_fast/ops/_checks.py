@@ -14,24 +14,24 @@ def check_dtype(op: str, **tensors: torch.Tensor) -> None:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported are float32, float16 and bfloat16")
 
 
-def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
-    dtype = None
+def _check_same(op: str, attr: str, tensors: dict, error: type, requirement: str, label: str) -> None:
+    """Raise ``error`` unless every tensor has one value of ``attr``; the message lists them all."""
+    first = None
     for t in tensors.values():
-        if dtype is None:
-            dtype = t.dtype
-        elif t.dtype != dtype:
-            listed = ", ".join(f"{name} {t.dtype}" for name, t in tensors.items())
-            raise TypeError(f"{op}: inputs must share one dtype, got {listed}")
+        value = getattr(t, attr)
+        if first is None:
+            first = value
+        elif value != first:
+            listed = ", ".join(f"{name} {label}{getattr(t, attr)}" for name, t in tensors.items())
+            raise error(f"{op}: inputs must {requirement}, got {listed}")
+
+
+def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
+    _check_same(op, "dtype", tensors, TypeError, "share one dtype", "")
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    device = None
-    for t in tensors.values():
-        if device is None:
-            device = t.device
-        elif t.device != device:
-            listed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
-            raise ValueError(f"{op}: inputs must be on one device, got {listed}")
+    _check_same(op, "device", tensors, ValueError, "be on one device", "on ")
 
 
 def unit_stride_last(t: torch.Tensor) -> torch.Tensor:
