@@ -58,14 +58,6 @@ def _is_fsdp1(model: torch.nn.Module) -> bool:
     return isinstance(model, FullyShardedDataParallel)
 
 
-def _is_dtensor(t) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _fsdp2_shards(model: torch.nn.Module, head: torch.nn.Module, weight) -> bool:
     """Whether ``weight``, a sharded DTensor, is FSDP2's to gather (the model or lm_head went through
     ``fully_shard``, on a one-dimensional mesh): then lm_head's own call sees it whole."""
@@ -125,9 +117,11 @@ def _validate(model: torch.nn.Module, options: dict) -> None:
         if head is None or not isinstance(_head_linear(head), torch.nn.Linear):
             raise ValueError(f"llama_fast.patch: cross_entropy=True needs a causal LM with a linear lm_head "
                              f"({type(model).__name__} has {type(head).__name__})")
+        from .ops._dtensor import has_dtensor
+
         weight = _head_linear(head).weight
-        if type(weight) not in (torch.Tensor, torch.nn.Parameter) and _is_dtensor(weight) \
-                and any(p.is_shard() for p in weight.placements) and not _fsdp2_shards(model, head, weight):
+        vocabulary_split = has_dtensor(weight) and any(p.is_shard() for p in weight.placements)
+        if vocabulary_split and not _fsdp2_shards(model, head, weight):
             raise ValueError("llama_fast.patch: cross_entropy=True with lm_head split by tensor parallelism: its "
                              "weight is a DTensor sharded over the vocabulary, and the fused loss has no log-sum-exp "
                              "across ranks; pass cross_entropy=False")
