@@ -22,10 +22,10 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros_like.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -175,10 +175,10 @@ namespace {
 // vectorise _Float16 conversions even with F16C). With c10's, bf16 SwiGLU was slower than eager
 // and fp16 RoPE 3.7x slower (measured here, 2 cores). The fp16 ones stage rows on CPUs without
 // F16C and convert the few values past a multiple of 8 on those with it.
-inline float bf16_to_f(uint16_t h) { return std::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
+inline float bf16_to_f(uint16_t h) { return c10::bit_cast<float>(static_cast<uint32_t>(h) << 16); }
 
 inline uint16_t f_to_bf16(float v) {
-  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  const uint32_t bits = c10::bit_cast<uint32_t>(v);
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;  // round to nearest even
   return static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);                // NaN stays NaN
 }
@@ -190,10 +190,10 @@ inline uint16_t f_to_bf16(float v) {
 inline float half_to_f(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t no_sign = static_cast<uint32_t>(h) << 17;  // exponent at the top
-  const float normal = std::bit_cast<float>((no_sign >> 4) + (224u << 23)) * 0x1.0p-112f;
-  const float subnormal = std::bit_cast<float>((no_sign >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t magnitude = std::bit_cast<uint32_t>(no_sign < (1u << 27) ? subnormal : normal);
-  return std::bit_cast<float>(sign | magnitude);
+  const float normal = c10::bit_cast<float>((no_sign >> 4) + (224u << 23)) * 0x1.0p-112f;
+  const float subnormal = c10::bit_cast<float>((no_sign >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t magnitude = c10::bit_cast<uint32_t>(no_sign < (1u << 27) ? subnormal : normal);
+  return c10::bit_cast<float>(sign | magnitude);
 }
 
 // float -> IEEE half, round to nearest even, overflow to inf, NaN kept: |v| is scaled by 2^2
@@ -202,11 +202,11 @@ inline float half_to_f(uint16_t h) {
 // subnormal spacing below 2^-14); the half's fields are then read off the sum's bits.
 inline uint16_t f_to_half(float v) {
   float base = (std::abs(v) * 0x1.0p112f) * 0x1.0p-110f;
-  const uint32_t w = std::bit_cast<uint32_t>(v);
+  const uint32_t w = c10::bit_cast<uint32_t>(v);
   const uint32_t twice = w + w;  // sign dropped
   const uint32_t bias = std::max(twice & 0xFF000000u, 0x71000000u);
-  base = std::bit_cast<float>((bias >> 1) + 0x07800000u) + base;
-  const uint32_t bits = std::bit_cast<uint32_t>(base);
+  base = c10::bit_cast<float>((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = c10::bit_cast<uint32_t>(base);
   const uint32_t fields = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
   return static_cast<uint16_t>(((w >> 16) & 0x8000u) | (twice > 0xFF000000u ? 0x7E00u : fields));
 }
@@ -245,7 +245,7 @@ inline float exp_nonpositive(float x) {
   // earlier form of SwiGLU's loop, one thread).
   const float shifted = x * 1.44269504088896341f + 12582912.0f;
   const float fn = shifted - 12582912.0f;
-  const int32_t n = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(12582912.0f);
+  const int32_t n = c10::bit_cast<int32_t>(shifted) - c10::bit_cast<int32_t>(12582912.0f);
   const float r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -254,7 +254,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<float>(std::max(n + 127, 0) << 23);
+  return p * c10::bit_cast<float>(std::max(n + 127, 0) << 23);
 }
 
 // 1/d for d in [1, 2] without a division, which this CPU's vector unit does slowly (dividing
@@ -262,7 +262,7 @@ inline float exp_nonpositive(float x) {
 // Newton steps r·(2 - d·r), each squaring the relative error; the last written r + r·(1 - d·r),
 // which with FMA rounds to within 6e-8 of 1/d (1.2e-7 without FMA).
 inline float recip(float d) {
-  float r = std::bit_cast<float>(0x7EF311C3 - std::bit_cast<int32_t>(d));
+  float r = c10::bit_cast<float>(0x7EF311C3 - c10::bit_cast<int32_t>(d));
   r = r * (2.f - d * r);
   r = r * (2.f - d * r);
   return r + r * (1.f - d * r);
@@ -371,8 +371,8 @@ std::vector<float> staging_buffer(int64_t rows, int64_t n) {
 // half_to_f take 25 (RMSNorm's fp16 forward was no faster than eager with those). Checked against
 // them on all 2^32 floats: equal, zeros' signs included.
 inline float round_to_half(float v) {
-  const uint32_t biased = std::min(std::max((std::bit_cast<uint32_t>(v) >> 23) & 0xFFu, 113u), 142u);
-  const float s = std::bit_cast<float>(((biased + 13u) << 23) | 0x400000u);
+  const uint32_t biased = std::min(std::max((c10::bit_cast<uint32_t>(v) >> 23) & 0xFFu, 113u), 142u);
+  const float s = c10::bit_cast<float>(((biased + 13u) << 23) | 0x400000u);
   const float r = (v + s) - s;
   return std::copysign(std::abs(r) > 65504.f ? std::numeric_limits<float>::infinity() : r, v);
 }
