@@ -263,7 +263,13 @@ def _with_globals(fn, replacements: dict):
     if inner is not None and closure is not None:
         new_inner = _with_globals(inner, replacements)
         closure = tuple(types.CellType(new_inner) if c.cell_contents is inner else c for c in closure)
-    namespace = {**fn.__globals__, **replacements} if fn.__code__.co_names else fn.__globals__
+    namespace = fn.__globals__
+    if fn.__code__.co_names:
+        # Without "__name__": torch 2.11's dynamo takes a namespace that has one for that module's
+        # globals and guards on sys.modules[name].apply_rotary_pos_emb, the original function, so a
+        # compiled patched model failed building its guards. With none it guards this dict itself,
+        # as torch 2.14 does for any namespace that is not its module's.
+        namespace = {key: value for key, value in fn.__globals__.items() if key != "__name__"} | replacements
     copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, closure)
     copy.__kwdefaults__ = fn.__kwdefaults__
     copy.__dict__.update(fn.__dict__)
@@ -294,9 +300,12 @@ def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     might ask for (packed sequences, sliding windows, a custom mask function) is refused here, at
     mask creation, rather than computed wrongly.
     """
-    from transformers import masking_utils
+    # `from transformers.masking_utils import ...`, not `from transformers import masking_utils`:
+    # the latter's import statement yields transformers' _LazyModule, on which torch 2.11's dynamo
+    # breaks the graph ("Bad import result"); 2.14's traces either.
+    from transformers.masking_utils import causal_mask_function
 
-    if mask_function is not None and mask_function is not masking_utils.causal_mask_function:
+    if mask_function is not None and mask_function is not causal_mask_function:
         if attention_mask is None and q_offset == 0 and kv_offset == 0 and kv_length == q_length:
             # For a Llama, transformers asks for another mask without a cache or padding only when
             # position_ids show packed sequences: the attention function finds the same sequences

@@ -144,7 +144,11 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
                                     kv_lens=kv_lens)
     pad = None
     if key_padding_mask is not None:
-        pad = unit_stride_last(key_padding_mask).view(torch.uint8)
+        pad = unit_stride_last(key_padding_mask)
+        # The kernels read the mask as bytes: a free view in eager. Under torch.compile a converting
+        # copy instead (B·kv_len bytes, fused by Inductor), since torch 2.11's Inductor fails to
+        # lower a bool -> uint8 view ("torch.bool is not supported by torch.iinfo"); 2.14's lowers it.
+        pad = pad.to(torch.uint8) if torch.compiler.is_compiling() else pad.view(torch.uint8)
     if kv_lens is not None:
         kv_lens = kv_lens.to(torch.int32).contiguous()
     forward = _launch_fwd if direct_call_ok(q, k, v) else _triton_fwd
