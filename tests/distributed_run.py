@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from models import tiny_model, tokens  # noqa: E402
+from models import clone, tiny_model, tokens  # noqa: E402
 
 STEPS = 4
 BATCH = 4  # global: each of two ranks takes two rows
@@ -42,7 +42,8 @@ def batches() -> list[torch.Tensor]:
 
 def base_model(scenario: str, dtype=torch.float32) -> torch.nn.Module:
     """The model a scenario starts from: identical on every rank and in every comparison run."""
-    return tiny_model(seed=0, dtype=dtype, tie_word_embeddings=scenario.endswith("_tied")).train()
+    # clone: a float64 model computes its loss in float64 too (models.float64_loss)
+    return clone(tiny_model(seed=0, tie_word_embeddings=scenario.endswith("_tied")), dtype).train()
 
 
 def train(model, optimizer_params, rank: int = 0, world: int = 1, all_reduce=None) -> list[float]:

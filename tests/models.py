@@ -31,11 +31,34 @@ def tiny_model(seed: int = 0, dtype=torch.float32, cls=LlamaForCausalLM, **overr
 
 
 def clone(model, dtype=None):
-    """A separate model with the same weights (and its own config object)."""
+    """A separate model with the same weights (and its own config object). In float64 (a reference),
+    each causal LM in it computes its loss in float64 too (``float64_loss``)."""
     import copy
 
     twin = copy.deepcopy(model)
-    return twin if dtype is None else twin.to(dtype)
+    if dtype is None:
+        return twin
+    twin.to(dtype)
+    if dtype == torch.float64:
+        for module in twin.modules():
+            if isinstance(module, LlamaForCausalLM):
+                module.loss_function = float64_loss
+    return twin
+
+
+def float64_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
+    """transformers' ForCausalLMLoss (the labels shifted the same way, the same reductions) without
+    its first line, ``logits = logits.float()``: that turns a float64 model's logits into float32, so
+    ``model.double()(labels=...)`` is no float64 reference for the loss or any gradient. It carries
+    fp32 cross-entropy rounding much like eager fp32's own, which then looks closer to it than a more
+    exact loss does: on SmolLM2 the fused loss's dhidden is 5x nearer the exact value than eager's,
+    yet was 3x further from that "float64" model's (measured 2026-11-30, tests/test_real_model.py)."""
+    from transformers.loss.loss_utils import fixed_cross_entropy
+
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return fixed_cross_entropy(logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
+                               num_items_in_batch, ignore_index, **kwargs)
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_fullgraph_training_step(compiler, backend):
         return loss.detach(), {n: p.grad for n, p in getattr(model, "_orig_mod", model).named_parameters()}
 
     base = tiny_model()
-    ref_loss, ref_grads = step(clone(base).double())
+    ref_loss, ref_grads = step(clone(base, torch.float64))
     eager_loss, eager_grads = step(llama_fast.patch(clone(base), backend=backend))
     patched = llama_fast.patch(clone(base), backend=backend)
     compiled = torch.compile(patched, backend=compiler, fullgraph=True)

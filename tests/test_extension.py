@@ -284,7 +284,9 @@ def test_library_holds_sm90a_machine_code():
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     (library,) = glob.glob(str(ROOT / "llama_fast" / "_C*.so"))
     listing = subprocess.run([str(cuobjdump), "--list-elf", library], capture_output=True, text=True, check=True).stdout
-    assert "sm_90a" in listing and "sm_80" in listing, listing
+    # The cuobjdump of triton 3.6 (the lent H200's) lists the same sm_90a cubin as "sm_90"; 3.8's as sm_90a.
+    old_cuobjdump = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8)
+    assert ("sm_90a" in listing or old_cuobjdump) and "sm_90" in listing and "sm_80" in listing, listing
     sass = subprocess.run([str(cuobjdump), "--dump-sass", "--gpu-architecture", "sm_90a", library],
                           capture_output=True, text=True, check=True).stdout
     for kernel in ("rms_norm_fwd_kernel", "rms_norm_dx_kernel", "rope_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel"):
