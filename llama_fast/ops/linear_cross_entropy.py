@@ -128,11 +128,18 @@ def _phase_two(grad_rows, hidden, weight, labels, bias, lse, ignore_index, smoot
                                              label_smoothing=smoothing, softcap=softcap)
         else:
             dz = _torch_grad_in_place(logits, labels, lse, grad_rows, start, vocab, ignore_index, smoothing, softcap)
-        if need_dw:
+        # In fp32 the products go straight into dweight and the dhidden sum: a temporary block and
+        # its copy cost more than the dweight GEMM itself on the CPU (0.7 ms a 1024 x 576 block: fresh
+        # pages each time), 0.26 s -> 0.19 s a SmolLM2 loss step of 128 tokens.
+        if need_dw and dw.dtype == torch.float32:
+            torch.mm(dz.t(), hidden, out=dw[cols])
+        elif need_dw:
             dw[cols] = _mm_fp32(dz.t(), hidden).to(dw.dtype)
         if need_db:
             db[cols] = dz.float().sum(0).to(db.dtype)
-        if need_dh:
+        if need_dh and hidden.dtype == torch.float32:
+            dh.addmm_(dz, weight[cols])
+        elif need_dh:
             dh += _mm_fp32(dz, weight[cols])
     return (dh.to(hidden.dtype) if need_dh else None), dw, db
 
