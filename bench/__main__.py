@@ -9,7 +9,7 @@
                              loads, instructions per matrix-loop iteration against a baseline
   python -m bench traffic    bytes eager PyTorch moves per op vs the fused kernel's minimum
   python -m bench overhead   host time per op call and per decode layer step, launches stubbed, vs eager
-  python -m bench loss       peak memory of the fused linear + cross-entropy loss step vs the unfused loss
+  python -m bench loss       the fused linear + cross-entropy loss step vs the unfused one: peak memory, speed
 
 With --out DIR, each suite writes DIR/<suite>.json (every figure, the device, the versions and the
 date) and DIR/<suite>.png. On a machine with no GPU the suites time on the CPU and say so; those
@@ -77,21 +77,37 @@ def _overhead(args) -> int:
     return 0
 
 
+# The loss step's speed: Llama-3-8B's lm_head and SmolLM2's on a GPU (8,192 tokens, bf16); on a CPU,
+# SmolLM2's at 128 tokens in fp32 (22 GFLOP a step: seconds per provider on two cores).
+LOSS_SHAPES_GPU = {"llama3-8b": (8192, 4096, 128256), "smollm2-135m": (8192, 576, 49152)}
+LOSS_SHAPES_CPU = {"smollm2-135m": (128, 576, 49152)}
+
+
 def _loss(args, write: bool = True) -> int:
     import torch
 
     from . import device as dev
-    from .loss import format_table, rows
-    from .report import write_json
+    from . import loss
+    from .report import format_table, run, write_json
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "meta")
-    result = rows(device)
-    print(format_table(result))
+    gpu = torch.cuda.is_available()
+    memory = loss.rows(torch.device("cuda" if gpu else "meta"))
+    print(loss.format_table(memory) + "\n")
+    device = torch.device("cuda" if gpu else "cpu")
+    meta = dev.describe(device)
+    if not gpu:
+        print("Speed below: CPU timings (labelled CPU), not GPU performance; llama_fast[torch] is the fused "
+              "loss's chunked torch path, the one a CPU runs.")
+    cases = loss.cases(device, LOSS_SHAPES_GPU if gpu else LOSS_SHAPES_CPU, torch.bfloat16 if gpu else torch.float32,
+                       compile_too=gpu or args.compile)
+    speed = run(cases, device, meta.get("peaks"), rep_ms=args.rep_ms, progress=not args.no_progress)
+    print(f"== loss step on {meta['device']} ==")
+    print(format_table(speed), flush=True)
     if args.out and write:
-        meta = dev.describe(torch.device("cuda" if device.type == "cuda" else "cpu"))
-        meta["what"] = "peak memory of one loss step (forward + backward), " + result[0]["how"]
+        meta["what"] = ("peak memory of one loss step (forward + backward), " + memory[0]["how"] +
+                        "; its speed per provider (speed)")
         os.makedirs(args.out, exist_ok=True)
-        write_json(os.path.join(args.out, "loss.json"), meta, result)
+        write_json(os.path.join(args.out, "loss.json"), meta, memory, speed=speed)
     return 0
 
 
@@ -234,7 +250,8 @@ def _parser() -> argparse.ArgumentParser:
         "overhead": ("host time per op call and per decoder-layer decode step, kernel launches stubbed, vs eager "
                      "(CPU; no GPU needed)", ("out", "rep_ms", "no_progress")),
         "loss": ("peak memory of the fused linear + cross-entropy loss step vs the unfused loss, Llama-3-8B shapes "
-                 "(meta tensors without a GPU)", ("out",)),
+                 "(meta tensors without a GPU), and its speed against eager, torch.compile and Liger-Kernel",
+                 ("out", "compile", "rep_ms", "no_progress")),
     }
     for command, (text, names) in helps.items():
         sub.add_parser(command, help=text, description=text, parents=[options(*names)])

@@ -3,29 +3,39 @@ unfused loss (transformers' ForCausalLMLoss: logits, upcast to fp32, cross_entro
 backward, at Llama-3-8B's shapes (V = 128,256, H = 4,096, 8,192 tokens, bf16).
 
 Measured, not computed by formula: without a GPU, on meta tensors (no memory is touched, every
-shape and dtype is real) under a dispatch mode that counts the bytes of every tensor an op creates
-until the tensor is freed, and keeps the peak; the fused loss's Triton launches are stubbed (they
+shape and dtype is real) under a dispatch mode that counts the bytes of every storage an op creates
+until the storage is freed, and keeps the peak; the fused loss's Triton launches are stubbed (they
 write in place and allocate nothing). With a GPU, on real tensors by the CUDA allocator's peak.
 Either way the inputs (hidden states, weight, labels) are allocated before the count starts, and
 the gradients the step produces (dhidden, dweight) are part of the peak.
 """
 
+import functools
 import weakref
 
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensors ops create, while they live, and the peak. A view or an in-place result
-    is not new memory; a custom op is entered with the mode on, so its own allocations count."""
+    """Bytes of the storages ops create, while they live, and the peak.
+
+    Storages, not tensors: autograd keeps a saved output through a tensor of its own on the same
+    storage, so a count of tensor objects drops it while it still holds memory (that undercounted
+    the unfused loss by a third: 7.83 GiB against 11.74, log_softmax's saved output). A storage an
+    op's inputs already have (a view, an in-place op, ``to`` returning its input) is not new memory;
+    ``to`` to another dtype is. A custom op is entered with the mode on, so its allocations count.
+    """
 
     def __init__(self):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self._storages = set()  # the StorageImpl addresses counted and not yet freed
 
-    def _freed(self, nbytes):
+    def _freed(self, key, nbytes):
+        self._storages.discard(key)
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -35,13 +45,19 @@ class LiveBytes(TorchDispatchMode):
             with self:
                 return opdef._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
-        inputs = {id(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and id(t) not in inputs and t._base is None and not func.is_view:
-                nbytes = t.untyped_storage().nbytes()
+        known = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        known |= self._storages
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in known:
+                # The storage's Python object lives exactly as long as the storage (PyTorch keeps it
+                # alive for the C++ references), so its finalizer runs when the memory is released.
+                storage = t.untyped_storage()
+                key, nbytes = storage._cdata, storage.nbytes()
+                known.add(key)
+                self._storages.add(key)
                 self.live += nbytes
                 self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._freed, nbytes)
+                weakref.finalize(storage, self._freed, key, nbytes)
         return out
 
 
@@ -58,15 +74,71 @@ def _fused(hidden, weight, labels):
     return ops.linear_cross_entropy(hidden, weight, labels)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_unfused():
+    return torch.compile(_unfused, dynamic=False)
+
+
+def _liger():
+    """Liger-Kernel's fused linear cross-entropy, when installed: the module form, whose call
+    (weight, input, target) has been the same across its releases."""
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    loss = LigerFusedLinearCrossEntropyLoss()
+
+    def liger(hidden, weight, labels):
+        out = loss(weight, hidden, labels)
+        return out[0] if isinstance(out, tuple) else out
+
+    return liger
+
+
+def cases(device: torch.device, shapes, dtype: torch.dtype, *, compile_too: bool):
+    """Speed of one loss step (forward, then the gradients of hidden and weight) per provider:
+    transformers' unfused loss (eager), its torch.compile, Liger's fused loss, ours. The work is
+    the unfused loss's three GEMMs, 6·N·H·V FLOPs; ours computes the logits twice (8·N·H·V)."""
+    from llama_fast import ops
+
+    from .cases import OURS, Case
+
+    runs_triton = ops.backend_for(torch.empty(0, device=device), extension_op=False) == "triton"
+    ours = f"{OURS}[{'triton' if runs_triton else 'torch'}]"  # else its chunked torch path
+    liger = _liger() if device.type == "cuda" else None
+    for name, (tokens, hidden_size, vocab) in shapes.items():
+        def setup_for(fn, tokens=tokens, hidden_size=hidden_size, vocab=vocab):
+            def setup():
+                hidden, weight, labels = _inputs(device, tokens, hidden_size, vocab, dtype)
+                return lambda: torch.autograd.grad(fn(hidden, weight, labels), (hidden, weight))
+
+            return setup
+
+        providers = {"eager": setup_for(_unfused), ours: setup_for(_fused)}
+        if compile_too:
+            providers["torch.compile"] = setup_for(_compiled_unfused())
+        if liger is not None:
+            providers["liger"] = setup_for(liger)
+        yield Case(suite="loss", op="linear_cross_entropy", mode="fwdbwd",
+                   shape=f"{name} N={tokens} H={hidden_size} V={vocab}", size=tokens,
+                   dtype=str(dtype).removeprefix("torch."), flops=6 * tokens * hidden_size * vocab,
+                   providers=providers)
+
+
 def _inputs(device, tokens, hidden_size, vocab, dtype):
-    g = None if device.type == "meta" else torch.Generator(device=device).manual_seed(0)
-    make = (lambda *s: torch.empty(*s, device=device, dtype=dtype)) if g is None else \
-        (lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g))
-    hidden = make(tokens, hidden_size).requires_grad_()
-    weight = make(vocab, hidden_size).requires_grad_()
-    labels = torch.zeros(tokens, dtype=torch.long, device=device) if g is None else \
-        torch.randint(0, vocab, (tokens,), device=device, generator=g)
-    return hidden, weight, labels
+    """Hidden states of unit scale and a weight scaled by 1/sqrt(H), so the logits are of unit scale
+    as a trained lm_head's are. With a unit-scale weight they spread over ±100 and fp32 softmax
+    gradients fall into denormals, which made the CPU's unfused loss step 16x slower (2.3 s against
+    0.14 s, SmolLM2's lm_head and 128 tokens in fp32)."""
+    if device.type == "meta":
+        hidden, weight = (torch.empty(*s, device=device, dtype=dtype) for s in ((tokens, hidden_size), (vocab, hidden_size)))
+        labels = torch.zeros(tokens, dtype=torch.long, device=device)
+    else:
+        g = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(tokens, hidden_size, device=device, dtype=dtype, generator=g)
+        weight = torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=g) * hidden_size ** -0.5
+        labels = torch.randint(0, vocab, (tokens,), device=device, generator=g)
+    return hidden.requires_grad_(), weight.requires_grad_(), labels
 
 
 def peak_bytes(loss_fn, device, tokens=8192, hidden_size=4096, vocab=128256, dtype=torch.bfloat16) -> int:
@@ -101,7 +173,7 @@ def rows(device, tokens=8192, hidden_size=4096, vocab=128256) -> list[dict]:
     sizes = dict(tokens=tokens, hidden_size=hidden_size, vocab=vocab)
     fused, unfused = peak_bytes(_fused, device, **sizes), peak_bytes(_unfused, device, **sizes)
     gradients = (tokens + vocab) * hidden_size * 2
-    how = "CUDA allocator peak" if device.type == "cuda" else "live-tensor count on meta tensors"
+    how = "CUDA allocator peak" if device.type == "cuda" else "live-storage count on meta tensors"
     return [dict(what=f"loss step peak bytes, N {tokens}, H {hidden_size}, V {vocab}, bf16", how=how,
                  fused_bytes=fused, unfused_bytes=unfused, fused_over_unfused=fused / unfused,
                  gradient_bytes=gradients, fused_over_unfused_beyond_gradients=(fused - gradients) / (unfused - gradients))]
