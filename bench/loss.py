@@ -1,4 +1,4 @@
-"""Peak memory of the causal-LM loss step: llama_fast's fused linear + cross-entropy against the
+"""Peak memory (and speed) of the causal-LM loss step: llama_fast's fused linear + cross-entropy against the
 unfused loss (transformers' ForCausalLMLoss: logits, upcast to fp32, cross_entropy), forward and
 backward, at Llama-3-8B's shapes (V = 128,256, H = 4,096, 8,192 tokens, bf16).
 
@@ -8,6 +8,8 @@ until the storage is freed, and keeps the peak; the fused loss's Triton launches
 write in place and allocate nothing). With a GPU, on real tensors by the CUDA allocator's peak.
 Either way the inputs (hidden states, weight, labels) are allocated before the count starts, and
 the gradients the step produces (dhidden, dweight) are part of the peak.
+
+``cases`` times the same step per provider through the bench's usual runner (``report.run``).
 """
 
 import functools
