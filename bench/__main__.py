@@ -98,8 +98,10 @@ def _loss(args, write: bool = True) -> int:
     if not gpu:
         print("Speed below: CPU timings (labelled CPU), not GPU performance; llama_fast[torch] is the fused "
               "loss's chunked torch path, the one a CPU runs.")
+    # torch.compile is left out of `all --quick` (bench/gpu.sh): a lent machine compiles cold, and the
+    # loss step comes last in the lease's few minutes; eager is the baseline the issue measures against.
     cases = loss.cases(device, LOSS_SHAPES_GPU if gpu else LOSS_SHAPES_CPU, torch.bfloat16 if gpu else torch.float32,
-                       compile_too=gpu or args.compile)
+                       compile_too=(gpu and not args.quick) or args.compile)
     speed = run(cases, device, meta.get("peaks"), rep_ms=args.rep_ms, progress=not args.no_progress)
     print(f"== loss step on {meta['device']} ==")
     print(format_table(speed), flush=True)
