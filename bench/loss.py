@@ -47,19 +47,21 @@ class LiveBytes(TorchDispatchMode):
             with self:
                 return opdef._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
-        known = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        known |= self._storages
+        inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in known:
-                # The storage's Python object lives exactly as long as the storage (PyTorch keeps it
-                # alive for the C++ references), so its finalizer runs when the memory is released.
-                storage = t.untyped_storage()
-                key, nbytes = storage._cdata, storage.nbytes()
-                known.add(key)
-                self._storages.add(key)
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._freed, key, nbytes)
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in inputs or key in self._storages:
+                continue
+            # The storage's Python object lives exactly as long as the storage (PyTorch keeps it
+            # alive for the C++ references), so its finalizer runs when the memory is released.
+            nbytes = storage.nbytes()
+            self._storages.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key, nbytes)
         return out
 
 
@@ -105,7 +107,7 @@ def cases(device: torch.device, shapes, dtype: torch.dtype, *, compile_too: bool
 
     from .cases import OURS, Case
 
-    runs_triton = ops.backend_for(torch.empty(0, device=device), extension_op=False) == "triton"
+    runs_triton = ops.backend_on(device, extension_op=False) == "triton"
     ours = f"{OURS}[{'triton' if runs_triton else 'torch'}]"  # else its chunked torch path
     liger = _liger() if device.type == "cuda" else None
     for name, (tokens, hidden_size, vocab) in shapes.items():
