@@ -24,6 +24,7 @@ so (the instruction counts are the compiler's, and move with it). Must run witho
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -141,8 +142,14 @@ def capture_launches(arch: int | None = None) -> Iterator[list]:
         configs = self.configs
         if arch is not None and self.early_config_prune and len(configs) > 1:
             launch_kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+
+            def shared_bytes(config):  # what the pruner reads on a GPU, from the compile for ``arch``
+                merged = {**launch_kwargs, **config.all_kwargs()}
+                launch = Launch(self.fn, _bind(self.fn, args, merged), merged["num_warps"], merged["num_stages"])
+                return _compile(launch, arch).metadata.shared
+
             configs = self.early_config_prune(configs, dict(zip(self.arg_names, args)), target_arch=arch,
-                                              **launch_kwargs)
+                                              shared_bytes=shared_bytes, **launch_kwargs)
         for config in configs:
             merged = {**kwargs, **config.all_kwargs()}
             for launch_only in ("grid", "warmup"):
@@ -221,23 +228,34 @@ def _uses_dot(kernel, depth: int = 2) -> bool:
                              for name in set(re.findall(r"\b(\w+)\(", kernel.src)))
 
 
-def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
-    """Compile one launch for ``arch`` and report it.
-
-    ``kind`` is the case's: "memory" kernels must issue 128-bit loads; in a "matrix" case the
-    kernels with matrix products (``tl.dot``) must use HGMMA on sm_90a, and TMA there when launched
-    with USE_TMA, and the others (attention's δ pre-pass) count as memory-bound.
-    """
-    if kind == "matrix" and not _uses_dot(launch.kernel):
-        kind = "memory"
+def _compile(launch: Launch, arch: int):
+    """``triton.compile`` of one launch for ``arch`` (Triton caches the result on disk)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature, constexprs, attrs = _specialise(launch)
     source = ASTSource(launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+
+
+def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
+    """Compile one launch for ``arch`` and report it.
+
+    ``kind`` is the case's: "memory" kernels must issue 128-bit loads; in a "matrix" case the
+    kernels with matrix products (``tl.dot``) must use HGMMA on sm_90a, and TMA there when launched
+    with USE_TMA, and the others (attention's δ pre-pass) count as memory-bound. Every kernel must
+    fit the block's shared memory and, but in a "shared-memory" case, compile without spills: those
+    cases are the fp32 and head_dim 256 paths, kept for correctness (the tuned paths are 16-bit at
+    head_dim 64 and 128), whose spills are reported and not failed.
+    """
+    fit_only = kind == "shared-memory"
+    if kind == "matrix" and not _uses_dot(launch.kernel):
+        kind = "memory"
+    from llama_fast.kernels.attention import SHARED_MEMORY_LIMIT
+
+    compiled = _compile(launch, arch)
     fields, sass = _resources(compiled.asm["cubin"])
     registers, spill = fields.get("REG", 0), fields.get("STACK", 0) + fields.get("LOCAL", 0)
     spill_ops = len(re.findall(r"\b(?:STL|LDL)(?:\.[\w]+)*\b", sass))
@@ -247,7 +265,9 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
     ldg128 = len(re.findall(r"\bLDG\.E\.128\b", sass))
     ldg_all = len(re.findall(r"\bLDG\.E[.\w]*", sass))
     problems = []
-    if spill or spill_ops:
+    if shared > SHARED_MEMORY_LIMIT[arch]:
+        problems.append(f"needs {shared:,} bytes of shared memory, over sm_{arch}'s {SHARED_MEMORY_LIMIT[arch]:,} per block")
+    if (spill or spill_ops) and not fit_only:
         problems.append(f"spills registers: {spill} bytes of stack/local memory, {spill_ops} STL/LDL")
     if kind == "matrix" and arch == 90 and hgmma == 0:
         problems.append("no HGMMA on sm_90a")
@@ -363,7 +383,7 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]
                                                                         deterministic=True, tma=arch == 90), "matrix"
     q1, k1, v1 = bshd(model.q_heads, 1), bshd(model.kv_heads, decode_kv), bshd(model.kv_heads, decode_kv)
     yield "attention decode", lambda arch: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale, pad=None,
-                                                              splits=32), "memory"
+                                                              splits=32, arch=arch), "memory"
     # Packed sequences (flash_attention_varlen): the same kernels with VARLEN, over (1, H, total, D)
     # views of (total, H, D) tensors, here 8 sequences of up to 512 tokens in the same 4096.
     packed = attention.Packed(torch.zeros(9, dtype=torch.int32), torch.zeros(9, dtype=torch.int32), 512, 512)
@@ -374,25 +394,62 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]
                                                                        packed=packed), "matrix"
     q32 = bshd(model.q_heads, 32)  # a 32-token chunk on the cache: 64-row tiles of packed query rows
     yield "attention chunk", lambda arch: attention.attention_fwd(q32, k1, v1, causal=True, softmax_scale=scale, pad=None,
-                                                             splits=16), "memory"
+                                                             splits=16, arch=arch), "memory"
+
+
+def _shared_memory_cases() -> Iterator[tuple[str, Callable[[int], object], str]]:
+    """The attention passes where shared memory runs out first, whatever the model: the widest heads
+    (head_dim 128 and 256, the largest blocks), in fp32 (4-byte tiles through pointer loads) and bf16
+    (through TMA on sm_90a). Each compiles the configs the launch can choose there, which must all
+    fit the block's shared memory (the pruner compiles every candidate and drops the rest)."""
+    from llama_fast.kernels import attention
+
+    kv_heads, group, seq = 2, 4, 1024
+    for head_dim in (128, 256):
+        for dtype in (torch.float32, torch.bfloat16):
+            def bshd(heads, length):
+                return torch.empty(1, length, heads, head_dim, dtype=dtype).transpose(1, 2)
+
+            q, k, v, out = bshd(kv_heads * group, seq), bshd(kv_heads, seq), bshd(kv_heads, seq), bshd(kv_heads * group, seq)
+            lse = torch.empty(1, kv_heads * group, seq, dtype=torch.float32)
+            q16 = bshd(kv_heads * group, 16)  # 64 packed rows per KV head: the decode kernel's largest row tile
+            tma = attention.tma_ready(q, k, v)
+            common = dict(causal=True, softmax_scale=head_dim ** -0.5, pad=None)
+            tag = f"d{head_dim} {str(dtype).removeprefix('torch.')}"
+            yield f"{tag} attention fwd", functools.partial(
+                lambda arch, q, k, v, tma: attention.attention_fwd(q, k, v, splits=0, tma=arch == 90 and tma, **common),
+                q=q, k=k, v=v, tma=tma), "shared-memory"
+            for deterministic in (False, True):
+                yield f"{tag} attention bwd{' determ.' if deterministic else ''}", functools.partial(
+                    lambda arch, q, k, v, out, lse, tma, deterministic: attention.attention_bwd(
+                        out, q, k, v, out, lse, deterministic=deterministic, tma=arch == 90 and tma, **common),
+                    q=q, k=k, v=v, out=out, lse=lse, tma=tma, deterministic=deterministic), "shared-memory"
+            yield f"{tag} attention decode", functools.partial(
+                lambda arch, q, k, v: attention.attention_fwd(q, k, v, splits=4, arch=arch, **common),
+                q=q16, k=k, v=v), "shared-memory"
 
 
 CASE_GROUPS = {"memory": _memory_bound_cases, "attention": _attention_cases}
+# Cases that do not depend on the model's shape: run once, named "shared-memory ...".
+SHAPE_FREE_GROUPS = {"shared-memory": _shared_memory_cases}
 
 
 def audit(models=None, archs=(90, 80), groups=None) -> list[Report]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("bench audit compiles real kernels: unset TRITON_INTERPRET")
+    groups = groups or [*CASE_GROUPS, *SHAPE_FREE_GROUPS]
+    cases = [(f"{name} {case}", launcher, kind)
+             for name in models or MODELS for group in groups if group in CASE_GROUPS
+             for case, launcher, kind in CASE_GROUPS[group](MODELS[name])]
+    cases += [(f"{group} {case}", launcher, kind)
+              for group in groups if group in SHAPE_FREE_GROUPS for case, launcher, kind in SHAPE_FREE_GROUPS[group]()]
     reports = []
-    for model_name in models or MODELS:
-        model = MODELS[model_name]
-        for group in groups or CASE_GROUPS:
-            for case, launcher, kind in CASE_GROUPS[group](model):
-                for arch in archs:  # each architecture compiles the tiles the kernel keeps for it
-                    with capture_launches(arch) as launches:
-                        launcher(arch)
-                    for launch in launches:
-                        reports.append(compile_launch(f"{model_name} {case}", launch, arch, kind))
+    for case, launcher, kind in cases:
+        for arch in archs:  # each architecture compiles the tiles the kernel keeps for it
+            with capture_launches(arch) as launches:
+                launcher(arch)
+            for launch in launches:
+                reports.append(compile_launch(case, launch, arch, kind))
     return reports
 
 

@@ -46,3 +46,38 @@ def warps_for_row(block: int, element_bytes: int) -> int:
     vectors of the row (so loads are 128-bit), between 1 and 16."""
     per_warp = 32 * 16 // element_bytes * 2
     return max(1, min(16, block // per_warp))
+
+
+# CUDA's per-launch limits on the grid: 2^31 - 1 programs along the first axis, 65,535 along the others.
+GRID_LIMITS = (2**31 - 1, 65_535, 65_535)
+
+
+def grid_of(*programs: int) -> tuple[int, ...]:
+    """A launch grid, checked against the hardware's per-axis limits so that an oversized launch is a
+    clear error rather than CUDA's "invalid argument". Launchers put the count that grows with the
+    batch (batch x heads, sequences x heads) on the first axis, whose limit is 2^31 - 1: on the
+    second, 8,192 packed sequences of 8 KV heads would already be too many."""
+    for axis, (count, limit) in enumerate(zip(programs, GRID_LIMITS)):
+        if count > limit:
+            raise ValueError(f"llama_fast: a launch needs {count:,} programs along grid axis {axis}, over the "
+                             f"hardware's {limit:,} (shapes too large for one kernel call: split the batch or the sequence)")
+    return programs
+
+
+def on_tensor_device(launcher):
+    """Runs ``launcher`` under the CUDA device of its first argument, a tensor.
+
+    Triton launches on the current device and takes its stream, and the TMA descriptors' scratch
+    comes from the current device too: a model spread over two GPUs (``device_map="auto"``) calls
+    layers whose tensors are not on it, which would give illegal addresses. The device is switched
+    only when it differs (the check costs well under a microsecond: ``bench overhead``)."""
+
+    @functools.wraps(launcher)
+    def on_device(x, *args, **kwargs):
+        index = x.get_device()
+        if index < 0 or index == torch.cuda.current_device():
+            return launcher(x, *args, **kwargs)
+        with torch.cuda.device(index):
+            return launcher(x, *args, **kwargs)
+
+    return on_device

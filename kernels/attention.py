@@ -61,14 +61,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2, persistent_programs
+from ._launch import cdiv, grid_of, next_power_of_2, on_tensor_device, persistent_programs
 
 _LOG2E = 1.4426950408889634
 # Read once, as triton.jit itself does when it decorates: the interpreter takes one autotuning
 # config only (../shared/DESIGN.md, fact 3) and runs faster on small tiles.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# LLAMA_FAST_AUTOTUNE=0 keeps the first GPU config of each kernel: the GPU test run uses it, where
-# dozens of test shapes would each pay for autotuning and the bench measures the tuned kernels.
+# LLAMA_FAST_AUTOTUNE=0 keeps the first config of each kernel that the device can run (_Pruner): the
+# GPU test run uses it, where dozens of test shapes would each pay for autotuning and the bench
+# measures the tuned kernels.
 _AUTOTUNE = os.environ.get("LLAMA_FAST_AUTOTUNE", "1") != "0"
 
 
@@ -80,8 +81,8 @@ _AUTOTUNE = os.environ.get("LLAMA_FAST_AUTOTUNE", "1") != "0"
 # on sm_80 (56 B); every dK/dV tile with BLOCK_M x BLOCK_N above 32 x 64 once the kernel also
 # accumulated the atomic dQ tile and gained its unmasked second loop (e.g. (64, 64, 8, 2): 168 B on
 # sm_90a at head_dim 128), and (32, 64, 8, 2) on sm_80 (24 B at head_dim 64). dK/dV tiles must be
-# spill-free with and without ATOMIC_DQ. The first tile of each list must be in the other list too:
-# with one config (LLAMA_FAST_AUTOTUNE=0) Triton skips pruning and runs the first.
+# spill-free with and without ATOMIC_DQ. Shared memory is not part of the lists: the pruner reads it
+# from each compiled config and drops what the device cannot hold (fp32, head_dim 256).
 # BLOCK_M a multiple of 64 per warpgroup (4 warps) lets the forward's tl.dot lower to wgmma.
 _FWD_TILES = {90: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
               80: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]}
@@ -101,15 +102,15 @@ def _tile(config: triton.Config) -> tuple[int, int, int, int]:
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-def _configs(tiles: dict[int, list[tuple[int, int, int, int]]], interpreted: tuple[int, int]) -> list[triton.Config]:
-    """Autotuning configs: every architecture's tiles (``_pruner`` keeps the device's). The interpreter
-    accepts only one (../shared/DESIGN.md, fact 3); its blocks are small so short test sequences
-    still cross blocks."""
+def _configs(tiles: dict[int, list[tuple[int, int, int, int]]], interpreted: tuple[int, int],
+             fallback: tuple[tuple[int, int, int, int], ...]) -> list[triton.Config]:
+    """Autotuning configs: every architecture's tiles and the fallback tiles (``_Pruner`` keeps the
+    device's, and with LLAMA_FAST_AUTOTUNE=0 the first of them that fits). The interpreter accepts
+    only one config; its blocks are small so short test sequences still cross blocks."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": interpreted[0], "BLOCK_N": interpreted[1]}, num_warps=4, num_stages=1)]
-    every = list(dict.fromkeys(t for arch_tiles in tiles.values() for t in arch_tiles))
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in every[: None if _AUTOTUNE else 1]]
+    every = list(dict.fromkeys([t for arch_tiles in tiles.values() for t in arch_tiles] + list(fallback)))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in every]
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,32 +119,101 @@ def _arch(device_index: int) -> int:
     return 90 if torch.cuda.get_device_capability(device_index) == (9, 0) else 80
 
 
-def _pruner(tiles: dict[int, list[tuple[int, int, int, int]]], variant_spills: dict | None = None):
-    """The autotuner's early prune for one kernel: the tiles of the device's architecture (or of
-    ``target_arch``, which the ahead-of-time audit passes) less those that spill in this launch's
-    variant, then small tiles only for heads wider than 128, which need them to stay in registers
-    and shared memory."""
+# The most shared memory one block may use, per architecture key, for the ahead-of-time audit (on
+# a GPU the device's own limit is read): sm_90 232,448 B; "80" covers every GPU that is not Hopper,
+# and the A100's 166,912 B is the largest of them (sm_86/89 allow 101,376: there the launch-time
+# check drops what does not fit).
+SHARED_MEMORY_LIMIT = {90: 232_448, 80: 166_912}
 
-    def prune(configs, named_args, target_arch: int | None = None, **kwargs):
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_limit(device_index: int) -> int:
+    """The most dynamic shared memory one block may use on this GPU: the opt-in limit Triton checks
+    when it loads a kernel (raising OutOfResources above it)."""
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _no_benchmark(kernel_call, quantiles=None, **kwargs):
+    """The autotuner's timing function under LLAMA_FAST_AUTOTUNE=0, where the pruner leaves one config:
+    Triton 3.8 launches a single pruned config without timing it, but 3.6 (the lent H200's) times
+    it anyway, a synchronising benchmark at every new key of a test run for a choice already made."""
+    return [0.0, 0.0, 0.0] if quantiles else 0.0
+
+
+class _Pruner:
+    """The autotuner's early prune for one kernel, in three steps.
+
+    1. The tiles of the device's architecture (or of ``target_arch``, which the ahead-of-time audit
+       passes), less those that spill in this launch's variant; for heads wider than 128, small
+       tiles only, which they need to stay in registers.
+    2. Of those, the configs whose compiled kernel fits the block's shared memory. The interpreter
+       never checks it, and on the GPU Triton raises OutOfResources at launch. What a config needs
+       moves with the head size, the dtype and the load path (the forward's first tile asks 262,144 B
+       in fp32 at head_dim 128, over Hopper's 232,448), so it is read from the compiled kernel: on a
+       GPU by compiling for the device (``warmup``: the compile the launch or the autotuner does
+       anyway, cached by Triton), in the audit by ``shared_bytes``, its compile for ``target_arch``.
+       When none fits, the ``fallback`` tiles that do: small and slow, for the shapes no tuned tile
+       serves (fp32 at head_dim 256 needs 262,272 B in the dK/dV kernel's smallest listed tile).
+    3. With LLAMA_FAST_AUTOTUNE=0, the first config left.
+
+    ``kernel`` is the JIT function, set once it is defined.
+    """
+
+    def __init__(self, tiles: dict[int, list[tuple[int, int, int, int]]], variant_spills: dict | None = None,
+                 fallback: tuple[tuple[int, int, int, int], ...] = ()):
+        self.tiles, self.variant_spills, self.fallback, self.kernel = tiles, variant_spills or {}, fallback, None
+
+    def __call__(self, configs, named_args, target_arch: int | None = None, shared_bytes=None, **kwargs):
         def arg(name):
             return named_args.get(name, kwargs.get(name))
 
+        device = named_args["q_ptr"].device
         if target_arch is None:
-            target_arch = _arch(named_args["q_ptr"].device.index or 0)
+            target_arch = _arch(device.index or 0)
         variant = (target_arch, bool(arg("USE_TMA")), bool(arg("ATOMIC_DQ")), bool(arg("VARLEN")))
-        spilling = (variant_spills or {}).get(variant, ())
-        allowed = [t for t in tiles.get(target_arch, tiles[80]) if t not in spilling]
+        spilling = self.variant_spills.get(variant, ())
+        allowed = [t for t in self.tiles.get(target_arch, self.tiles[80]) if t not in spilling]
+        fallback = [c for c in configs if _tile(c) in self.fallback and _tile(c) not in allowed]
         kept = [c for c in configs if _tile(c) in allowed] or configs[:1]
         if (arg("BLOCK_D") or 0) > 128 and len(kept) > 1:
             kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or kept[:1]
-        return kept
+        limit = SHARED_MEMORY_LIMIT[target_arch]
+        if shared_bytes is None and device.type == "cuda":
+            launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+            limit = _device_shared_limit(device.index if device.index is not None else torch.cuda.current_device())
 
-    return prune
+            def shared_bytes(config):
+                return self.kernel.warmup(**named_args, **launch, **config.all_kwargs(), grid=(1,)).metadata.shared
+
+        if shared_bytes is not None:
+            needs = [(config, shared_bytes(config)) for config in kept]
+            kept = [config for config, need in needs if need <= limit]
+            if not kept:
+                needs += [(config, shared_bytes(config)) for config in fallback]
+                kept = [config for config, need in needs if need <= limit]
+            if not kept:
+                raise RuntimeError(
+                    f"llama_fast: no tile of {self.kernel.__name__} fits the {limit:,} bytes of shared memory a block "
+                    f"may use at head_dim {arg('HEAD_DIM')} in {named_args['q_ptr'].dtype} (the smallest tile needs "
+                    f"{min(need for _, need in needs):,}): the tile lists in kernels/attention.py need a smaller one")
+        return kept if _AUTOTUNE else kept[:1]
 
 
-_FWD_CONFIGS = _configs(_FWD_TILES, (16, 16))
-_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_TILES, (16, 16))
-_BWD_DQ_CONFIGS = _configs(_BWD_DQ_TILES, (16, 16))
+# Fallback tiles (_Pruner, step 2), for shapes whose every listed tile overflows shared memory: at
+# fp32 and head_dim 256 these need 69,632 B (forward), 98,304 (dK/dV) and 131,072 (dQ, 32 x 32) on
+# sm_90a and sm_80, without spills (python -m bench audit, 2026-12-02).
+_FWD_FALLBACK = ((32, 32, 4, 1),)
+_BWD_DKDV_FALLBACK = ((16, 16, 4, 1),)
+_BWD_DQ_FALLBACK = ((32, 32, 4, 1), (16, 16, 4, 1))
+_FWD_CONFIGS = _configs(_FWD_TILES, (16, 16), _FWD_FALLBACK)
+_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_TILES, (16, 16), _BWD_DKDV_FALLBACK)
+_BWD_DQ_CONFIGS = _configs(_BWD_DQ_TILES, (16, 16), _BWD_DQ_FALLBACK)
+_FWD_PRUNER = _Pruner(_FWD_TILES, fallback=_FWD_FALLBACK)
+_DKDV_PRUNER = _Pruner(_BWD_DKDV_TILES, _DKDV_VARIANT_SPILLS, fallback=_BWD_DKDV_FALLBACK)
+_DQ_PRUNER = _Pruner(_BWD_DQ_TILES, fallback=_BWD_DQ_FALLBACK)
+_BENCH = None if _AUTOTUNE else _no_benchmark  # None: Triton's own timing
 # What changes the best tile: the lengths (power-of-two buckets, so a growing KV cache does not
 # retune every token), batch x query heads (power-of-two buckets: with the lengths, the grid, and so
 # how well a tile fills the SMs), the GQA group (how many query heads share a K/V tile), the head
@@ -252,7 +322,7 @@ def _finish_rows(acc, l_i, m_i):
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=[*_TUNE_KEY, "USE_TMA", "HAS_KV_LENS", "VARLEN"],
-                 prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
+                 prune_configs_by={"early_config_prune": _FWD_PRUNER}, do_bench=_BENCH)
 @triton.jit
 def _attn_fwd_kernel(
     # pointers
@@ -348,11 +418,11 @@ def _attn_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (split, batch, KV head, row tile): BLOCK_R of the G·Sq query rows of the KV
+    """One program per (batch x KV head, split, row tile): BLOCK_R of the G·Sq query rows of the KV
     head against keys [split·split_len, (split + 1)·split_len). Writes a partial out and lse per
     row and split."""
-    split = tl.program_id(0)
-    b_kv = tl.program_id(1).to(tl.int64)
+    b_kv = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     b = b_kv // kv_heads
     kv_h = b_kv % kv_heads
     kv_len = _valid_keys(kv_len, kv_lens_ptr, b, HAS_KV_LENS)
@@ -433,8 +503,12 @@ def _attn_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """δ_i = Σ_d dO_id · O_id in fp32, (B, Hq, Sq) contiguous."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1).to(tl.int64)
+    # One flat grid axis, (batch x heads) x row blocks: a packed batch's rows are (1, H, total, D),
+    # and total / BLOCK_M can pass the 65,535 programs a second axis may hold.
+    pid = tl.program_id(0).to(tl.int64)
+    row_blocks = tl.cdiv(q_len, BLOCK_M)
+    bh = pid // row_blocks
+    offs_m = (pid % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     b = bh // q_heads
     h = bh % q_heads
     offs_d = tl.arange(0, BLOCK_D)
@@ -497,7 +571,7 @@ def _attn_bwd_kv_inner(
 # from zero each time.
 @triton.autotune(configs=_BWD_DKDV_CONFIGS, key=[*_TUNE_KEY, "ATOMIC_DQ", "USE_TMA", "VARLEN"],
                  reset_to_zero=["dq_acc_ptr"],
-                 prune_configs_by={"early_config_prune": _pruner(_BWD_DKDV_TILES, _DKDV_VARIANT_SPILLS)})
+                 prune_configs_by={"early_config_prune": _DKDV_PRUNER}, do_bench=_BENCH)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     # pointers
@@ -522,8 +596,8 @@ def _attn_bwd_dkdv_kernel(
     """dK, dV of one KV block, summed over all query blocks of the G query heads of its group; with
     ATOMIC_DQ, dQ too (five matrix products per block pair instead of seven with the dQ kernel).
     VARLEN: "batch" is a packed sequence; programs past its last key return at once."""
-    start_n = tl.program_id(0) * BLOCK_N
-    b_kv = tl.program_id(1).to(tl.int64)
+    b_kv = tl.program_id(0).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N
     b = b_kv // kv_heads
     kv_h = b_kv % kv_heads
     rows = q_len
@@ -587,7 +661,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_BWD_DQ_CONFIGS, key=[*_TUNE_KEY, "USE_TMA", "VARLEN"],
-                 prune_configs_by={"early_config_prune": _pruner(_BWD_DQ_TILES)})
+                 prune_configs_by={"early_config_prune": _DQ_PRUNER}, do_bench=_BENCH)
 @triton.jit
 def _attn_bwd_dq_kernel(
     # pointers
@@ -609,8 +683,8 @@ def _attn_bwd_dq_kernel(
 ):
     """dQ of one query block, over the key blocks it sees (K and V through tensor descriptors with
     USE_TMA). VARLEN: as in the forward."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
     b = bh // q_heads
     h = bh % q_heads
     kv_h = h // group
@@ -668,9 +742,15 @@ def _attn_bwd_dq_kernel(
              + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_tile)
 
 
+# The pruners compile candidate configs to read their shared memory (_Pruner, step 2).
+_FWD_PRUNER.kernel, _DKDV_PRUNER.kernel, _DQ_PRUNER.kernel = (
+    _attn_fwd_kernel.fn, _attn_bwd_dkdv_kernel.fn, _attn_bwd_dq_kernel.fn)
+
 # Decode tiles: rows are the packed G·Sq query rows (at least 16 for tl.dot); keys 64 at a time
 # (32 under the interpreter, so short test caches still cross blocks and splits).
 _DECODE_BLOCK_N = 32 if _INTERPRET else 64
+# (BLOCK_N, num_stages) for the decode kernel, the first whose shared memory fits (_decode_tile).
+_DECODE_TILES = ((64, 3), (64, 2), (32, 2), (32, 1), (16, 1))
 _DECODE_MAX_ROWS = 64
 _DECODE_MAX_SPLITS = 128
 
@@ -682,6 +762,26 @@ def _bucket(n: int) -> int:
 
 def _block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_tile(block_r: int, block_d: int, element_bytes: int, limit: int) -> tuple[int, int]:
+    """(BLOCK_N, num_stages) of the decode kernel: the first of ``_DECODE_TILES`` whose shared memory
+    fits ``limit``. The kernel is not autotuned (it runs at every generated token), so its need is
+    bounded from the tiles: num_stages buffers of a K and a V tile, and the Q tile. The bound is at
+    least what Triton allocates (the audit compiles every tile this picks and checks both); fp32 at
+    head_dim 256 with 64 rows needs 458,752 B with three stages of 64 keys, twice Hopper's limit."""
+    if _INTERPRET:
+        return _DECODE_BLOCK_N, 1
+    for block_n, stages in _DECODE_TILES:
+        if decode_shared_bound(block_r, block_n, block_d, element_bytes, stages) <= limit:
+            return block_n, stages
+    raise RuntimeError(f"llama_fast: no decode tile fits {limit:,} bytes of shared memory at head_dim {block_d}")
+
+
+def decode_shared_bound(block_r: int, block_n: int, block_d: int, element_bytes: int, stages: int) -> int:
+    """Shared memory the decode kernel may use with these tiles, in bytes (an upper bound)."""
+    return (stages * 2 * block_n + block_r) * block_d * element_bytes
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -718,6 +818,7 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
 def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     # Device-side tensor descriptors live in global memory Triton asks the launcher for (128 bytes
     # per program); a torch allocation comes from the caching allocator, so it costs no cudaMalloc.
+    # "cuda" is the current device, which the launchers set to their tensors' (on_tensor_device).
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
@@ -756,9 +857,11 @@ def _sequences(batch: int, q_len: int, kv_len: int, packed: Packed | None, dummy
     return packed.cu_q.numel() - 1, packed.max_q, packed.max_k, packed.cu_q, packed.cu_k, True
 
 
+@on_tensor_device
 def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
                   kv_lens: torch.Tensor | None = None, splits: int | None = None,
-                  tma: bool | None = None, packed: Packed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  tma: bool | None = None, packed: Packed | None = None,
+                  arch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's shape, in a (B, Sq, Hq, D) buffer) and base-2 lse (B, Hq, Sq) fp32.
 
     q, k, v with unit stride along D; ``softmax_scale`` > 0; ``pad`` a (B, Skv) uint8 view of the key
@@ -768,7 +871,8 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     with that many splits (0: the ordinary forward); default chosen by ``decode_splits``. ``tma``:
     load Q, K, V through tensor descriptors (TMA on Hopper); default on for sm_90 when ``tma_ready``.
     ``packed``: q, k, v are (1, H, total, D) views of packed sequences (no pad, no kv_lens, never the
-    decode path); out and lse keep that layout.
+    decode path); out and lse keep that layout. ``arch``: the architecture (90 or 80) whose shared
+    memory the decode tile must fit when q is not on a GPU (the ahead-of-time audit); on a GPU, its own.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -801,16 +905,17 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         o_part = torch.empty((batch, q_heads, q_len, splits, head_dim), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((batch, q_heads, q_len, splits), dtype=torch.float32, device=q.device)
         block_r = min(_DECODE_MAX_ROWS, max(16, next_power_of_2(group * q_len)))
-        _attn_decode_kernel[(splits, batch * kv_heads, cdiv(group * q_len, block_r))](
+        limit = _device_shared_limit(q.get_device()) if q.is_cuda else SHARED_MEMORY_LIMIT[arch or 80]
+        block_n, stages = _decode_tile(block_r, block_d, q.element_size(), limit)
+        _attn_decode_kernel[grid_of(batch * kv_heads, splits, cdiv(group * q_len, block_r))](
             q, k, v, o_part, lse_part, pad_arg, kv_lens_arg,
             kv_heads, group, q_len, kv_len, split_len, splits,
             *_strides(q), *_strides(k), *_strides(v), stride_pad,
             qk_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, **lens,
-            BLOCK_R=block_r, BLOCK_N=_DECODE_BLOCK_N,
-            num_warps=4, num_stages=1 if _INTERPRET else 3,
+            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4, num_stages=stages,
         )
-        _attn_decode_combine_kernel[(batch * q_heads * q_len,)](
+        _attn_decode_combine_kernel[grid_of(batch * q_heads * q_len)](
             o_part, lse_part, out, lse,
             q_heads, q_len, splits,
             *_strides(out),
@@ -822,7 +927,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     tma = _use_tma(tma, q, k, v)
 
     def grid(meta):
-        return (entries * q_heads, cdiv(longest_q, meta["BLOCK_M"]))
+        return grid_of(entries * q_heads, cdiv(longest_q, meta["BLOCK_M"]))
 
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, pad_arg, kv_lens_arg, cu_q, cu_k,
@@ -834,6 +939,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     return out, lse
 
 
+@on_tensor_device
 def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
                   deterministic: bool = False, tma: bool | None = None, packed: Packed | None = None):
     """dq, dk, dv (each in its input's layout) from the output gradient ``do`` (unit stride along D).
@@ -864,13 +970,13 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
 
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     delta_rows = 16 if _INTERPRET else 64
-    _attn_bwd_delta_kernel[(cdiv(q_len, delta_rows), batch * q_heads)](
+    _attn_bwd_delta_kernel[grid_of(batch * q_heads * cdiv(q_len, delta_rows))](
         out, do, delta, q_heads, q_len, *_strides(out), *_strides(do),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows, num_warps=4,
     )
     # (B, Hq, Sq, D) fp32, zeroed: the atomic dQ's accumulator (empty, never touched, when deterministic).
     dq_acc = q.new_zeros((batch, q_heads, q_len, head_dim) if not deterministic else (0,), dtype=torch.float32)
-    _attn_bwd_dkdv_kernel[lambda m: (cdiv(longest_k, m["BLOCK_N"]), entries * kv_heads)](
+    _attn_bwd_dkdv_kernel[lambda m: grid_of(entries * kv_heads, cdiv(longest_k, m["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv, pad_arg, dq_acc, cu_q, cu_k,
         kv_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_pad,
@@ -878,7 +984,7 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     )
     if not deterministic:
         return dq.copy_(dq_acc), dk, dv
-    _attn_bwd_dq_kernel[lambda m: (cdiv(longest_q, m["BLOCK_M"]), entries * q_heads)](
+    _attn_bwd_dq_kernel[lambda m: grid_of(entries * q_heads, cdiv(longest_q, m["BLOCK_M"]))](
         q, k, v, do, lse, delta, dq, pad_arg, cu_q, cu_k,
         q_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), stride_pad,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import next_power_of_2
+from ._launch import next_power_of_2, on_tensor_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Columns per loop step: 4096 fp32 values over 8 warps on a GPU; small under the interpreter, so
@@ -104,6 +104,7 @@ def _block(n_cols: int) -> int:
     return min(_BLOCK_V, max(16, next_power_of_2(n_cols)))
 
 
+@on_tensor_device
 def loss_rows(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, label_smoothing: float,
               softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse) in fp32 for each row of ``logits`` (rows, V), unit stride along V."""
@@ -119,6 +120,7 @@ def loss_rows(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, 
     return loss, lse
 
 
+@on_tensor_device
 def grad_in_place(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
                   col_offset: int, n_cols: int, *, ignore_index: int, label_smoothing: float,
                   softcap: float | None) -> torch.Tensor:

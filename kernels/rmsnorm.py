@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import persistent_programs, row_block, warps_for_row
+from ._launch import on_tensor_device, persistent_programs, row_block, warps_for_row
 
 # Widest row held in registers in one piece. Llama-3-70B needs 8192; 32768 keeps fp32 rows
 # within a 16-warp program (64 values per thread per tensor).
@@ -91,6 +91,7 @@ def _rms_norm_bwd_kernel(
     tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=mask)
 
 
+@on_tensor_device
 def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """y, rstd for x (M, N) with x.stride(1) == 1 and w (N,)."""
     n_rows, n_cols = x.shape
@@ -109,6 +110,7 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Te
     return y, rstd
 
 
+@on_tensor_device
 def rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

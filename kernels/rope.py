@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import next_power_of_2
+from ._launch import next_power_of_2, on_tensor_device
 
 
 @triton.jit
@@ -86,6 +86,7 @@ def _rope_kernel(
     )
 
 
+@on_tensor_device
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backward: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:

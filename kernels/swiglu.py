@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv
+from ._launch import cdiv, grid_of, on_tensor_device
 
 # 1024 elements per program: 4 warps × 32 threads × 8 values, one 128-bit vector of bf16 each.
 _BLOCK_N = 1024
@@ -69,9 +69,10 @@ def _swiglu_bwd_kernel(
 
 
 def _grid(n_rows: int, n_cols: int) -> tuple[int, int]:
-    return (n_rows, cdiv(n_cols, _BLOCK_N))
+    return grid_of(n_rows, cdiv(n_cols, _BLOCK_N))
 
 
+@on_tensor_device
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n_rows, n_cols = gate.shape
     out = torch.empty((n_rows, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
@@ -86,6 +87,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = gate.shape
     d_gate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
