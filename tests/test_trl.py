@@ -1,7 +1,11 @@
 """TRL's SFTTrainer with LlamaFastCallback: padding-free batches (``padding_free=True``: one row,
 position_ids restarting, cu_seq_lens_*, seq_idx) on the patched model train as the same examples
-padded on the unpatched model do (each step's loss, by the error-ratio rule against float64)."""
+padded on the unpatched model do (each step's loss, by the error-ratio rule against float64), with
+and without ``cross_entropy=True``. SFTTrainer (TRL 1.16) computes its loss with its own fused LM
+head (``model(..., fused_lm_head=True)``, which also gives its entropy and accuracy metrics): the
+patched forward leaves those calls to it, so llama_fast's fused loss is not called there."""
 
+import pytest
 import torch
 
 import llama_fast
@@ -22,16 +26,23 @@ def _tokenizer():
                                    pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3")
 
 
-def test_sft_trainer_padding_free(tmp_path):
+@pytest.mark.parametrize("cross_entropy", [False, True], ids=["kernels", "kernels_and_fused_loss"])
+def test_sft_trainer_padding_free(tmp_path, monkeypatch, cross_entropy):
     import datasets  # installed with TRL
     from trl import SFTConfig, SFTTrainer
 
+    from llama_fast import ops
     from llama_fast.integrations import LlamaFastCallback
+
+    fused_calls = []
+    fused = ops.linear_cross_entropy
+    monkeypatch.setattr(ops, "linear_cross_entropy", lambda *a, **kw: fused_calls.append(1) or fused(*a, **kw))
 
     examples = datasets.Dataset.from_list([{"input_ids": tokens(1, n, seed=20 + i)[0].tolist()}
                                            for i, n in enumerate(LENGTHS)])
     curves, seen = {}, {}
-    for name, dtype, padding_free, callbacks in (("ours", torch.float32, True, [LlamaFastCallback()]),
+    for name, dtype, padding_free, callbacks in (("ours", torch.float32, True,
+                                                  [LlamaFastCallback(cross_entropy=cross_entropy)]),
                                                  ("eager", torch.float32, False, []),
                                                  ("ref", torch.float64, False, [])):
         losses = []
@@ -55,4 +66,5 @@ def test_sft_trainer_padding_free(tmp_path):
         curves[name] = torch.stack(losses)
     assert {"position_ids", "cu_seq_lens_q", "seq_idx"} <= seen["ours"] and "attention_mask" not in seen["ours"]
     assert "attention_mask" in seen["eager"]
+    assert fused_calls == []
     assert_error_ratio(curves["ours"], curves["eager"], curves["ref"], name="SFTTrainer loss curve", floor_scale=8)
