@@ -17,6 +17,22 @@ from models import DEVICE, clone, tiny_model, tokens
 LOSS_ONLY = dict(rms_norm=False, rope=False, swiglu=False, attention=False)
 
 
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The number of calls of llama_fast's fused loss, as a one-element list."""
+    from llama_fast import ops
+
+    calls = [0]
+    fused = ops.linear_cross_entropy
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "linear_cross_entropy", counted)
+    return calls
+
+
 def test_forward_keeps_the_signature_the_trainer_reads():
     """transformers' Trainer keeps the dataset columns named in ``inspect.signature(model.forward)``
     and passes ``num_items_in_batch`` only to a forward with ``**kwargs``."""
@@ -124,26 +140,35 @@ def _train(tmp_path, name, model, callbacks, collator=None, steps=2):
     return torch.stack(losses)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "flattening_collator"])
-def test_trainer_defaults_train_with_the_fused_loss(tmp_path, packed):
+@pytest.mark.parametrize("packed,lora", [(False, False), (True, False), (False, True)],
+                         ids=["padded", "flattening_collator", "peft_lora"])
+def test_trainer_defaults_train_with_the_fused_loss(tmp_path, fused_calls, packed, lora):
     """The issue's repro: ``Trainer(model, TrainingArguments(out, ...), train_dataset=ds,
-    callbacks=[LlamaFastCallback(cross_entropy=True)]).train()``, with the default collator and with
-    ``DataCollatorWithFlattening`` (one packed row, position_ids restarting)."""
+    callbacks=[LlamaFastCallback(cross_entropy=True)]).train()``, with the default collator, with
+    ``DataCollatorWithFlattening`` (one packed row, position_ids restarting) and on a PEFT model (the
+    Trainer reads the base model's signature)."""
     from transformers import DataCollatorWithFlattening
 
     from llama_fast.integrations import LlamaFastCallback
 
     collator = DataCollatorWithFlattening() if packed else None
     base = tiny_model()
+    if lora:
+        peft = pytest.importorskip("peft")
+        torch.manual_seed(3)
+        base = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                         target_modules=["q_proj", "v_proj", "lm_head"]))
     curves = {}
     for name, model, callbacks in (("ours", clone(base), [LlamaFastCallback(cross_entropy=True)]),
                                    ("eager", clone(base), []), ("ref", clone(base, torch.float64), [])):
         curves[name] = _train(tmp_path, name, model, callbacks, collator)
         assert llama_fast.is_patched(model) == (name == "ours")
+        if name == "ours":
+            assert fused_calls[0] == len(curves[name]) == 2  # one fused loss per training step
     assert_error_ratio(curves["ours"], curves["eager"], curves["ref"], name="Trainer loss curve", floor_scale=8)
 
 
-def test_trainer_predict_gives_logits_to_compute_metrics(tmp_path):
+def test_trainer_predict_gives_logits_to_compute_metrics(tmp_path, fused_calls):
     """``Trainer.predict`` / ``evaluate`` on a model patched with the fused loss: the predictions are the
     logits (eager's shape and values) and ``compute_metrics`` sees them, with the eval loss of the
     unpatched model."""
@@ -166,6 +191,7 @@ def test_trainer_predict_gives_logits_to_compute_metrics(tmp_path):
         assert llama_fast.is_patched(trainer.model) == (name == "ours")
         results[name] = trainer.predict(_dataset(rows=6)), seen
     (ours, our_seen), (eager, eager_seen) = results["ours"], results["eager"]
+    assert fused_calls[0] == 0  # evaluation forms the logits, which it returns
     assert ours.predictions.shape == eager.predictions.shape == (6, 11, base.config.vocab_size)
     assert our_seen == eager_seen == [(6, 11, base.config.vocab_size)]
     torch.testing.assert_close(torch.as_tensor(ours.predictions), torch.as_tensor(eager.predictions))
