@@ -254,8 +254,9 @@ def _fused_loss_forwards(model: torch.nn.Module):
         if skip_logits is None:
             skip_logits = self.training and labels is not None
         if not skip_logits or kwargs.get("fused_lm_head"):
-            # fused_lm_head=True asks TRL's own fused head (SFTTrainer does, for its loss, entropy and accuracy
-            # metrics), which reads lm_head's weight itself: left to it, unchanged
+            # fused_lm_head=True asks TRL's own fused head (for its loss, entropy and accuracy metrics), which reads
+            # lm_head's weight itself: left to it. SFTTrainer installs it after patching, around this forward; where
+            # it was installed first, it is the previous forward called here, and needs the labels
             return call_previous(self, labels=labels, **kwargs)
         if labels is None:
             raise ValueError("llama_fast cross_entropy: skip_logits=True needs labels (the fused loss is all such a call "

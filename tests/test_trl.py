@@ -2,15 +2,17 @@
 position_ids restarting, cu_seq_lens_*, seq_idx) on the patched model train as the same examples
 padded on the unpatched model do (each step's loss, by the error-ratio rule against float64), with
 and without ``cross_entropy=True``. SFTTrainer (TRL 1.16) computes its loss with its own fused LM
-head (``model(..., fused_lm_head=True)``, which also gives its entropy and accuracy metrics): the
-patched forward leaves those calls to it, so llama_fast's fused loss is not called there."""
+head (``model(..., fused_lm_head=True)``, which also gives its entropy and accuracy metrics),
+installed after the Trainer's construction patched the model: its wrapper calls the patched forward
+only without ``fused_lm_head``, so llama_fast's fused loss is not called there. Patched the other way
+round (TRL's head first, then ``patch``), such calls are still TRL's, and the others get the fused loss."""
 
 import pytest
 import torch
 
 import llama_fast
 from helpers import assert_error_ratio
-from models import DEVICE, VOCAB, tiny_model, tokens
+from models import DEVICE, VOCAB, clone, tiny_model, tokens
 
 LENGTHS = (5, 9, 19, 8, 12, 3, 7, 16)
 
@@ -68,3 +70,25 @@ def test_sft_trainer_padding_free(tmp_path, monkeypatch, cross_entropy):
     assert "attention_mask" in seen["eager"]
     assert fused_calls == []
     assert_error_ratio(curves["ours"], curves["eager"], curves["ref"], name="SFTTrainer loss curve", floor_scale=8)
+
+
+def test_trl_fused_head_installed_before_patch(monkeypatch):
+    from trl.trainer.utils import add_fused_lm_head
+
+    from llama_fast import ops
+
+    base = tiny_model().train()
+    ids = tokens(2, 10)
+    want = base(input_ids=ids, labels=ids).loss
+    model = clone(base)
+    add_fused_lm_head(model)
+    llama_fast.patch(model, cross_entropy=True, rms_norm=False, rope=False, swiglu=False, attention=False)
+    calls = []
+    fused = ops.linear_cross_entropy
+    monkeypatch.setattr(ops, "linear_cross_entropy", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    trl_out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert calls == [] and trl_out.log_probs.shape == (2, 9)  # TRL's per-token log-probabilities, shifted
+    ours = model(input_ids=ids, labels=ids)
+    assert calls == [1] and ours.logits is None
+    torch.testing.assert_close(trl_out.loss, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.loss, want, rtol=1e-5, atol=1e-5)
