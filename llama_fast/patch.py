@@ -259,8 +259,8 @@ def _fused_loss_forwards(model: torch.nn.Module):
             # it was installed first, it is the previous forward called here, and needs the labels
             return call_previous(self, labels=labels, **kwargs)
         if labels is None:
-            raise ValueError("llama_fast cross_entropy: skip_logits=True needs labels (the fused loss is all such a call "
-                             "returns)")
+            raise ValueError("llama_fast cross_entropy: skip_logits=True needs labels (the fused loss is all such a "
+                             "call returns)")
         if self.lm_head is not head:
             raise RuntimeError("llama_fast cross_entropy: lm_head was replaced after patch() (resize_token_embeddings "
                                "does that); call llama_fast.patch(model, cross_entropy=True) again")
