@@ -17,6 +17,9 @@ Per instance, reversible, and through transformers' own extension points:
   The implementation is a field of the config, and models built from one config object share it,
   so the patched model's modules are first given their own shallow copy of the config; unpatch
   hands the original object back.
+- The fused loss (``cross_entropy=True``): the causal LM and its lm_head get instance forwards; in
+  training with labels the first asks the second, through a request object, for the loss fused
+  with lm_head instead of the logits (``_fused_loss_forwards``).
 
 What was replaced is recorded on the model, so ``unpatch`` restores it exactly and patching twice
 is harmless. A model the kernels cannot serve is refused at ``patch()`` time with a
