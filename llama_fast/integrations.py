@@ -25,7 +25,10 @@ class LlamaFastCallback(TrainerCallback):
     """``Trainer(..., callbacks=[LlamaFastCallback()])``: the Trainer's model runs llama_fast's kernels.
 
     Keyword arguments are ``llama_fast.patch``'s (``cross_entropy=True`` for the fused loss, a kernel
-    flag False to leave that part to transformers, ``backend``).
+    flag False to leave that part to transformers, ``backend``). The fused loss runs in training steps
+    only: ``evaluate`` and ``predict`` (the model in eval mode) get transformers' logits and loss, and
+    the patched forward keeps the signature the Trainer reads to choose dataset columns, so its
+    default ``remove_unused_columns=True`` works.
     """
 
     def __init__(self, **patch_options):

@@ -17,6 +17,9 @@ Per instance, reversible, and through transformers' own extension points:
   The implementation is a field of the config, and models built from one config object share it,
   so the patched model's modules are first given their own shallow copy of the config; unpatch
   hands the original object back.
+- The fused loss (``cross_entropy=True``): the causal LM and its lm_head get instance forwards; in
+  training with labels the first asks the second, through a request object, for the loss fused
+  with lm_head instead of the logits (``_fused_loss_forwards``).
 
 What was replaced is recorded on the model, so ``unpatch`` restores it exactly and patching twice
 is harmless. A model the kernels cannot serve is refused at ``patch()`` time with a
@@ -26,6 +29,7 @@ is harmless. A model the kernels cannot serve is refused at ``patch()`` time wit
 import copy
 import dataclasses
 import functools
+import inspect
 import types
 
 import torch
@@ -194,45 +198,105 @@ def _head_weight(head):
     return weight, linear.bias
 
 
-def _causal_lm_forward():
-    """The forward patched causal LMs get with cross_entropy=True. Without labels it is the class's
-    own. With labels, the class's forward runs with lm_head's forward replaced for that call by one
-    that computes the fused loss from the hidden states (no logits) and returns it as lm_head's
-    output. Both halves matter under sharded data parallelism: the weight is read inside lm_head's
-    own call, so the hooks FSDP2 and DeepSpeed ZeRO-3 put on lm_head gather it first; and the loss
-    is what lm_head returns, so the hooks they put on a module's output to gather the weight again
-    before its backward fire on the loss's gradient. (Returning a placeholder and keeping the loss
-    aside, as this did first, ran the backward on a resharded, empty weight under FSDP2: the
-    failure Liger's fused loss had, Liger-Kernel #332 and #631.) The loss is read back from the
-    class's output, since such hooks may hand on a new tensor. The output's ``loss`` is the loss and
-    its ``logits`` is None."""
+@dataclasses.dataclass
+class _LossRequest:
+    """What the patched causal-LM forward asks of lm_head's next call, for one forward: the fused
+    loss's arguments, or None for lm_head's own output; ``served`` says whether lm_head computed it."""
 
-    def forward(self, *args, labels=None, **kwargs):
+    arguments: tuple | None = None
+    served: bool = False
+
+
+def _fused_loss_forwards(model: torch.nn.Module):
+    """(the causal LM's forward, lm_head's forward) that patch(cross_entropy=True) installs, once, at
+    patch time.
+
+    The causal LM's forward keeps the signature of the forward it replaces (transformers' Trainer
+    keeps only the dataset columns named there: with ``(*args, **kwargs)`` its default
+    ``remove_unused_columns=True`` dropped ``input_ids``) and calls that forward, transformers' own
+    (or one a library installed before, such as TRL's fused-head wrapper). Where the fused loss pays,
+    in training with ``labels`` (or when the call passes ``skip_logits=True``), it first leaves a
+    ``_LossRequest`` for lm_head, whose forward then computes the fused loss from the hidden states
+    (no logits) and returns it as lm_head's output; otherwise (evaluation, ``Trainer.predict``,
+    ``model.eval()``, ``skip_logits=False``) the call is transformers' own and returns the logits
+    and the loss, so no metric ever receives losses where it expects logits (Liger decides the same
+    way, by ``self.training``).
+
+    Both halves matter under sharded data parallelism: the weight is read inside lm_head's own call,
+    so the hooks FSDP2 and DeepSpeed ZeRO-3 put on lm_head gather it first; and the loss is what
+    lm_head returns, so the hooks they put on a module's output to gather the weight again before its
+    backward fire on the loss's gradient. (Returning a placeholder and keeping the loss aside, as this
+    did first, ran the backward on a resharded, empty weight under FSDP2: the failure Liger's fused
+    loss had, Liger-Kernel #332 and #631.) The loss is read back from the class's output, since such
+    hooks may hand on a new tensor. lm_head's forward is installed at patch time and the request is an
+    attribute of a plain object, because swapping lm_head's forward per call (deleting the instance
+    attribute afterwards) cannot be traced: torch.compile failed on it with every backend."""
+    head = model.lm_head
+    request = _LossRequest()
+    previous = vars(model).get("forward")  # e.g. TRL's fused-head wrapper, which calls the class's forward
+    previous_head = vars(head).get("forward")  # e.g. a tensor-parallel plan's
+    signature = inspect.signature(model.forward)
+    positional = []  # the leading parameters a caller may pass by position, as the replaced forward names them
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+        positional.append(name)
+
+    def call_previous(self, *args, **kwargs):
+        if previous is not None:
+            return previous(*args, **kwargs)
+        return type(self).forward(self, *args, **kwargs)
+
+    def forward(self, *args, labels=None, skip_logits=None, **kwargs):
+        if args:  # by name from here on, so that labels given by position are found too
+            named = dict(zip(positional, args))
+            if len(args) > len(positional) or "labels" in named and labels is not None or named.keys() & kwargs:
+                raise TypeError(f"{type(self).__name__}.forward: too many positional arguments, or one given twice")
+            labels = named.pop("labels", labels)
+            kwargs.update(named)
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        if not skip_logits or kwargs.get("fused_lm_head"):
+            # fused_lm_head=True asks TRL's own fused head (for its loss, entropy and accuracy metrics), which reads
+            # lm_head's weight itself: left to it. SFTTrainer installs it after patching, around this forward; where
+            # it was installed first, it is the previous forward called here, and needs the labels
+            return call_previous(self, labels=labels, **kwargs)
         if labels is None:
-            return type(self).forward(self, *args, **kwargs)
-        head = self.lm_head
-
-        def fused(hidden):
-            return _fused_causal_lm_loss(head, hidden, labels, kwargs.get("num_items_in_batch"),
-                                         kwargs.get("shift_labels"), getattr(self.config, "final_logit_softcapping",
-                                                                             None))
-
-        previous = vars(head).get("forward")  # e.g. a tensor-parallel plan's, given back below
-        head.forward = fused
+            raise ValueError("llama_fast cross_entropy: skip_logits=True needs labels (the fused loss is all such a "
+                             "call returns)")
+        if self.lm_head is not head:
+            raise RuntimeError("llama_fast cross_entropy: lm_head was replaced after patch() (resize_token_embeddings "
+                               "does that); call llama_fast.patch(model, cross_entropy=True) again")
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        request.arguments = (labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"),
+                             getattr(self.config, "final_logit_softcapping", None))
+        request.served = False
         try:
-            out = type(self).forward(self, *args, **kwargs)
+            out = call_previous(self, return_dict=True, **kwargs)
         finally:
-            if previous is None:
-                del head.forward
-            else:
-                head.forward = previous
-        if out.logits is None or out.logits.dim() != 0:
+            request.arguments = None
+        if not request.served or out.logits is None or out.logits.dim() != 0:
             raise RuntimeError(f"llama_fast cross_entropy: {type(self).__name__}.forward did not return lm_head's "
                                "output as its logits; patch with cross_entropy=False")
         out.loss, out.logits = out.logits, None
-        return out
+        return out if return_dict else out.to_tuple()
 
-    return forward
+    forward.__signature__ = signature.replace(parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+                                                          *signature.parameters.values()])
+    forward.__doc__ = getattr(model.forward, "__doc__", None)
+
+    def head_forward(self, hidden, *args, **kwargs):
+        arguments = request.arguments
+        if arguments is None:
+            if previous_head is not None:
+                return previous_head(hidden, *args, **kwargs)
+            return type(self).forward(self, hidden, *args, **kwargs)
+        request.arguments, request.served = None, True
+        return _fused_causal_lm_loss(self, hidden, *arguments)
+
+    return forward, head_forward
 
 
 def _fused_causal_lm_loss(head, hidden, labels, num_items_in_batch, shift_labels, softcap):
@@ -546,9 +610,12 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
     kernel (or, on a CPU without the interpreter, the reference). Raises ``ValueError`` naming what
     is unsupported, before changing anything. Patching a patched model re-patches it.
 
-    ``cross_entropy=True`` (off by default: it changes the output) makes a causal LM's forward with
-    ``labels`` compute the loss fused with lm_head (``ops.linear_cross_entropy``): the logits are
-    never formed and the output's ``logits`` is None. Without labels nothing changes.
+    ``cross_entropy=True`` (off by default: it changes the output) makes a causal LM's forward in
+    training with ``labels`` compute the loss fused with lm_head (``ops.linear_cross_entropy``): the
+    logits are never formed and the output's ``logits`` is None. In eval mode (``model.eval()``, the
+    Trainer's evaluate and predict) and without labels the output is transformers' own, logits
+    included. A call's ``skip_logits`` keyword chooses explicitly: True for the fused loss (labels
+    needed), False for the logits. The forward keeps the signature transformers' Trainer reads.
     """
     from .backend import BACKENDS
 
@@ -568,7 +635,9 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
         module.forward = types.MethodType(forward, module)
 
     if cross_entropy:
-        give_forward(backbone, _causal_lm_forward())
+        causal_lm_forward, head_forward = _fused_loss_forwards(backbone)
+        give_forward(backbone, causal_lm_forward)
+        give_forward(backbone.lm_head, head_forward)
     for module in backbone.modules():
         if rms_norm and isinstance(module, llama.LlamaRMSNorm):
             give_forward(module, _rms_norm_forward(backend))

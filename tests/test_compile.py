@@ -3,7 +3,8 @@
 - ``fullgraph=True`` compiles the patched forward, and forward + backward in training, with zero graph
   breaks (``torch._dynamo.explain``), and gives the eager answers: backends ``eager`` and
   ``aot_eager`` with every op on its default path (the Triton ops in the interpreter here), and
-  Inductor with the C++ CPU kernels (``patch(backend="cpu")``).
+  Inductor with the C++ CPU kernels (``patch(backend="cpu")``). With the fused loss
+  (``cross_entropy=True``) too, on all three backends: loss and gradients in training, logits in eval.
 - ``generate(cache_implementation="static")`` is token-identical to eager transformers, plain and
   with ``model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`` (CUDA
   graphs on a GPU; here it traces with no graph break, two graphs: prefill and decode).
@@ -86,6 +87,41 @@ def test_fullgraph_training_step(compiler, backend):
     assert_error_ratio(loss, eager_loss, ref_loss, name="compiled loss")
     for name, grad in grads.items():
         assert_error_ratio(grad, eager_grads[name], ref_grads[name], name=f"compiled d{name}")
+
+
+@pytest.mark.parametrize("compiler,backend", [("eager", None), ("aot_eager", None), INDUCTOR])
+def test_fullgraph_training_step_fused_loss(compiler, backend):
+    """``patch(cross_entropy=True)`` compiled with fullgraph=True, in training (the loss fused with lm_head,
+    no logits): loss and every gradient match the eager patched model's by the error-ratio rule; in eval
+    mode the compiled model gives the logits too."""
+    if backend == "cpu" and not llama_fast.extension.available():
+        pytest.skip(f"the C++ extension is not loaded: {llama_fast.extension.status()}")
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step(model):
+        model.train()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out, {n: p.grad for n, p in getattr(model, "_orig_mod", model).named_parameters()}
+
+    base = tiny_model()
+    ref_out, ref_grads = step(clone(base, torch.float64))
+    eager_out, eager_grads = step(llama_fast.patch(clone(base), cross_entropy=True, backend=backend))
+    patched = llama_fast.patch(clone(base), cross_entropy=True, backend=backend)
+    compiled = torch.compile(patched, backend=compiler, fullgraph=True)
+    out, grads = step(compiled)
+    assert torch._dynamo.utils.counters["graph_break"] == {}
+    assert out.logits is None and eager_out.logits is None
+    assert_error_ratio(out.loss.detach(), eager_out.loss.detach(), ref_out.loss.detach(), name="compiled fused loss")
+    for name, grad in grads.items():
+        assert_error_ratio(grad, eager_grads[name], ref_grads[name], name=f"compiled d{name}")
+    compiled.eval()
+    with torch.no_grad():
+        evaluated = compiled(input_ids=ids, attention_mask=mask, labels=labels)
+        expected = patched(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(evaluated.logits, expected.logits)
+    torch.testing.assert_close(evaluated.loss, expected.loss)
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the real model's files are not carried to a lent GPU")
