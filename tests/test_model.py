@@ -147,9 +147,9 @@ def test_memory_kernel_reads_grid_and_occupancy():
 
 
 def test_model_only_command(tmp_path):
-    """`python -m bench attention --model-only --model smollm2-135m` (the small CI case) prints the model,
+    """`python -m bench attention --model-only --quick` (SmolLM2's shape only, the CI case) prints the model,
     labelled as one, with a JSON that says so and names its measured ceilings."""
-    proc = _bench("-m", "bench", "attention", "--model-only", "--model", "smollm2-135m", "--out", str(tmp_path))
+    proc = _bench("-m", "bench", "attention", "--model-only", "--quick", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Model, not a measurement." in proc.stdout and "smollm2-135m  forward" in proc.stdout
     data = json.loads((tmp_path / "attention_model.json").read_text())
