@@ -77,6 +77,7 @@ def _attention_model(args) -> int:
             print(f"  fitted on the other kernel only, {kernel}: predicted / measured "
                   + " ".join(f"{r:.2f}" for r in ratios))
     if args.out:
+        os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "attention_model.json"), meta, [dataclasses.asdict(p) for p in predictions])
     return 0
 

@@ -149,10 +149,10 @@ def test_memory_kernel_reads_grid_and_occupancy():
 def test_model_only_command(tmp_path):
     """`python -m bench attention --model-only --quick` (SmolLM2's shape only, the CI case) prints the model,
     labelled as one, with a JSON that says so and names its measured ceilings."""
-    proc = _bench("-m", "bench", "attention", "--model-only", "--quick", "--out", str(tmp_path))
+    proc = _bench("-m", "bench", "attention", "--model-only", "--quick", "--out", str(tmp_path / "new"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Model, not a measurement." in proc.stdout and "smollm2-135m  forward" in proc.stdout
-    data = json.loads((tmp_path / "attention_model.json").read_text())
+    data = json.loads((tmp_path / "new" / "attention_model.json").read_text())  # the folder is made
     assert "not a measurement" in data["meta"]["what"]
     assert data["meta"]["ceilings"]["gemm_bf16_flops"] == [769e12, 798e12]
     passes = {(row["shape"], row["pass_"]) for row in data["meta"]["summary"]}
