@@ -63,7 +63,8 @@ H200 = Measured(
 H100 = Measured(
     name="NVIDIA H100 80GB HBM3", sms=132, l2_bytes=50 * 2**20,
     gemm_bf16_flops=H200.gemm_bf16_flops, copy_bytes_per_s=3.35e12 * 4.3 / 4.8, sm_clock_hz=H200.sm_clock_hz,
-    sources={"copy_bytes_per_s": "derived, not measured: H100 SXM datasheet 3.35 TB/s x (H200 measured 4.3 / "
+    sources={"sms, l2_bytes": "H100 SXM datasheet (132 SMs, 50 MB L2)",
+             "copy_bytes_per_s": "derived, not measured: H100 SXM datasheet 3.35 TB/s x (H200 measured 4.3 / "
                                  "datasheet 4.8)",
              "gemm_bf16_flops, sm_clock_hz": "the H200's measured figures (same GH100 chip and clocks)"},
 )
