@@ -46,15 +46,38 @@ def _audit(args) -> int:
 def _attention_model(args) -> int:
     import triton
 
-    from .model import ANCHORS, attention_model, format_table, summary
+    from .device import H200
+    from .model import ANCHORS, attention_model, calibrate_liger, format_table, summary
     from .report import write_json
 
-    predictions = attention_model()
+    # --quick: SmolLM2's shape only (the CI case: about half the compiles)
+    predictions = attention_model(models=["smollm2-135m"] if args.quick else ["llama3-8b", "smollm2-135m"])
     print(format_table(predictions))
+    meta = {"what": "static performance model of the attention kernels from their sm_90a SASS "
+                    "(compiled ahead of time, no GPU): a model, not a measurement",
+            "triton": triton.__version__, "ceilings": dataclasses.asdict(H200),
+            "anchors_published_h100": ANCHORS, "summary": summary(predictions)}
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        print("\nliger-kernel is not installed: no calibration against its published H100 figures")
+    else:
+        from importlib.metadata import version
+
+        meta["liger_kernel_compiled_here"] = version("liger-kernel")
+        meta["calibration_liger_h100"] = calibration = calibrate_liger()
+        print(f"\nMemory-bound model against Liger-Kernel's published H100 forward medians (fitted: "
+              f"{calibration['bandwidth_efficiency_fitted']:.3f} of the assumed copy rate, "
+              f"{calibration['launch_ms_fitted'] * 1e3:.1f} us a launch); model, not a measurement:")
+        for p in calibration["points"]:
+            print(f"  {p['kernel']:<18} x={p['x']:>6} measured {p['ms'] * 1e3:7.1f} us, predicted "
+                  f"{p['predicted_h100_ms'] * 1e3:7.1f} us ({p['predicted_over_measured']:.2f}); H200 model: ours / "
+                  f"Liger's time {p['ours_over_liger_time']:.2f}")
+        for kernel, ratios in calibration["held_out_predicted_over_measured"].items():
+            print(f"  fitted on the other kernel only, {kernel}: predicted / measured "
+                  + " ".join(f"{r:.2f}" for r in ratios))
     if args.out:
-        meta = {"what": "static performance model of the attention kernels from their sm_90a SASS "
-                        "(compiled ahead of time, no GPU): a model, not a measurement",
-                "triton": triton.__version__, "anchors_published_h100": ANCHORS, "summary": summary(predictions)}
+        os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "attention_model.json"), meta, [dataclasses.asdict(p) for p in predictions])
     return 0
 

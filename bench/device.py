@@ -1,9 +1,10 @@
-"""The device a bench runs on: its name, peak figures, measured copy bandwidth, and the timer.
+"""The device a bench runs on: its name, peak figures, measured figures, copy bandwidth, and the timer.
 
 GPU timings use CUDA events through ``triton.testing.do_bench`` after warm-up; CPU timings use
 ``time.perf_counter`` and are always labelled CPU, never reported as GPU performance.
 """
 
+import dataclasses
 import datetime
 import platform
 import statistics
@@ -21,6 +22,54 @@ PEAKS = {
     "L4": dict(bytes_per_s=0.3e12, bf16_flops=121e12),
     "A10": dict(bytes_per_s=0.6e12, bf16_flops=125e12),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What a device was measured to do on this project's lent machine, with where each figure came from.
+    The static model (bench/model.py) takes its ceilings from here, never from a datasheet."""
+
+    name: str
+    sms: int
+    l2_bytes: int
+    gemm_bf16_flops: tuple  # (low, high) FLOP/s of an 8192^3 bf16 torch.matmul on random data
+    copy_bytes_per_s: float  # device-to-device copy, bytes read + written per second
+    sm_clock_hz: tuple  # (low, high): the sustained SM clock range the model assumes
+    sources: dict
+
+
+# The lent H200's record (the device tool's KINDS.md for kind nvidia-h200). The GEMM rate on random
+# data is 769-798 TFLOP/s (894 on zeros: the tensor cores draw less power on zeros and hold a higher
+# clock, so zeros overstate it), 78-81% of the datasheet's 989.
+H200 = Measured(
+    name="NVIDIA H200", sms=132, l2_bytes=60 * 10**6,
+    gemm_bf16_flops=(769e12, 798e12), copy_bytes_per_s=4.3e12, sm_clock_hz=(1.83e9, 1.98e9),
+    sources={
+        "sms, l2_bytes": "torch.cuda.get_device_properties on the lent H200, 2026-10-28 (gVisor machine)",
+        "gemm_bf16_flops": "measured on the lent H200, 2026-11-04 (Firecracker), torch.matmul 8192x8192x8192 bf16, "
+                           "random data, mean of ten after three warm-ups: 769-798 TFLOP/s (788 on 2026-10-28, gVisor)",
+        "copy_bytes_per_s": "measured on the lent H200, 2026-10-28 and 2026-11-04, torch device-to-device copy: "
+                            "8.6 GB read + written in 2.0 ms, about 4.3 TB/s",
+        "sm_clock_hz": "low: 1.83 GHz, the clock at which NVIDIA's H100 whitepaper states the dense bf16 peak "
+                       "(989.4 TFLOP/s = 132 SMs x 4,096 FLOP/clock x 1.83 GHz); high: 1980 MHz, the SM clock "
+                       "nvidia-smi read on the lent H200 just after the GEMMs, 2026-10-28",
+    },
+)
+
+# The H100 SXM has the H200's SMs and clocks but HBM3 at 3.35 TB/s (datasheet) against 4.8. Nothing was
+# measured on an H100 here: its copy rate is the datasheet's scaled by what the H200 achieved of its own
+# datasheet figure (4.3 / 4.8), and its GEMM rate is the H200's (same chip, same power limit). Used only
+# to compare the model with measurements published on H100s (Liger-Kernel's benchmark CSV).
+H100 = Measured(
+    name="NVIDIA H100 80GB HBM3", sms=132, l2_bytes=50 * 2**20,
+    gemm_bf16_flops=H200.gemm_bf16_flops, copy_bytes_per_s=3.35e12 * 4.3 / 4.8, sm_clock_hz=H200.sm_clock_hz,
+    sources={"sms, l2_bytes": "H100 SXM datasheet (132 SMs, 50 MB L2)",
+             "copy_bytes_per_s": "derived, not measured: H100 SXM datasheet 3.35 TB/s x (H200 measured 4.3 / "
+                                 "datasheet 4.8)",
+             "gemm_bf16_flops, sm_clock_hz": "the H200's measured figures (same GH100 chip and clocks)"},
+)
+
+MEASURED = {"H200": H200, "H100": H100}
 
 
 def peaks_for(name: str) -> dict | None:
