@@ -99,7 +99,8 @@ while [ $# -gt 0 ]; do
 done
 [ $# -ge 1 ] || { usage >&2; exit 2; }
 NAME=$1
-STEPS=$(steps_of "$NAME") || { echo "gpu.sh: unknown step '$NAME': one of first, rest, suites, compile, e2e, all (--help)" >&2; exit 2; }
+STEPS=$(steps_of "$NAME") \
+  || { echo "gpu.sh: unknown step '$NAME': one of first, rest, suites, compile, e2e, all (--help)" >&2; exit 2; }
 [ $# -le 2 ] || { echo "gpu.sh: one step and one OUT folder at most (--help)" >&2; exit 2; }
 OUT=$(realpath -m "${2:-bench/results/gpu-$(date -u +%Y-%m-%d)}")
 [ -z "$AUTOTUNE" ] && [ -f bench/results/autotune.tar.gz ] && AUTOTUNE=$ROOT/bench/results/autotune.tar.gz
@@ -125,7 +126,7 @@ if [ -n "$AUTOTUNE" ]; then
     && echo "autotuning results restored from $AUTOTUNE" >> "$LOG"
 fi
 if [ $DRY = 1 ]; then
-  echo "DRY RUN: bench commands on the CPU with --rep-ms 1, test selections collected only" >> "$LOG"
+  echo "DRY RUN: headline on the CPU (--rep-ms 1), the other bench commands' cases listed, tests collected only" >> "$LOG"
 fi
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -181,7 +182,8 @@ part_cmd() {
     first/env)
       { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader \
           || echo "nvidia-smi: none here"
-        python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+        python -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton', triton.__version__,
+          'transformers', t.__version__, 'GPU', torch.cuda.is_available() and torch.cuda.get_device_name())"
         python -m pip list 2>/dev/null | grep -iE '^(pytest|pytest-xdist|pytest-timeout|liger)' || true
         echo "autotuning results on disk: $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l)"
         date -u; } | tee "$PART_DIR/env.txt"
