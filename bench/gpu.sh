@@ -147,8 +147,9 @@ present() {
 }
 
 # pytest on the GPU: 16 workers (the machine's cores), a per-test limit, never -x: one failure must not
-# hide the rest. Single-threaded Inductor compiles and OpenMP in each worker: 16 workers each with a
-# 16-process compile pool would oversubscribe the machine.
+# hide the rest. One OpenMP thread and a 4-process Inductor compile pool per worker: 16 workers each with
+# Inductor's default pool of one process per core would start 256 compilers; with none, one test's cold
+# compile of a model's kernels would run serially.
 pytest_part() {
   local per_test=$1; shift
   local files
@@ -162,7 +163,7 @@ pytest_part() {
   python -c "import xdist" 2>/dev/null && opts+=(-n 16) || echo "pytest-xdist missing: one process" >> "$LOG"
   python -c "import pytest_timeout" 2>/dev/null && opts+=("--timeout=$per_test") \
     || echo "pytest-timeout missing: no per-test limit" >> "$LOG"
-  LLAMA_FAST_TEST_DEVICE=cuda LLAMA_FAST_AUTOTUNE=0 OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
+  LLAMA_FAST_TEST_DEVICE=cuda LLAMA_FAST_AUTOTUNE=0 OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=4 \
     python -m pytest -q -p no:cacheprovider -rfE --maxfail=30 --durations=15 "${opts[@]}" \
     --junitxml="$PART_DIR/junit.xml" $files
 }
@@ -240,7 +241,10 @@ for step in $STEPS; do
     kill -- -$watchdog 2>/dev/null
     wait $watchdog 2>/dev/null
     taken=$((SECONDS - start))
-    [ -e "$RUN_DIR/timed_out" ] && rc="timeout"
+    if [ -e "$RUN_DIR/timed_out" ]; then
+      rc="timeout"
+      kill -KILL -- -$pid 2>/dev/null  # what outlived the shell that led the group (results are on disk already)
+    fi
     printf '%s\t%s\t%s\t%s\t%s\n' "$step/$part" "$budget" "$limit" "$taken" "$rc" >> "$WORK/parts.tsv"
     tail -c +$((offset + 1)) "$LOG" | tail -n 12
     say "== $step/$part: exit $rc after ${taken}s"
