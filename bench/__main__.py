@@ -10,10 +10,14 @@
   python -m bench traffic    bytes eager PyTorch moves per op vs the fused kernel's minimum
   python -m bench overhead   host time per op call and per decode layer step, launches stubbed, vs eager
   python -m bench loss       the fused linear + cross-entropy loss step vs the unfused one: peak memory, speed
+  python -m bench headline   the figures a short GPU lease must bring back first: attention fwd/bwd vs SDPA at
+                             Llama-3-8B heads, decode at KV 1k/16k/128k, the memory-bound ops (bench/gpu.sh first)
 
 With --out DIR, each suite writes DIR/<suite>.json (every figure, the device, the versions and the
-date) and DIR/<suite>.png. On a machine with no GPU the suites time on the CPU and say so; those
-figures are CPU timings, never GPU performance.
+date) and DIR/<suite>.png. The JSON is rewritten after every measurement ("complete": false in its
+meta until the suite ends), so a run stopped at a time limit keeps what it measured. On a machine
+with no GPU the suites time on the CPU and say so; those figures are CPU timings, never GPU
+performance.
 """
 
 import argparse
@@ -100,49 +104,74 @@ def _overhead(args) -> int:
     return 0
 
 
+def _partial_writer(path, meta, results=None, rows_as=None, **extra):
+    """For report.run's on_rows: the JSON rewritten with the rows so far, marked incomplete; None without a path.
+    ``rows_as`` names the key the rows go under when ``results`` holds something else (the loss's peaks)."""
+    from .report import write_json
+
+    if not path:
+        return None
+
+    def write(rows):
+        if rows_as:
+            write_json(path, {**meta, "complete": False}, results, **extra, **{rows_as: rows})
+        else:
+            write_json(path, {**meta, "complete": False}, rows, **extra)
+
+    return write
+
+
 # The loss step's speed: Llama-3-8B's lm_head and SmolLM2's on a GPU (8,192 tokens, bf16); on a CPU,
 # SmolLM2's at 128 tokens in fp32 (22 GFLOP a step: seconds per provider on two cores).
 LOSS_SHAPES_GPU = {"llama3-8b": (8192, 4096, 128256), "smollm2-135m": (8192, 576, 49152)}
 LOSS_SHAPES_CPU = {"smollm2-135m": (128, 576, 49152)}
 
 
-def _loss(args, write: bool = True) -> int:
+def _loss(args) -> int:
     import torch
 
     from . import device as dev
     from . import loss
+    from .compiled import strict_dynamo
     from .report import format_table, run, write_json
 
     gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    # torch.compile is left out of --quick (bench/gpu.sh): a lent machine compiles cold, and the loss step
+    # comes late in the lease's few minutes; eager is the baseline the issue measures against.
+    cases = loss.cases(device, LOSS_SHAPES_GPU if gpu else LOSS_SHAPES_CPU, torch.bfloat16 if gpu else torch.float32,
+                       compile_too=(gpu and not args.quick) or args.compile)
+    if args.list:
+        return _list_cases(cases)
     memory = loss.rows(torch.device("cuda" if gpu else "meta"))
     print(loss.format_table(memory) + "\n")
-    device = torch.device("cuda" if gpu else "cpu")
     meta = dev.describe(device)
+    meta["what"] = ("peak memory of one loss step (forward + backward), " + memory[0]["how"] +
+                    "; its speed per provider (speed)")
+    path = os.path.join(args.out, "loss.json") if args.out else None
+    if path:
+        os.makedirs(args.out, exist_ok=True)
+        write_json(path, {**meta, "complete": False}, memory, speed=[])
     if not gpu:
         print("Speed below: CPU timings (labelled CPU), not GPU performance; llama_fast[torch] is the fused "
               "loss's chunked torch path, the one a CPU runs.")
-    # torch.compile is left out of `all --quick` (bench/gpu.sh): a lent machine compiles cold, and the
-    # loss step comes last in the lease's few minutes; eager is the baseline the issue measures against.
-    cases = loss.cases(device, LOSS_SHAPES_GPU if gpu else LOSS_SHAPES_CPU, torch.bfloat16 if gpu else torch.float32,
-                       compile_too=(gpu and not args.quick) or args.compile)
-    speed = run(cases, device, meta.get("peaks"), rep_ms=args.rep_ms, progress=not args.no_progress)
+    with strict_dynamo():
+        speed = run(cases, device, meta.get("peaks"), rep_ms=args.rep_ms, progress=not args.no_progress,
+                    on_rows=_partial_writer(path, meta, memory, rows_as="speed"))
     print(f"== loss step on {meta['device']} ==")
     print(format_table(speed), flush=True)
-    if args.out and write:
-        meta["what"] = ("peak memory of one loss step (forward + backward), " + memory[0]["how"] +
-                        "; its speed per provider (speed)")
-        os.makedirs(args.out, exist_ok=True)
-        write_json(os.path.join(args.out, "loss.json"), meta, memory, speed=speed)
+    if path:
+        write_json(path, {**meta, "complete": True}, memory, speed=speed)
     return 0
 
 
-def _traffic(args, write: bool = True) -> int:
+def _traffic(args) -> int:
     from .report import write_json
     from .traffic import format_table, traffic
 
     rows = traffic(args.model)
     print(format_table(rows))
-    if args.out and write:
+    if args.out:
         write_json(os.path.join(args.out, "traffic.json"), {"what": "bytes counted on meta tensors, no GPU used"}, rows)
     return 0
 
@@ -156,7 +185,9 @@ def _suite_cases(name, device, args):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     if name == "ops":
         models = args.model or (["smollm2-135m", "llama3-8b", "llama3-70b"] if gpu else ["smollm2-135m"])
-        if gpu:
+        if args.tokens:
+            tokens = args.tokens
+        elif gpu:
             tokens = [2048, 8192] if args.quick else [1024, 4096, 16384]
         else:
             tokens = [256] if args.quick else [256, 2048]
@@ -177,19 +208,42 @@ def _suite_cases(name, device, args):
     return e2e.cases(device, dtype, layers=args.layers, include_smollm2=not args.no_smollm2, quick=args.quick)
 
 
-def _attention_extras(device) -> dict:
+def _headline_cases(device, args):
+    """The lease's first minutes (bench/gpu.sh first): causal prefill forward and backward at Llama-3-8B heads
+    (bf16, batch 4 x 4096) against SDPA, decode at KV 1k, 16k and 128k (batch 1, one query), then the
+    memory-bound ops at Llama-3-8B's width and 8,192 tokens against eager, without torch.compile (a lent
+    machine compiles cold; the suites time it). On a CPU the same cases at the CPU suites' sizes."""
+    import torch
+
+    from . import attention, ops
+
+    if device.type != "cuda":
+        dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+        yield from attention.prefill_cases(device, [(dtype, 64, 4, 2)], [128], ["fwd", "bwd"], tokens_total=128)
+        yield from attention.decode_cases(device, dtype, [256], [1], head_dim=64, q_heads=4, kv_heads=2)
+        yield from ops.cases(device, dtype, ["smollm2-135m"], [64], ["fwd", "bwd"], compile_too=False)
+        return
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16
+    yield from attention.prefill_cases(device, [(dtype, 128, 32, 8)], [4096], ["fwd", "bwd"])
+    yield from attention.decode_cases(device, dtype, [1024, 16384, 131072], [1])
+    yield from ops.cases(device, dtype, ["llama3-8b"], args.tokens or [8192], ["fwd", "bwd"], compile_too=False)
+
+
+def _attention_extras(device, parts=("first_call", "backward_kernels")) -> dict:
     """On a GPU, before the suite tunes anything: the first call's cost against the steady state, and
     the backward's time per kernel. Each part that fails is reported, not fatal."""
     from . import attention
 
     extra = {}
-    for key, fn in (("first_call", attention.first_call_latency), ("backward_kernels", attention.backward_kernel_times)):
+    functions = {"first_call": attention.first_call_latency, "backward_kernels": attention.backward_kernel_times}
+    for key, fn in ((key, functions[key]) for key in parts):
         try:
             extra[key] = fn(device)
         except Exception as exc:  # a lent GPU's minutes are few: report and go on
             extra[key] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
     print("attention first call vs steady state:", extra["first_call"])
-    for row in extra["backward_kernels"] if isinstance(extra["backward_kernels"], list) else [extra["backward_kernels"]]:
+    kernels = extra.get("backward_kernels", [])
+    for row in kernels if isinstance(kernels, list) else [kernels]:
         print("  backward kernel:", row)
     return extra
 
@@ -208,13 +262,30 @@ def _print_spills() -> list[dict] | dict:
     return rows
 
 
+def _cases(name, device, args):
+    return _headline_cases(device, args) if name == "headline" else _suite_cases(name, device, args)
+
+
+def _list_cases(cases) -> int:
+    """--list: the cases a command would time on this machine, built but not run (bench/gpu.sh --dry-run)."""
+    count = 0
+    for case in cases:
+        print(f"{case.suite} {case.op} {case.mode} [{case.shape}] {case.dtype}: {', '.join(case.providers)}")
+        count += 1
+    print(f"{count} cases")
+    return 0 if count else 1
+
+
 def _suites(args, names) -> int:
     import torch
 
     from . import device as dev
+    from .compiled import strict_dynamo
     from .report import format_table, plot, run, write_json
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.list:
+        return max(_list_cases(_cases(name, device, args)) for name in names)
     meta = dev.describe(device)
     peaks = meta.get("peaks")
     if device.type == "cpu":
@@ -229,20 +300,28 @@ def _suites(args, names) -> int:
         meta["copy_bytes_per_s"] = dev.copy_bandwidth(device)
         print(f"{meta['device']}: peaks {peaks}, measured copy bandwidth {meta['copy_bytes_per_s'] / 1e9:.0f} GB/s\n")
     for name in names:
-        extra = _attention_extras(device) if name == "attention" and device.type == "cuda" else {}
-        rows = run(_suite_cases(name, device, args), device, peaks, rep_ms=args.rep_ms, progress=not args.no_progress)
+        extra = {}
+        if device.type == "cuda" and name in ("attention", "headline"):
+            parts = ("first_call",) if name == "headline" else ("first_call", "backward_kernels")
+            extra = _attention_extras(device, parts)
+        path = os.path.join(args.out, f"{name}.json") if args.out else None
+        if path:
+            os.makedirs(args.out, exist_ok=True)
+            write_json(path, {**meta, "complete": False}, [], **extra)
+        with strict_dynamo():
+            rows = run(_cases(name, device, args), device, peaks, rep_ms=args.rep_ms, progress=not args.no_progress,
+                       on_rows=_partial_writer(path, meta, **extra))
         print(f"== {name} on {meta['device']} ==")
         print(format_table(rows) + "\n", flush=True)
         if extra:
             extra["driver_spills"] = _print_spills()
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            write_json(os.path.join(args.out, f"{name}.json"), meta, rows, **extra)
+        if path:
+            write_json(path, {**meta, "complete": True}, rows, **extra)
             plot(os.path.join(args.out, f"{name}.png"), rows, f"{name} on {meta['device']} ({meta['date']})")
     return 0
 
 
-COMMANDS = ("all", *SUITES, "audit", "traffic", "overhead", "loss")
+COMMANDS = ("all", *SUITES, "audit", "traffic", "overhead", "loss", "headline")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -262,12 +341,12 @@ def _parser() -> argparse.ArgumentParser:
                 ("out", "model", "dtype", "quick", "compile", "layers", "no_smollm2", "rep_ms", "no_progress", "arch",
                  "group")),
         "ops": ("rms_norm / RoPE / SwiGLU vs eager, torch.compile, Liger-Kernel",
-                ("out", "model", "dtype", "quick", "compile", "rep_ms", "no_progress")),
+                ("out", "model", "dtype", "quick", "compile", "tokens", "rep_ms", "no_progress", "list")),
         "attention": ("flash attention prefill and decode vs SDPA and eager; --model-only: the static "
                       "performance model from the sm_90a SASS (no GPU needed)",
-                      ("out", "dtype", "quick", "rep_ms", "no_progress", "model_only")),
+                      ("out", "dtype", "quick", "rep_ms", "no_progress", "model_only", "list")),
         "e2e": ("training step and generate(), patched vs unpatched, dynamic and static cache (and compiled on a GPU)",
-                ("out", "dtype", "quick", "layers", "no_smollm2", "rep_ms", "no_progress")),
+                ("out", "dtype", "quick", "layers", "no_smollm2", "rep_ms", "no_progress", "list")),
         "audit": ("compile every kernel for sm_90a / sm_80: registers, spills, HGMMA, 128-bit loads (no GPU needed)",
                   ("out", "model", "arch", "group", "json", "update_baseline")),
         "traffic": ("bytes eager PyTorch moves per op vs the fused kernel's minimum (no GPU needed)",
@@ -275,8 +354,13 @@ def _parser() -> argparse.ArgumentParser:
         "overhead": ("host time per op call and per decoder-layer decode step, kernel launches stubbed, vs eager "
                      "(CPU; no GPU needed)", ("out", "rep_ms", "no_progress")),
         "loss": ("peak memory of the fused linear + cross-entropy loss step vs the unfused loss, Llama-3-8B shapes "
-                 "(meta tensors without a GPU), and its speed against eager, torch.compile and Liger-Kernel",
-                 ("out", "compile", "rep_ms", "no_progress")),
+                 "(meta tensors without a GPU), and its speed against eager, torch.compile (left out with --quick) and "
+                 "Liger-Kernel",
+                 ("out", "compile", "quick", "rep_ms", "no_progress", "list")),
+        "headline": ("what a short GPU lease brings back first: attention fwd/bwd vs SDPA at Llama-3-8B heads "
+                     "(B=4, 4096, bf16) with its first call against the steady state, decode at KV 1k/16k/128k, "
+                     "rms_norm / RoPE / SwiGLU at Llama-3-8B width vs eager (no torch.compile)",
+                     ("out", "dtype", "tokens", "rep_ms", "no_progress", "list")),
     }
     for command, (text, names) in helps.items():
         sub.add_parser(command, help=text, description=text, parents=[options(*names)])
@@ -290,12 +374,16 @@ _OPTIONS = {
     "quick": lambda p: p.add_argument("--quick", action="store_true", help="fewer sizes (the GPU script uses it)"),
     "compile": lambda p: p.add_argument("--compile", action="store_true",
                                         help="time torch.compile on the CPU too (always on a GPU)"),
+    "tokens": lambda p: p.add_argument("--tokens", action="append", type=int,
+                                       help="token counts of the ops cases (default: the sweep's)"),
     "layers": lambda p: p.add_argument("--layers", type=int, default=4,
                                        help="layers of the Llama-3-8B-shaped e2e model"),
     "no_smollm2": lambda p: p.add_argument("--no-smollm2", action="store_true", help="e2e without the real SmolLM2 model"),
     "rep_ms": lambda p: p.add_argument("--rep-ms", type=int, default=100,
                                        help="milliseconds of repetitions per measurement"),
     "no_progress": lambda p: p.add_argument("--no-progress", action="store_true"),
+    "list": lambda p: p.add_argument("--list", action="store_true",
+                                     help="print the cases this machine would time (built, not run) and exit"),
     "arch": lambda p: p.add_argument("--arch", action="append", type=int,
                                      help="compute capability, 90 or 80 (default both)"),
     "group": lambda p: p.add_argument("--group", action="append",
@@ -308,8 +396,9 @@ _OPTIONS = {
                                                 help="record this run's HGMMA, TMA and loop instruction counts "
                                                      "as bench/audit_baseline.json (after a deliberate change)"),
 }
-_DEFAULTS = dict(out=None, model=None, dtype=None, quick=False, compile=False, layers=4, no_smollm2=False, rep_ms=100,
-                 no_progress=False, arch=None, group=None, json=None, update_baseline=False, model_only=False)
+_DEFAULTS = dict(out=None, model=None, dtype=None, quick=False, compile=False, tokens=None, layers=4, no_smollm2=False,
+                 rep_ms=100, no_progress=False, list=False, arch=None, group=None, json=None, update_baseline=False,
+                 model_only=False)
 
 
 def main(argv=None) -> int:
@@ -330,16 +419,15 @@ def main(argv=None) -> int:
         return _loss(args)
     if args.command == "attention" and args.model_only:
         return _attention_model(args)
-    if args.command in SUITES:
+    if args.command in (*SUITES, "headline"):
         return _suites(args, [args.command])
     import torch
 
     gpu = torch.cuda.is_available()
     status = _suites(args, list(SUITES))
-    # On a lent GPU only 8 files come back (bench/gpu.sh): the traffic count is printed, not saved,
-    # and the audit, which needs no GPU, is left to CI.
-    status |= _traffic(args, write=not gpu)
-    status |= _loss(args, write=not gpu)
+    # On a GPU the audit, which needs none, is left to CI.
+    status |= _traffic(args)
+    status |= _loss(args)
     if not gpu:
         status |= _audit(args)
     return status

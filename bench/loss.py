@@ -19,6 +19,8 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .compiled import compile_static
+
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages ops create, while they live, and the peak.
@@ -80,7 +82,7 @@ def _fused(hidden, weight, labels):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_unfused():
-    return torch.compile(_unfused, dynamic=False)
+    return compile_static(_unfused)
 
 
 def _liger():

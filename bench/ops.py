@@ -14,6 +14,7 @@ from llama_fast import ops, references
 
 from . import formulas
 from .cases import OURS, Case, passes
+from .compiled import compile_static
 from .shapes import MODELS
 
 
@@ -33,7 +34,7 @@ def _liger():
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
+    return compile_static(fn)
 
 
 def _providers(device, ours, reference, liger, compile_too: bool):

@@ -3,6 +3,7 @@ one JSON file of every figure with the device and versions, and PNG plots per su
 
 import gc
 import json
+import os
 import sys
 
 import torch
@@ -11,15 +12,30 @@ from .cases import OURS, add_speedups, rows_for
 from .device import measure, measure_cpu
 
 
-def run(cases, device: torch.device, peaks: dict | None, *, rep_ms: int = 100, progress: bool = True) -> list[dict]:
+def run(cases, device: torch.device, peaks: dict | None, *, rep_ms: int = 100, progress: bool = True,
+        on_rows=None) -> list[dict]:
+    """Every provider of every case, timed. ``on_rows(rows)`` is called with the rows so far (speed-ups
+    filled in) after each case on a CPU and each provider on a GPU, so that a run killed at its time
+    limit (bench/gpu.sh gives each suite its own) keeps what it measured. Without the progress bar,
+    each row is printed as it is measured, for the same reason."""
     from tqdm import tqdm
 
     rows = []
     cases = list(cases)
     bar = tqdm(total=sum(len(c.providers) for c in cases), disable=not progress, file=sys.stderr, leave=False)
+
+    def measured(new: list[dict]) -> None:
+        rows.extend(new)
+        if not progress:
+            for r in new:
+                print(_line(r), flush=True)
+        if on_rows is not None:
+            add_speedups(rows)
+            on_rows(rows)
+
     for case in cases:
         if device.type != "cuda":
-            rows += _run_cpu_case(case, peaks, rep_ms)
+            measured(_run_cpu_case(case, peaks, rep_ms))
             bar.update(len(case.providers))
             continue
         for provider, setup in case.providers.items():
@@ -27,14 +43,15 @@ def run(cases, device: torch.device, peaks: dict | None, *, rep_ms: int = 100, p
             fn = None
             try:
                 fn = setup()
-                rows.append(rows_for(case, provider, measure(fn, device, rep_ms=rep_ms), peaks))
+                row = rows_for(case, provider, measure(fn, device, rep_ms=rep_ms), peaks)
             except Exception as exc:  # one provider failing (OOM, a missing feature) must not end the run
-                rows.append(_error_row(case, provider, f"{type(exc).__name__}: {exc}"[:300]))
+                row = _error_row(case, provider, f"{type(exc).__name__}: {exc}"[:300])
             finally:
                 del fn
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            measured([row])
             bar.update()
     bar.close()
     add_speedups(rows)
@@ -79,21 +96,24 @@ def _throughput(r: dict) -> str:
     return ", ".join(parts)
 
 
+def _line(r: dict) -> str:
+    if "error" in r:
+        timing, mem = r["error"][:60], ""
+    else:
+        timing = f"{r['ms']:.4f} ({r['p20_ms']:.4f}-{r['p80_ms']:.4f})"
+        mem = f"{r['peak_bytes'] / 1e6:.0f}" if r.get("peak_bytes") is not None else "-"
+    if r.get("noisy"):
+        timing += " noisy"
+    speed = ", ".join(f"{x:.2f}x{' (noisy)' if p in r.get('speedup_noisy', ()) else ''} vs {p}"
+                      for p, x in r.get("speedup_over", {}).items())
+    return (f"{r['op']:<20} {r['mode']:<12} {r['shape']:<38} {r['dtype']:<8} {r['provider']:<24} "
+            f"{timing:<24} {_throughput(r):<30} {mem:>8}  {speed}")
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'op':<20} {'pass':<12} {'shape':<38} {'dtype':<8} {'provider':<24} {'ms (p20-p80)':<24} "
              f"{'throughput':<30} {'mem MB':>8}  speed-up of ours"]
-    for r in rows:
-        if "error" in r:
-            timing, mem = r["error"][:60], ""
-        else:
-            timing = f"{r['ms']:.4f} ({r['p20_ms']:.4f}-{r['p80_ms']:.4f})"
-            mem = f"{r['peak_bytes'] / 1e6:.0f}" if r.get("peak_bytes") is not None else "-"
-        if r.get("noisy"):
-            timing += " noisy"
-        speed = ", ".join(f"{x:.2f}x{' (noisy)' if p in r.get('speedup_noisy', ()) else ''} vs {p}"
-                          for p, x in r.get("speedup_over", {}).items())
-        lines.append(f"{r['op']:<20} {r['mode']:<12} {r['shape']:<38} {r['dtype']:<8} {r['provider']:<24} "
-                     f"{timing:<24} {_throughput(r):<30} {mem:>8}  {speed}")
+    lines += [_line(r) for r in rows]
     if any(r.get("noisy") for r in rows):
         lines.append("noisy: the p20-p80 spread is wider than the median; such a time, and a speed-up computed from "
                      "it, is not a measurement to quote: run again, or with a larger --rep-ms.")
@@ -101,8 +121,12 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_json(path, meta: dict, rows: list[dict], **extra) -> None:
-    with open(path, "w") as f:
+    """Written to a temporary file and renamed over ``path``: a process killed mid-write (a GPU run's
+    time limit) leaves the previous complete file, never a truncated one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(dict(meta=meta, **extra, results=rows), f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def plot(path, rows: list[dict], title: str) -> bool:

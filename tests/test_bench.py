@@ -3,7 +3,6 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,23 +115,59 @@ def test_noisy_rows_are_flagged_not_quoted():
     assert "noisy: the p20-p80 spread is wider than the median" in table
 
 
-def test_gpu_script_runs_from_a_staged_package(tmp_path):
-    """bench/gpu.sh installs nothing on the lent GPU: it stages llama_fast as setup.py would install it
-    (kernels/ inside) beside tests/ and bench/, and runs from there. Check that layout here: the
-    package, its kernels and the bench import from the stage, and the GPU test files collect."""
-    stage = tmp_path / "stage"
-    subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--stage", str(stage)], check=True)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import llama_fast, llama_fast.kernels.attention as a, bench; print(llama_fast.__file__, a.__file__, bench.__file__)"
-    files = subprocess.run([sys.executable, "-c", code], cwd=stage, env=env, capture_output=True, text=True,
-                           check=True).stdout.split()
-    assert len(files) == 3 and all(f.startswith(str(stage)) for f in files), files
-    script = (ROOT / "bench" / "gpu.sh").read_text()
-    gpu_tests = re.search(r"python -m pytest .*?\\\n(.*?)>>", script, re.S).group(1).split()
-    gpu_tests = [t for t in gpu_tests if t != "\\"]
-    collect = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                              *gpu_tests], cwd=stage, env=env, capture_output=True, text=True)
-    assert collect.returncode == 0 and "ERROR" not in collect.stdout, collect.stdout[-2000:]
+def test_rows_are_handed_over_as_they_are_measured(tmp_path, capsys):
+    """report.run hands the rows so far (speed-ups filled in) to on_rows after each case, and prints each
+    row as it is measured without the progress bar: a suite stopped at bench/gpu.sh's time limit keeps
+    what it measured. write_json replaces the file whole, never leaving a truncated one."""
+    from bench.cases import Case
+    from bench.report import run, write_json
+
+    cases = [Case(suite="ops", op="rms_norm", mode="fwd", shape=f"tokens={n}", size=n, dtype="float32", bytes=10**6,
+                  providers={"eager": lambda: (lambda: None), "llama_fast[cpu]": lambda: (lambda: None)})
+             for n in (16, 32, 64)]
+    path = tmp_path / "ops.json"
+    seen = []
+
+    def on_rows(rows):
+        seen.append([(r["shape"], r["provider"]) for r in rows])
+        assert all(r["speedup_over"] for r in rows if r["provider"].startswith("llama_fast"))
+        write_json(path, {"complete": False}, rows)
+
+    rows = run(cases, torch.device("cpu"), None, rep_ms=1, progress=False, on_rows=on_rows)
+    assert [len(s) for s in seen] == [2, 4, 6] and seen[-1] == [(r["shape"], r["provider"]) for r in rows]
+    assert [r["shape"] for r in json.loads(path.read_text())["results"]] == ["tokens=16"] * 2 + ["tokens=32"] * 2 + [
+        "tokens=64"] * 2
+    assert not list(tmp_path.glob("*.tmp"))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rms_norm")]
+    assert len(printed) == 6
+
+
+def test_compiled_providers_never_run_eager_past_the_recompile_limit():
+    """Past Dynamo's recompile limit (8) a compiled function runs eager with one log line: a shape sweep's
+    later torch.compile rows would time eager PyTorch. Under the bench's strict_dynamo the limit is
+    raised above any sweep, and reaching it raises, which the runner turns into an error row."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from bench.compiled import compile_static, strict_dynamo
+
+    def double(x):
+        return x * 2
+
+    def graphs_for(fn, sizes):
+        torch._dynamo.reset()
+        before = counters["stats"]["unique_graphs"]
+        for n in sizes:
+            assert torch.equal(fn(torch.ones(n)), torch.full((n,), 2.0))
+        return counters["stats"]["unique_graphs"] - before
+
+    plain = torch.compile(double, dynamic=False, backend="eager")
+    assert graphs_for(plain, range(1, 11)) == 8  # sizes 9 and 10 ran eager, and nothing said so
+    with strict_dynamo():
+        assert graphs_for(compile_static(double, backend="eager"), range(1, 11)) == 10
+    with strict_dynamo(limit=3), pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+        graphs_for(plain, range(1, 5))
+    torch._dynamo.reset()
 
 
 def _ops_cases():
