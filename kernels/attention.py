@@ -214,6 +214,10 @@ _FWD_PRUNER = _Pruner(_FWD_TILES, fallback=_FWD_FALLBACK)
 _DKDV_PRUNER = _Pruner(_BWD_DKDV_TILES, _DKDV_VARIANT_SPILLS, fallback=_BWD_DKDV_FALLBACK)
 _DQ_PRUNER = _Pruner(_BWD_DQ_TILES, fallback=_BWD_DQ_FALLBACK)
 _BENCH = None if _AUTOTUNE else _no_benchmark  # None: Triton's own timing
+# cache_results=True on the autotuners: the timings of each tuning key are kept in Triton's disk cache
+# (keyed on Triton's version, the target, the kernel's source and the configs left), so a process
+# tunes only the shapes no earlier one on the machine tuned, and bench/gpu.sh can carry the results
+# from one lent GPU to the next (docs/gpu-run.md).
 # What changes the best tile: the lengths (power-of-two buckets, so a growing KV cache does not
 # retune every token), batch x query heads (power-of-two buckets: with the lengths, the grid, and so
 # how well a tile fills the SMs), the GQA group (how many query heads share a K/V tile), the head
@@ -322,7 +326,8 @@ def _finish_rows(acc, l_i, m_i):
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=[*_TUNE_KEY, "USE_TMA", "HAS_KV_LENS", "VARLEN"],
-                 prune_configs_by={"early_config_prune": _FWD_PRUNER}, do_bench=_BENCH)
+                 prune_configs_by={"early_config_prune": _FWD_PRUNER}, do_bench=_BENCH,
+                 cache_results=True)
 @triton.jit
 def _attn_fwd_kernel(
     # pointers
@@ -571,7 +576,8 @@ def _attn_bwd_kv_inner(
 # from zero each time.
 @triton.autotune(configs=_BWD_DKDV_CONFIGS, key=[*_TUNE_KEY, "ATOMIC_DQ", "USE_TMA", "VARLEN"],
                  reset_to_zero=["dq_acc_ptr"],
-                 prune_configs_by={"early_config_prune": _DKDV_PRUNER}, do_bench=_BENCH)
+                 prune_configs_by={"early_config_prune": _DKDV_PRUNER}, do_bench=_BENCH,
+                 cache_results=True)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     # pointers
@@ -661,7 +667,8 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_BWD_DQ_CONFIGS, key=[*_TUNE_KEY, "USE_TMA", "VARLEN"],
-                 prune_configs_by={"early_config_prune": _DQ_PRUNER}, do_bench=_BENCH)
+                 prune_configs_by={"early_config_prune": _DQ_PRUNER}, do_bench=_BENCH,
+                 cache_results=True)
 @triton.jit
 def _attn_bwd_dq_kernel(
     # pointers
