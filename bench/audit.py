@@ -13,8 +13,17 @@ Spills are counted three ways, and any one fails the audit: ptxas on sm_90 repor
 registers as STACK, not LOCAL (checked 2026-11-29: an attention config with 50 STL / 58 LDL in its
 SASS showed LOCAL:0, STACK:136), so an audit that read LOCAL alone passed four spilling configs.
 
+Per loop that issues HGMMA the audit also reports the HGMMA shapes, the mma.sync (HMMA), barrier
+(BAR) and global atomic (ATOMG) counts of one iteration, and the work multiple: the matrix FLOPs the
+loop's HGMMA and HMMA issue across the program (an HGMMA once per warpgroup, an HMMA once per warp)
+over the algorithm's FLOPs per iteration (``LOOP_PRODUCTS``: the products times 2·rows·BLOCK_N·BLOCK_D).
+Above 1.0 some product is computed more than once: Triton lays a product that feeds another one
+out as warpsPerCTA = [num_warps, 1], 16 rows per warp, and a tile with fewer rows than that is
+computed by every warpgroup.
+
 Run ``python -m bench audit``; it exits non-zero on a spill, on an attention kernel without HGMMA or
-TMA on sm_90a, a memory-bound kernel without 128-bit loads, or a regression against the committed
+TMA on sm_90a, with mma.sync (HMMA) on sm_90a or with a work multiple above 1.01, a memory-bound
+kernel without 128-bit loads, or a regression against the committed
 baseline (``bench/audit_baseline.json``, written by ``--update-baseline``): fewer HGMMA or TMA
 instructions than recorded, or more than 5% more instructions per iteration of a matrix loop.
 The baseline is for one Triton version; under another the comparison is skipped and the audit says
@@ -79,26 +88,53 @@ class Report:
     ldg_other: int
     problems: list
     matrix_loops: list = dataclasses.field(default_factory=list)  # instruction mix per HGMMA loop iteration
+    hmma: int = 0  # mma.sync instructions in the whole kernel
+    loop_flops: int | None = None  # the algorithm's matrix FLOPs per inner-loop iteration (loop_flops()), if known
 
 
 # The instruction classes counted per loop iteration (SASS opcode prefixes): the work of a flash
 # attention step is the matrix products (HGMMA), the exponentials (MUFU.EX2) and the softmax
-# arithmetic; masks cost selects and compares; barriers and waits are synchronisation.
+# arithmetic; masks cost selects and compares; barriers and waits are synchronisation. HMMA is
+# mma.sync (Ampere's matrix instruction, one warp each), BAR the block-wide barriers alone and ATOMG
+# the global atomics (the backward's dQ additions).
 _MIX = {"hgmma": ("HGMMA",), "ex2": ("MUFU.EX2",), "ffma": ("FFMA",), "fmul": ("FMUL",), "fadd": ("FADD",),
-        "select": ("FSEL", "SEL"), "compare": ("ISETP", "FSETP"), "sync": ("BAR", "WARPGROUP", "WARPSYNC", "DEPBAR")}
-_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+        "select": ("FSEL", "SEL"), "compare": ("ISETP", "FSETP"), "sync": ("BAR", "WARPGROUP", "WARPSYNC", "DEPBAR"),
+        "hmma": ("HMMA",), "bar": ("BAR.",), "atomg": ("ATOMG", "RED.")}
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+_HGMMA_SHAPE = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)")
+# mma.sync shapes as SASS spells them: HMMA.16816 is m16 n8 k16, HMMA.1688 m16 n8 k8 (tf32), HMMA.884 m8 n8 k4.
+_HMMA_SHAPE = re.compile(r"^HMMA\.(16|8)(8)(\d+)")
+
+
+def _matrix_flops(opcodes: list[str]) -> tuple[dict, int, int]:
+    """The HGMMA shapes among ``opcodes`` (shape -> count), the FLOPs their HGMMA issue for one
+    warpgroup (2·m·n·k each: a warpgroup issues each one together) and the FLOPs their HMMA issue
+    for one warp (mma.sync is per warp)."""
+    shapes, hgmma_flops, hmma_flops = {}, 0, 0
+    for o in opcodes:
+        if shape := _HGMMA_SHAPE.match(o):
+            m, n, k = map(int, shape.groups())
+            shapes[f"{m}x{n}x{k}"] = shapes.get(f"{m}x{n}x{k}", 0) + 1
+            hgmma_flops += 2 * m * n * k
+        elif shape := _HMMA_SHAPE.match(o):
+            m, n, k = map(int, shape.groups())
+            hmma_flops += 2 * m * n * k
+    return shapes, hgmma_flops, hmma_flops
 
 
 def matrix_loops(sass: str) -> list[dict]:
     """The loops of a kernel's SASS that issue HGMMA, in program order: for one iteration, the number
-    of instructions and of each class in ``_MIX``. A loop is a backward branch to a label; an outer
-    loop (the dK/dV kernel's loop over the query heads of a group) counts its inner loops' bodies
-    once. The forward's two loops are the unmasked blocks, then the masked ones. A backward branch
+    of instructions and of each class in ``_MIX``, the HGMMA shapes (``hgmma_shapes``: "MxNxK" ->
+    count) and the matrix FLOPs issued (``hgmma_flops`` per warpgroup, ``hmma_flops`` per warp; the
+    audit multiplies them by the warpgroups and warps that run the loop). A loop is a backward branch
+    to a label; an outer loop (the dK/dV kernel's loop over the query heads of a group) counts its
+    inner loops' bodies once, and ``inner`` says how many innermost reported loops it holds (0 for an
+    innermost one). The forward's two loops are the unmasked blocks, then the masked ones. A backward branch
     whose span holds an EXIT is not a loop: ptxas places the retry of an mbarrier wait (TMA) out of
     line after the kernel's end and branches back into the body."""
-    opcodes, labels, loops = [], {}, []
+    opcodes, labels, loops, spans = [], {}, [], []
     for line in sass.splitlines():
         if label := _LABEL.match(line):
             labels[label.group(1)] = len(opcodes)
@@ -112,8 +148,46 @@ def matrix_loops(sass: str) -> list[dict]:
                     continue
                 mix = {name: sum(o.startswith(prefixes) for o in body) for name, prefixes in _MIX.items()}
                 if mix["hgmma"]:
-                    loops.append(dict(instructions=len(body), **mix))
+                    shapes, hgmma_flops, hmma_flops = _matrix_flops(body)
+                    inner = sum(start <= s and e <= len(opcodes) for s, e, held in spans if not held)
+                    spans.append((start, len(opcodes), inner))
+                    loops.append(dict(instructions=len(body), **mix, hgmma_shapes=shapes, hgmma_flops=hgmma_flops,
+                                      hmma_flops=hmma_flops, inner=inner))
     return loops
+
+
+# Matrix products one iteration of an attention kernel's inner loop does, each of 2·rows·BLOCK_N·BLOCK_D
+# FLOPs (rows: BLOCK_M, or BLOCK_R for decode): the algorithm's work, against which the audit sets the
+# work the HGMMA and HMMA of the loop issue. Forward and decode: S = QKᵀ and PV; dK/dV: Sᵀ, dPᵀ, dV,
+# dK, and dQ when it adds dQ atomically; dQ kernel: S, dP, dQ.
+LOOP_PRODUCTS = {
+    "_attn_fwd_kernel": lambda args: 2,
+    "_attn_decode_kernel": lambda args: 2,
+    "_attn_bwd_dkdv_kernel": lambda args: 5 if args.get("ATOMIC_DQ") else 4,
+    "_attn_bwd_dq_kernel": lambda args: 3,
+}
+_WORK_TOLERANCE = 1.01  # matrix work per iteration above this multiple of the algorithm's is duplicated work
+
+
+def loop_flops(kernel_name: str, args: dict) -> int | None:
+    """The algorithm's matrix FLOPs per inner-loop iteration of a kernel, or None for a kernel not in
+    ``LOOP_PRODUCTS``."""
+    products = LOOP_PRODUCTS.get(kernel_name)
+    if products is None:
+        return None
+    rows = args.get("BLOCK_M", args.get("BLOCK_R"))
+    return products(args) * 2 * rows * args["BLOCK_N"] * args["BLOCK_D"]
+
+
+def _work_multiples(loops: list[dict], num_warps: int, algorithm: int | None) -> None:
+    """Adds to each loop ``matrix_work`` (the FLOPs its HGMMA and HMMA issue across the program: each
+    HGMMA once per warpgroup, each HMMA once per warp, none warp-specialized) and ``work_multiple``
+    (that over the algorithm's FLOPs for the iterations the loop body holds: an outer loop holds one
+    of each inner loop; 1.0 is no duplicated work; None when the kernel's products are unknown)."""
+    for loop in loops:
+        loop["matrix_work"] = loop["hgmma_flops"] * max(1, num_warps // 4) + loop["hmma_flops"] * num_warps
+        loop["work_multiple"] = (round(loop["matrix_work"] / (algorithm * max(1, loop["inner"])), 4)
+                                 if algorithm else None)
 
 
 def _bind(kernel, args, kwargs) -> dict:
@@ -261,6 +335,7 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
     spill_ops = len(re.findall(r"\b(?:STL|LDL)(?:\.[\w]+)*\b", sass))
     shared = max(compiled.metadata.shared, fields.get("SHARED", 0))
     hgmma = len(re.findall(r"\bHGMMA\b", sass))
+    hmma = len(re.findall(r"\bHMMA\b", sass))
     utmaldg = len(re.findall(r"\bUTMALDG\b", sass))
     ldg128 = len(re.findall(r"\bLDG\.E\.128\b", sass))
     ldg_all = len(re.findall(r"\bLDG\.E[.\w]*", sass))
@@ -271,6 +346,18 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
         problems.append(f"spills registers: {spill} bytes of stack/local memory, {spill_ops} STL/LDL")
     if kind == "matrix" and arch == 90 and hgmma == 0:
         problems.append("no HGMMA on sm_90a")
+    # Decode's tiles of 16 packed query rows are too few for wgmma: mma.sync is its right instruction,
+    # and the kernel is memory-bound; the rules below are for the matrix-bound kernels.
+    matrix_bound = kind == "matrix" and arch == 90
+    if matrix_bound and hmma:
+        problems.append(f"{hmma} HMMA (mma.sync) on sm_90a: a product wgmma does not take")
+    loops = matrix_loops(sass)
+    algorithm = loop_flops(launch.kernel.__name__, launch.args)
+    _work_multiples(loops, launch.num_warps, algorithm)
+    for i, loop in enumerate(loops):
+        if matrix_bound and loop["work_multiple"] is not None and loop["work_multiple"] > _WORK_TOLERANCE:
+            problems.append(f"matrix loop {i} issues {loop['work_multiple']:.2f}x the algorithm's FLOPs per "
+                            f"iteration (HGMMA {loop['hgmma_shapes']}): duplicated work")
     if kind == "matrix" and arch == 90 and launch.args.get("USE_TMA") and utmaldg == 0:
         problems.append("no TMA loads (UTMALDG) on sm_90a")
     if kind == "memory" and ldg128 == 0:
@@ -278,7 +365,7 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
     tile = tuple(v for k, v in launch.args.items() if k.startswith("BLOCK_") and k not in ("BLOCK_D",))
     return Report(case, launch.kernel.__name__, arch, tile, launch.num_warps, launch.num_stages, registers, spill,
                   spill_ops, shared, _occupancy(arch, registers, shared, launch.num_warps), hgmma, utmaldg, ldg128,
-                  ldg_all - ldg128, problems, matrix_loops(sass))
+                  ldg_all - ldg128, problems, loops, hmma, algorithm)
 
 
 BASELINE = Path(__file__).with_name("audit_baseline.json")
@@ -377,10 +464,12 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]
     yield "attention fwd", lambda arch: attention.attention_fwd(q, k, v, causal=True, softmax_scale=scale, pad=None,
                                                                 splits=0, tma=arch == 90), "matrix"
     yield "attention bwd", lambda arch: attention.attention_bwd(out, q, k, v, out, lse, causal=True,
-                                                                softmax_scale=scale, pad=None, tma=arch == 90), "matrix"
+                                                                softmax_scale=scale, pad=None, tma=arch == 90,
+                                                                arch=arch), "matrix"
     yield "attention bwd determ.", lambda arch: attention.attention_bwd(out, q, k, v, out, lse, causal=True,
                                                                         softmax_scale=scale, pad=None,
-                                                                        deterministic=True, tma=arch == 90), "matrix"
+                                                                        deterministic=True, tma=arch == 90,
+                                                                        arch=arch), "matrix"
     q1, k1, v1 = bshd(model.q_heads, 1), bshd(model.kv_heads, decode_kv), bshd(model.kv_heads, decode_kv)
     yield "attention decode", lambda arch: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale, pad=None,
                                                               splits=32, arch=arch), "memory"
@@ -391,7 +480,7 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]
                                                                        pad=None, tma=arch == 90, packed=packed), "matrix"
     yield "attention varlen bwd", lambda arch: attention.attention_bwd(out, q, k, v, out, lse, causal=True,
                                                                        softmax_scale=scale, pad=None, tma=arch == 90,
-                                                                       packed=packed), "matrix"
+                                                                       packed=packed, arch=arch), "matrix"
     q32 = bshd(model.q_heads, 32)  # a 32-token chunk on the cache: 64-row tiles of packed query rows
     yield "attention chunk", lambda arch: attention.attention_fwd(q32, k1, v1, causal=True, softmax_scale=scale, pad=None,
                                                              splits=16, arch=arch), "memory"
@@ -422,7 +511,8 @@ def _shared_memory_cases() -> Iterator[tuple[str, Callable[[int], object], str]]
             for deterministic in (False, True):
                 yield f"{tag} attention bwd{' determ.' if deterministic else ''}", functools.partial(
                     lambda arch, q, k, v, out, lse, tma, deterministic: attention.attention_bwd(
-                        out, q, k, v, out, lse, deterministic=deterministic, tma=arch == 90 and tma, **common),
+                        out, q, k, v, out, lse, deterministic=deterministic, tma=arch == 90 and tma, arch=arch,
+                        **common),
                     q=q, k=k, v=v, out=out, lse=lse, tma=tma, deterministic=deterministic), "shared-memory"
             yield f"{tag} attention decode", functools.partial(
                 lambda arch, q, k, v: attention.attention_fwd(q, k, v, splits=4, arch=arch, **common),
@@ -454,14 +544,21 @@ def audit(models=None, archs=(90, 80), groups=None) -> list[Report]:
 
 
 def format_table(reports: list[Report]) -> str:
+    """One line per compiled kernel; per matrix loop (``/``-separated): instructions, the work multiple
+    (matrix FLOPs issued over the algorithm's, 1.00 = no duplicated work), BAR and ATOMG per iteration."""
     header = f"{'case':<34} {'kernel':<28} {'sm':>3} {'tile':>9} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'stl/ldl':>7} " \
-             f"{'smem':>7} {'occ':>5} {'hgmma':>5} {'tma':>4} {'ldg128':>6} {'ldg<128':>7} {'loop instr':>10}  problems"
+             f"{'smem':>7} {'occ':>5} {'hgmma':>5} {'hmma':>4} {'tma':>4} {'ldg128':>6} {'ldg<128':>7} {'loop instr':>10} " \
+             f"{'work':>9} {'bar':>5} {'atomg':>5}  problems"
     lines = [header, "-" * len(header)]
+
+    def per_loop(r, what, fmt="{}"):
+        return "/".join("-" if loop.get(what) is None else fmt.format(loop[what]) for loop in r.matrix_loops) or "-"
+
     for r in reports:
         lines.append(
             f"{r.case:<34} {r.kernel:<28} {r.arch:>3} {'x'.join(map(str, r.tile)):>9} {r.num_warps:>5} {r.num_stages:>3} {r.registers:>4} "
-            f"{r.spill_bytes:>5} {r.spill_instructions:>7} {r.shared_bytes:>7} {r.occupancy:>5.0%} {r.hgmma:>5} {r.utmaldg:>4} {r.ldg128:>6} "
-            f"{r.ldg_other:>7} {'/'.join(str(loop['instructions']) for loop in r.matrix_loops) or '-':>10}  "
-            f"{'; '.join(r.problems) or 'ok'}"
+            f"{r.spill_bytes:>5} {r.spill_instructions:>7} {r.shared_bytes:>7} {r.occupancy:>5.0%} {r.hgmma:>5} {r.hmma:>4} {r.utmaldg:>4} "
+            f"{r.ldg128:>6} {r.ldg_other:>7} {per_loop(r, 'instructions'):>10} {per_loop(r, 'work_multiple', '{:.2f}'):>9} "
+            f"{per_loop(r, 'bar'):>5} {per_loop(r, 'atomg'):>5}  {'; '.join(r.problems) or 'ok'}"
         )
     return "\n".join(lines)

@@ -30,7 +30,9 @@ One program per KV block accumulates dK and dV over every query block of all G q
 its group (the GQA sum happens in registers, so dK and dV are deterministic). dQ, two ways:
   atomic (default): the same program adds dS·k for each query block into an fp32 dQ buffer with
       atomic adds: five matrix products per (query block, key block) pair (S, dP, dV, dK, dQ);
-      the order of the additions varies, and with it dQ's last bits.
+      the order of the additions varies, and with it dQ's last bits. On Hopper it is computed
+      transposed, dQᵀ = Kᵀ·dSᵀ, so that wgmma takes it, and only for heads of at most 64 (wider,
+      the dK/dV tile runs out of registers with it: dQ comes from the second kernel below).
   deterministic: a second kernel, one program per query block, recomputes S and dP to form dQ
       (seven products), and every gradient repeats bit for bit.
 Only the query blocks that cross the causal diagonal, and the last key block, apply masks.
@@ -84,18 +86,28 @@ _AUTOTUNE = os.environ.get("LLAMA_FAST_AUTOTUNE", "1") != "0"
 # spill-free with and without ATOMIC_DQ. Shared memory is not part of the lists: the pruner reads it
 # from each compiled config and drops what the device cannot hold (fp32, head_dim 256).
 # BLOCK_M a multiple of 64 per warpgroup (4 warps) lets the forward's tl.dot lower to wgmma.
+# dK/dV on sm_90a: Triton gives a product that feeds another product (Sᵀ, dPᵀ) warpsPerCTA =
+# [num_warps, 1], 16 rows per warp, so BLOCK_N must be 16 x num_warps keys (64 on 4 warps, 128 on 8):
+# with 64 keys on 8 warps both warpgroups computed the same Sᵀ and dPᵀ (bench audit: 1.4-1.5x
+# the algorithm's FLOPs per iteration, 2026-12-02), a tile the audit now fails. On sm_80,
+# (16, 64, 4, 1) spills with the atomic dQ at head_dim 128 (16 B), so autotuning skips it there
+# (_DKDV_VARIANT_SPILLS). The first tile of a list is what LLAMA_FAST_AUTOTUNE=0 runs where it fits.
 _FWD_TILES = {90: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
               80: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]}
-_BWD_DKDV_TILES = {90: [(16, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 1)],
-                   80: [(16, 64, 8, 2), (32, 64, 8, 1)]}
+_BWD_DKDV_TILES = {90: [(32, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 1)],
+                   80: [(16, 64, 4, 1), (16, 64, 8, 2), (32, 64, 8, 1)]}
 _DQ_TILES = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
 _BWD_DQ_TILES = {90: _DQ_TILES, 80: _DQ_TILES}
-# Tiles of a list that spill in one variant of the kernel only, by (arch, USE_TMA, ATOMIC_DQ, VARLEN):
-# the dK/dV kernel reading Q and dO through descriptors while adding dQ atomically sits at 254-255
-# registers with 32 x 64 tiles on sm_90a, and with one stage spills 16 B; with packed sequences
-# (VARLEN: per-sequence offsets and lengths) two stages spill 40 B too (2026-11-30).
-_DKDV_VARIANT_SPILLS = {(90, True, True, False): {(32, 64, 8, 1)},
-                        (90, True, True, True): {(32, 64, 8, 1), (32, 64, 8, 2)}}
+# Tiles of a list that spill in one variant of the kernel only, by (arch, USE_TMA, ATOMIC_DQ, VARLEN),
+# counted at head_dim 128 with 16-bit inputs (2026-12-02, Triton 3.8): on sm_90a the dK/dV kernel
+# without the atomic dQ (the only kind there at head_dim 128) spills 8 B at 32 x 128 and 120 B at
+# 32 x 64 on 4 warps when it reads Q and dO through pointers, and 16 B and 8 B with packed sequences
+# (VARLEN: per-sequence offsets and lengths) through descriptors; on sm_80, (16, 64, 4, 1) spills 16 B
+# with the atomic dQ.
+_SM90_DKDV_SPILLS = {(32, 128, 8, 2), (32, 64, 4, 2)}
+_DKDV_VARIANT_SPILLS = {(90, False, False, False): _SM90_DKDV_SPILLS, (90, False, False, True): _SM90_DKDV_SPILLS,
+                        (90, True, False, True): _SM90_DKDV_SPILLS,
+                        (80, False, True, False): {(16, 64, 4, 1)}, (80, False, True, True): {(16, 64, 4, 1)}}
 
 
 def _tile(config: triton.Config) -> tuple[int, int, int, int]:
@@ -529,10 +541,11 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _attn_bwd_kv_inner(
     dk, dv, k, v, key_ok, offs_n, offs_d,
-    q_src, do_src, lse_base, delta_base, dq_base,
+    q_src, do_src, g, lse_base, delta_base, dq_base,
     lo, hi, q_len, offset, stride_q_s, stride_do_s, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TRANSPOSED: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """dK, dV of one key block over query blocks [lo, hi) of one query head; with ATOMIC_DQ also
     each block's share of dQ, added atomically to the fp32 accumulator at dq_base. MASKED applies
@@ -544,8 +557,8 @@ def _attn_bwd_kv_inner(
         in_q = offs_m < q_len
         q_tile = in_q[:, None] & (offs_d[None, :] < HEAD_DIM)
         if USE_TMA:
-            q = q_src.load([start_m, 0])
-            do = do_src.load([start_m, 0])
+            q = q_src.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = do_src.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         else:
             q = tl.load(q_src + offs_m[:, None] * stride_q_s + offs_d[None, :], mask=q_tile, other=0.0)
             do = tl.load(do_src + offs_m[:, None] * stride_do_s + offs_d[None, :], mask=q_tile, other=0.0)
@@ -567,8 +580,18 @@ def _attn_bwd_kv_inner(
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
         if ATOMIC_DQ:
             # The scale goes on the (keys x queries) dS tile before the cast, half the elements of the dQ tile.
-            dq = tl.dot(tl.trans((ds_t * sm_scale).to(k.dtype)), k)
-            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_tile, sem="relaxed")
+            ds_t = (ds_t * sm_scale).to(k.dtype)
+            if DQ_TRANSPOSED:
+                # dQᵀ = Kᵀ·dSᵀ, (head dim x queries): its rows are the head dimension, which the warpgroups
+                # split, so on sm_90a it is a wgmma; dQ = dS·K has BLOCK_M rows, fewer than 64 per
+                # warpgroup, and Triton 3.8 lowers it to mma.sync there (HMMA, with layout conversions).
+                dq_t = tl.dot(tl.trans(k), ds_t)
+                tl.atomic_add(dq_base + offs_m[None, :] * HEAD_DIM + offs_d[:, None], dq_t, mask=tl.trans(q_tile),
+                              sem="relaxed")
+            else:
+                # On sm_80 the transposed tile's atomics come out scalar (RED.E.ADD.F32, not F32x4).
+                dq = tl.dot(tl.trans(ds_t), k)
+                tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=q_tile, sem="relaxed")
     return dk, dv
 
 
@@ -596,8 +619,8 @@ def _attn_bwd_dkdv_kernel(
     sm_scale, qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DQ_TRANSPOSED: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one KV block, summed over all query blocks of the G query heads of its group; with
     ATOMIC_DQ, dQ too (five matrix products per block pair instead of seven with the dQ kernel).
@@ -643,22 +666,34 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # With USE_TMA, one rank-3 descriptor per input spans the group's G query heads (boxes of one
+    # head's BLOCK_M rows), made once: a descriptor per head, made inside the loop over heads, kept
+    # ~16 more scalars live across it and spilled them at 32 x 128 (Triton 3.8, sm_90a).
+    h0 = kv_h * group
+    q_head0 = q_ptr + sq * stride_q_b + q_start * stride_q_s + h0 * stride_q_h
+    do_head0 = do_ptr + sq * stride_do_b + q_start * stride_do_s + h0 * stride_do_h
+    if USE_TMA:
+        q_src = tl.make_tensor_descriptor(q_head0, shape=[group, q_len, HEAD_DIM], strides=[stride_q_h, stride_q_s, 1],
+                                          block_shape=[1, BLOCK_M, BLOCK_D])
+        do_src = tl.make_tensor_descriptor(do_head0, shape=[group, q_len, HEAD_DIM],
+                                           strides=[stride_do_h, stride_do_s, 1], block_shape=[1, BLOCK_M, BLOCK_D])
     for g in range(group):
-        h = kv_h * group + g
+        h = h0 + g
         row0 = (sq * kv_heads * group + h) * rows + q_start  # this head's first query row in lse, delta, dq_acc
-        q_src = _head_source(q_ptr + sq * stride_q_b + q_start * stride_q_s + h * stride_q_h, q_len, stride_q_s,
-                             HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-        do_src = _head_source(do_ptr + sq * stride_do_b + q_start * stride_do_s + h * stride_do_h, q_len, stride_do_s,
-                              HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+        if not USE_TMA:
+            q_src = q_head0 + g * stride_q_h
+            do_src = do_head0 + g * stride_do_h
         dq_base = dq_acc_ptr + row0 * HEAD_DIM
-        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, lse_ptr + row0,
+        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, g, lse_ptr + row0,
                                     delta_ptr + row0, dq_base, q_lo, q_full, q_len, offset,
                                     stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                    MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ, USE_TMA=USE_TMA)
-        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, lse_ptr + row0,
+                                    BLOCK_D=BLOCK_D, MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ,
+                                    DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA)
+        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, g, lse_ptr + row0,
                                     delta_ptr + row0, dq_base, q_full, q_end, q_len, offset,
                                     stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                    MASKED=False, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ, USE_TMA=USE_TMA)
+                                    BLOCK_D=BLOCK_D, MASKED=False, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ,
+                                    DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA)
 
     tl.store(dk_ptr + sk * stride_dk_b + k_start * stride_dk_s + kv_h * stride_dk_h + offs_n[:, None] * stride_dk_s
              + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_tile)
@@ -948,18 +983,30 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
 
 @on_tensor_device
 def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
-                  deterministic: bool = False, tma: bool | None = None, packed: Packed | None = None):
+                  deterministic: bool = False, tma: bool | None = None, packed: Packed | None = None,
+                  arch: int | None = None):
     """dq, dk, dv (each in its input's layout) from the output gradient ``do`` (unit stride along D).
 
     Default: dQ accumulates atomically in fp32 inside the dK/dV kernel (five matrix products per
     block pair; the order of the additions, and so the last bits of dQ, varies run to run).
     ``deterministic=True``: a separate dQ kernel recomputes P and dP (seven products), bit-for-bit
     reproducible. ``tma``: as for ``attention_fwd`` (Q and dO, or K and V, through tensor descriptors).
-    ``packed``: as for ``attention_fwd``.
+    ``packed``: as for ``attention_fwd``. ``arch``: the tile list and dQ scheme to choose, 90 (Hopper)
+    or 80 (any other GPU); default the device's, 80 on the CPU (the interpreter). The ahead-of-time
+    audit passes the architecture it compiles for; the tests pass 90 to run Hopper's scheme.
+
+    On Hopper the dK/dV kernel adds dQ atomically only for heads of at most 64: at head_dim 128 every
+    dK/dV tile whose products wgmma covers without duplicated work (128 keys on 8 warps, 64 on 4)
+    spills registers once it also holds the dQ tile (32 x 128 on 8 warps: 40-240 bytes, Triton 3.8,
+    2026-12-02), so there dQ comes from the dQ kernel in both modes (seven products, all on wgmma,
+    no atomics) and the atomic mode is deterministic too.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
+    if arch is None:
+        arch = _arch(q.device.index or 0) if q.is_cuda else 80
+    atomic_dq = not deterministic and not (arch == 90 and _block_d(head_dim) > 64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -981,15 +1028,15 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
         out, do, delta, q_heads, q_len, *_strides(out), *_strides(do),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows, num_warps=4,
     )
-    # (B, Hq, Sq, D) fp32, zeroed: the atomic dQ's accumulator (empty, never touched, when deterministic).
-    dq_acc = q.new_zeros((batch, q_heads, q_len, head_dim) if not deterministic else (0,), dtype=torch.float32)
+    # (B, Hq, Sq, D) fp32, zeroed: the atomic dQ's accumulator (empty, never touched, when the dQ kernel runs).
+    dq_acc = q.new_zeros((batch, q_heads, q_len, head_dim) if atomic_dq else (0,), dtype=torch.float32)
     _attn_bwd_dkdv_kernel[lambda m: grid_of(entries * kv_heads, cdiv(longest_k, m["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv, pad_arg, dq_acc, cu_q, cu_k,
         kv_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_pad,
-        softmax_scale, qk_scale, ATOMIC_DQ=not deterministic, **meta,
+        softmax_scale, qk_scale, ATOMIC_DQ=atomic_dq, DQ_TRANSPOSED=arch == 90, **meta,
     )
-    if not deterministic:
+    if atomic_dq:
         return dq.copy_(dq_acc), dk, dv
     _attn_bwd_dq_kernel[lambda m: grid_of(entries * q_heads, cdiv(longest_q, m["BLOCK_M"]))](
         q, k, v, do, lse, delta, dq, pad_arg, cu_q, cu_k,

@@ -141,7 +141,104 @@ def test_matrix_loop_instruction_mix():
         /*0090*/                   EXIT ;
 """
     (loop,) = matrix_loops(sass)
-    assert loop == dict(instructions=5, hgmma=1, ex2=1, ffma=1, fmul=0, fadd=0, select=1, compare=0, sync=0)
+    assert loop == dict(instructions=5, hgmma=1, ex2=1, ffma=1, fmul=0, fadd=0, select=1, compare=0, sync=0, hmma=0,
+                        bar=0, atomg=0, hgmma_shapes={"64x64x16": 1}, hgmma_flops=2 * 64 * 64 * 16, hmma_flops=0,
+                        inner=0)
+
+
+def test_work_multiple_counts_each_warpgroup():
+    """An outer loop holding an inner one: the inner loop issues two HGMMA.64x16x16 and one mma.sync
+    (HMMA.16816) per iteration, the outer one holds that body and two barriers. On 8 warps each
+    HGMMA runs once per warpgroup (two) and the HMMA once per warp (eight): 2·(2·2·64·16·16) +
+    8·(2·16·8·16) = 163,840 FLOPs, 2.5x an algorithm of 65,536 FLOPs per iteration; the outer loop's
+    multiple is over the one inner iteration its body holds, the same."""
+    from bench.audit import _work_multiples, matrix_loops
+
+    sass = """
+.L_x_0:
+        /*0000*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+.L_x_1:
+        /*0010*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0020*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0030*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0040*/                   ATOMG.E.ADD.F32x4.FTZ.RN.STRONG.GPU PT, RZ, [R2], R4 ;
+        /*0050*/              @!P1 BRA `(.L_x_1) ;
+        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0070*/              @!P2 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+"""
+    inner, outer = matrix_loops(sass)
+    assert (inner["hgmma"], inner["hmma"], inner["atomg"], inner["bar"], inner["inner"]) == (2, 1, 1, 0, 0)
+    assert inner["hgmma_shapes"] == {"64x16x16": 2} and outer["hgmma_shapes"] == {"64x16x16": 2}
+    assert (outer["bar"], outer["inner"]) == (2, 1)
+    _work_multiples([inner, outer], num_warps=8, algorithm=65536)
+    assert inner["matrix_work"] == 2 * (2 * 2 * 64 * 16 * 16) + 8 * (2 * 16 * 8 * 16) == 163840
+    assert inner["work_multiple"] == outer["work_multiple"] == 2.5
+    _work_multiples([inner], num_warps=4, algorithm=None)  # a kernel whose products the audit does not know
+    assert inner["work_multiple"] is None
+
+
+def _compile_backward(deterministic, arch=90, tile=None):
+    """The dK/dV kernel of the attention backward at Llama-3-8B shapes (head_dim 128), compiled for
+    sm_90a with ``tile`` (BLOCK_M, BLOCK_N, warps, stages), or each tile the kernel keeps when None."""
+    code = f"""
+import dataclasses, json, torch
+from bench.audit import Launch, capture_launches, compile_launch
+from llama_fast.kernels import attention
+q = torch.empty(1, 4096, 32, 128, dtype=torch.bfloat16).transpose(1, 2)
+k = torch.empty(1, 4096, 8, 128, dtype=torch.bfloat16).transpose(1, 2)
+lse = torch.empty(1, 32, 4096)
+with capture_launches({arch}) as launches:
+    attention.attention_bwd(q, q, k, k, q, lse, causal=True, softmax_scale=0.088, pad=None, tma=True,
+                            deterministic={deterministic}, arch={arch})
+launches = [l for l in launches if l.kernel.__name__ == "_attn_bwd_dkdv_kernel"]
+tile = {tile!r}
+if tile is not None:
+    m, n, w, s = tile
+    launches = [Launch(launches[0].kernel, dict(launches[0].args, BLOCK_M=m, BLOCK_N=n), w, s)]
+for launch in launches:
+    print(json.dumps(dataclasses.asdict(compile_launch("backward", launch, {arch}, "matrix"))))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_audit_fails_duplicated_work():
+    """The dK/dV tile the library used to run on Hopper, 32 queries x 64 keys on 8 warps: Sᵀ and dPᵀ
+    (64 rows) are laid out over both warpgroups (warpsPerCTA [8, 1]), which then compute the same
+    tile, so each iteration issues 1.5x the algorithm's four products (2.0x on those two). The audit
+    must call it a problem; every tile the kernel keeps now is at 1.0 with no mma.sync."""
+    (report,) = _compile_backward(True, tile=(32, 64, 8, 2))
+    multiples = [loop["work_multiple"] for loop in report["matrix_loops"]]
+    assert multiples and all(abs(m - 1.5) < 1e-3 for m in multiples), report["matrix_loops"]
+    assert any("duplicated work" in p for p in report["problems"]), report["problems"]
+    for kept in _compile_backward(True):
+        assert kept["hmma"] == 0 and not kept["problems"], kept
+        assert all(loop["work_multiple"] == 1.0 for loop in kept["matrix_loops"]), kept
+
+
+def test_audit_fails_mma_sync_on_hopper():
+    """dQ = dS·K with 16 to 64 query rows on 8 warps has fewer rows than wgmma's warpgroups take, and
+    Triton lowers it to mma.sync (HMMA) on sm_90a: the old atomic dQ at 32 x 64. The audit fails it."""
+    code = """
+import dataclasses, json, torch
+from bench.audit import Launch, capture_launches, compile_launch
+from llama_fast.kernels import attention
+q = torch.empty(1, 1024, 4, 128, dtype=torch.bfloat16).transpose(1, 2)
+lse = torch.empty(1, 4, 1024)
+with capture_launches(90) as launches:
+    attention.attention_bwd(q, q, q, q, q, lse, causal=True, softmax_scale=0.088, pad=None, tma=True, arch=80)
+(launch,) = [l for l in launches if l.kernel.__name__ == "_attn_bwd_dkdv_kernel"][:1]
+launch = Launch(launch.kernel, dict(launch.args, BLOCK_M=32, BLOCK_N=64), 8, 2)
+print(json.dumps(dataclasses.asdict(compile_launch("backward", launch, 90, "matrix"))))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["hmma"] > 0 and any("HMMA (mma.sync) on sm_90a" in p for p in report["problems"]), report
 
 
 def test_baseline_catches_a_regression(tmp_path):
