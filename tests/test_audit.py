@@ -181,6 +181,21 @@ def test_ex2_under_hgmma_counts_exponentials_under_a_wgmma():
     assert ex2_under_hgmma(sass) == [0, 3, 2]
 
 
+def test_forward_overlaps_softmax_and_matrix_products(full_audit):
+    """Issue 25: on sm_90a the attention forward's exponentials of one key block issue while a
+    wgmma of another is in flight, in both its loops and every autotuning tile up to head_dim 128
+    (the one-block-at-a-time loop read 0 on 2026-12-02); the baseline records the counts."""
+    _, reports = full_audit
+    forward = [r for r in reports if r["kernel"] == "_attn_fwd_kernel" and r["arch"] == 90]
+    assert forward and all(len(r["ex2_under_hgmma"]) == len(r["matrix_loops"]) == 2 for r in forward)
+    for r in forward:
+        for loop, under in zip(r["matrix_loops"], r["ex2_under_hgmma"]):
+            assert 2 * under >= loop["ex2"] > 0, r
+    baseline = json.loads((ROOT / "bench" / "audit_baseline.json").read_text())["kernels"]
+    recorded = [k for k, entry in baseline.items() if "ex2_under_hgmma" in entry]
+    assert recorded and all("attention" in k and "fwd" in k and "sm_90" in k for k in recorded), recorded
+
+
 def test_baseline_catches_a_regression(tmp_path):
     """check_baseline flags fewer HGMMA or TMA instructions, or a matrix loop grown by more than 5%,
     and skips the comparison under another Triton version, saying so."""
