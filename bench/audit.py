@@ -25,7 +25,8 @@ Run ``python -m bench audit``; it exits non-zero on a spill, on an attention ker
 TMA on sm_90a, with mma.sync (HMMA) on sm_90a or with a work multiple above 1.01, a memory-bound
 kernel without 128-bit loads, or a regression against the committed
 baseline (``bench/audit_baseline.json``, written by ``--update-baseline``): fewer HGMMA or TMA
-instructions than recorded, or more than 5% more instructions per iteration of a matrix loop.
+instructions than recorded, more than 5% more instructions per iteration of a matrix loop, or fewer
+exponentials issued under a matrix product (``ex2_under_hgmma``: the attention forward's overlap).
 The baseline is for one Triton version; under another the comparison is skipped and the audit says
 so (the instruction counts are the compiler's, and move with it). Must run without
 ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
@@ -90,6 +91,7 @@ class Report:
     matrix_loops: list = dataclasses.field(default_factory=list)  # instruction mix per HGMMA loop iteration
     hmma: int = 0  # mma.sync instructions in the whole kernel
     loop_flops: int | None = None  # the algorithm's matrix FLOPs per inner-loop iteration (loop_flops()), if known
+    ex2_under_hgmma: list = dataclasses.field(default_factory=list)  # per HGMMA loop iteration: EX2 under a wgmma
 
 
 # The instruction classes counted per loop iteration (SASS opcode prefixes): the work of a flash
@@ -188,6 +190,56 @@ def _work_multiples(loops: list[dict], num_warps: int, algorithm: int | None) ->
         loop["matrix_work"] = loop["hgmma_flops"] * max(1, num_warps // 4) + loop["hmma_flops"] * num_warps
         loop["work_multiple"] = (round(loop["matrix_work"] / (algorithm * max(1, loop["inner"])), 4)
                                  if algorithm else None)
+
+
+_DEPBAR = re.compile(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-f]+|\d+)")
+
+
+def _hgmma_loop_bodies(sass: str) -> Iterator[list[str]]:
+    """The instruction lines of one iteration of each loop that issues HGMMA, in program order: the
+    loops ``matrix_loops`` counts, found by the same rules."""
+    lines, labels = [], {}
+    for line in sass.splitlines():
+        if label := _LABEL.match(line):
+            labels[label.group(1)] = len(lines)
+        elif op := _INSTRUCTION.match(line):
+            lines.append((op.group(1), line))
+            branch = _BRANCH.search(line)
+            start = labels.get(branch.group(1)) if branch else None
+            if start is not None and start < len(lines) - 1:
+                body = lines[start:]
+                if any(o == "EXIT" for o, _ in body) or not any(o.startswith("HGMMA") for o, _ in body):
+                    continue
+                yield [text for _, text in body]
+
+
+def ex2_under_hgmma(sass: str) -> list[int]:
+    """Per iteration of each HGMMA loop (``matrix_loops`` order), how many MUFU.EX2 issue while a
+    wgmma group is in flight: after an HGMMA is issued and before the WARPGROUP.DEPBAR that waits
+    for its group. The number the softmax/matrix-product overlap of the attention forward is
+    judged by: 0 when the exponentials of a key block wait for its products and none are issued
+    under the next ones (each warpgroup runs wait, HGMMA, EX2, HGMMA in lockstep).
+
+    An HGMMA without ``gsb0`` opens a group (the tensor cores start on it at issue); the one with
+    ``gsb0`` commits it; ``WARPGROUP.DEPBAR.LE gsb0, N`` waits until at most N committed groups are
+    pending (groups complete in issue order). The body is walked twice and the second pass
+    counted, so that a group committed at the end of one iteration and waited for in the next
+    (the loop-carried P·V) counts as in flight at the top of the loop."""
+    counts = []
+    for body in _hgmma_loop_bodies(sass):
+        open_group, pending, under = False, 0, 0
+        for second_pass in (False, True):
+            for line in body:
+                op = _INSTRUCTION.match(line).group(1)
+                if op.startswith("HGMMA"):
+                    open_group = not re.search(r"\bgsb0\b", line)
+                    pending += not open_group
+                elif depbar := _DEPBAR.search(line):
+                    pending = min(pending, int(depbar.group(1), 0))
+                elif op.startswith("MUFU.EX2") and second_pass and (open_group or pending):
+                    under += 1
+        counts.append(under)
+    return counts
 
 
 def _bind(kernel, args, kwargs) -> dict:
@@ -365,7 +417,7 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
     tile = tuple(v for k, v in launch.args.items() if k.startswith("BLOCK_") and k not in ("BLOCK_D",))
     return Report(case, launch.kernel.__name__, arch, tile, launch.num_warps, launch.num_stages, registers, spill,
                   spill_ops, shared, _occupancy(arch, registers, shared, launch.num_warps), hgmma, utmaldg, ldg128,
-                  ldg_all - ldg128, problems, loops, hmma, algorithm)
+                  ldg_all - ldg128, problems, loops, hmma, algorithm, ex2_under_hgmma(sass))
 
 
 BASELINE = Path(__file__).with_name("audit_baseline.json")
@@ -377,7 +429,14 @@ def _key(r: Report) -> str:
 
 
 def _baseline_entry(r: Report) -> dict:
-    return dict(hgmma=r.hgmma, utmaldg=r.utmaldg, loop_instructions=[loop["instructions"] for loop in r.matrix_loops])
+    return dict(hgmma=r.hgmma, utmaldg=r.utmaldg, loop_instructions=[loop["instructions"] for loop in r.matrix_loops]) \
+        | _overlap_entry(r)
+
+
+def _overlap_entry(r: Report) -> dict:
+    """The baseline's record of EX2 issued under a wgmma per loop, for the kernels that have any (the
+    attention kernels on sm_90a): fewer than recorded is a regression of the softmax overlap."""
+    return {"ex2_under_hgmma": r.ex2_under_hgmma} if any(r.ex2_under_hgmma) else {}
 
 
 def write_baseline(reports: list[Report], path: Path = BASELINE) -> None:
@@ -408,6 +467,10 @@ def check_baseline(reports: list[Report], path: Path = BASELINE) -> str:
         for what in ("hgmma", "utmaldg"):
             if new[what] < old[what]:
                 r.problems.append(f"regression: {new[what]} {what.upper()} (baseline {old[what]})")
+        was_under = old.get("ex2_under_hgmma", [])
+        for i, (now, was) in enumerate(zip(new.get("ex2_under_hgmma") or [0] * len(was_under), was_under)):
+            if now < was:
+                r.problems.append(f"regression: matrix loop {i} issues {now} EX2 under a wgmma (baseline {was})")
         if len(new["loop_instructions"]) != len(old["loop_instructions"]):
             r.problems.append(f"regression: matrix loops {new['loop_instructions']} (baseline {old['loop_instructions']})")
             continue

@@ -41,7 +41,9 @@ P is recomputed from lse, never stored.
 On Hopper (sm_90), for 16-bit inputs aligned for it (``tma_ready``), the tiles that stream through
 the inner loops (K and V forward; Q and dO in dK/dV; K and V in dQ) come through per-head tensor
 descriptors, which Triton lowers to TMA bulk copies (UTMALDG) and pipelines; out-of-range rows and
-columns read as zeros. Elsewhere the same loops load through pointers with masks.
+columns read as zeros. Elsewhere the same loops load through pointers with masks. There the forward
+(up to head_dim 128) also runs its key loop software-pipelined by one block, so that the softmax of
+one block issues while the tensor cores multiply the previous one (``_fwd_block_loop_overlapped``).
 
 Decode (few query rows, long KV): split-KV flash-decoding. The G·Sq query rows of one KV head are
 packed into tiles of up to 64 rows, so K and V are read once per KV head and row tile, not once
@@ -251,56 +253,148 @@ def _head_source(base, rows, stride_s, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.co
 
 
 @triton.jit
+def _fwd_scores(q, k_src, start_n, offs_n, offs_d, kv_len, stride_k_s, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """q·k_jᵀ for the key block at start_n (unscaled). K comes from a tensor descriptor (USE_TMA:
+    Hopper's bulk copies, rows past kv_len read as zeros) or from a pointer to the head."""
+    if USE_TMA:
+        k = k_src.load([start_n, 0])
+    else:
+        cols = start_n + offs_n
+        kv_tile = (cols < kv_len)[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_src + cols[:, None] * stride_k_s + offs_d[None, :], mask=kv_tile, other=0.0)
+    return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _fwd_values(v_src, start_n, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """The V block at start_n, read as ``_fwd_scores`` reads K."""
+    if USE_TMA:
+        return v_src.load([start_n, 0])
+    else:
+        cols = start_n + offs_n
+        kv_tile = (cols < kv_len)[:, None] & (offs_d[None, :] < HEAD_DIM)
+        return tl.load(v_src + cols[:, None] * stride_v_s + offs_d[None, :], mask=kv_tile, other=0.0)
+
+
+@triton.jit
+def _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len, qk_scale,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """One online-softmax step on the scores of the key block at start_n: (p, alpha, m_new, l_new)
+    with p = 2^(s2·qk − m_new), alpha = 2^(m_old − m_new) the factor that brings the accumulator to
+    the new max, l_new = alpha·l + Σ_j p. MASKED adds the bounds and causal masks; blocks wholly
+    below the diagonal and inside Skv skip them.
+
+    The scale is applied inside the exponent, 2^(s2·qk − m), one FFMA per score, with m the running
+    maximum of s2·qk (taken on the unscaled scores: s2 > 0, checked by the caller)."""
+    cols = start_n + offs_n
+    if MASKED:
+        visible = (cols < kv_len)[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        qk = tl.where(visible, qk, float("-inf"))
+    if HAS_PAD:
+        real = tl.load(pad_base + cols, mask=cols < kv_len, other=0) != 0
+        qk = tl.where(real[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if MASKED or HAS_PAD:
+        # A row with no visible key yet has m = −∞: subtract 0 instead so 2^(−∞ − m) stays 0, not NaN.
+        # Unmasked blocks without padding show every row at least one finite score.
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    p = tl.math.exp2(qk * qk_scale - m_new_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _fwd_block_loop(
     acc, l_i, m_i, q, k_src, v_src, pad_base,
     lo, hi, offs_m, offs_d, offset, kv_len, stride_k_s, stride_v_s, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """Online softmax over key blocks [lo, hi). MASKED adds the bounds and causal masks; blocks
-    wholly below the diagonal and inside Skv skip them. K and V come from tensor descriptors
-    (USE_TMA: Hopper's bulk copies, rows past kv_len read as zeros) or from pointers to the head.
-
-    Not warp-specialized: ``tl.range(..., warp_specialize=True)`` on this loop fails to compile for
-    sm_90a in Triton 3.8 (the NVGPUWarpSpecialization pass aborts, tried 2026-11-30); Triton's
-    software pipelining overlaps the descriptor loads with the matrix work instead.
-
-    The scale is applied inside the exponent, 2^(s2·qk − m), one FFMA per score, with m the running
-    maximum of s2·qk (taken on the unscaled scores: s2 > 0, checked by the caller)."""
+    """Online softmax over key blocks [lo, hi), one block after the other: scores, softmax, P·V.
+    The decode kernel's loop, and the forward's where it does not overlap (OVERLAP in ``_attn_fwd_kernel``)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        in_kv = cols < kv_len
-        if USE_TMA:
-            k = k_src.load([start_n, 0])
-        else:
-            kv_tile = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_src + cols[:, None] * stride_k_s + offs_d[None, :], mask=kv_tile, other=0.0)
-        qk = tl.dot(q, tl.trans(k))
-        if MASKED:
-            visible = in_kv[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
-            qk = tl.where(visible, qk, float("-inf"))
-        if HAS_PAD:
-            real = tl.load(pad_base + cols, mask=in_kv, other=0) != 0
-            qk = tl.where(real[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if MASKED or HAS_PAD:
-            # A row with no visible key yet has m = −∞: subtract 0 instead so 2^(−∞ − m) stays 0, not NaN.
-            # Unmasked blocks without padding show every row at least one finite score.
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new_safe = m_new
-        alpha = tl.math.exp2(m_i - m_new_safe)
-        p = tl.math.exp2(qk * qk_scale - m_new_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_TMA:
-            v = v_src.load([start_n, 0])
-        else:
-            v = tl.load(v_src + cols[:, None] * stride_v_s + offs_d[None, :], mask=kv_tile, other=0.0)
+        qk = _fwd_scores(q, k_src, start_n, offs_n, offs_d, kv_len, stride_k_s, HEAD_DIM, USE_TMA)
+        p, alpha, m_i, l_i = _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len,
+                                          qk_scale, MASKED, CAUSAL, HAS_PAD)
+        v = _fwd_values(v_src, start_n, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_block_loop_overlapped(
+    acc, l_i, m_i, q, k_src, v_src, pad_base,
+    lo, hi, offs_m, offs_d, offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """The online softmax of ``_fwd_block_loop`` over key blocks [lo, hi), software-pipelined by one
+    block so that the exponentials of one block issue while the tensor cores multiply another (the
+    "intra-warpgroup" overlap of FlashAttention-3). The iteration for block j issues S_j = q·k_jᵀ and
+    waits for it, issues acc·alpha_{j−1} + P_{j−1}·V_{j−1}, and only then computes the softmax of
+    S_j: Triton leaves that product in flight (its result is next read after the following
+    iteration's wait, which wgmma's in-order completion makes wait for it too), so the MUFU.EX2 work
+    runs under it. The first block's scores and softmax come before the loop, the last block's P·V
+    after it. Where the one-block-at-a-time loop waits for S_j right after issuing P_{j−1}·V_{j−1},
+    wait → HGMMA → EX2 → HGMMA in lockstep, with no EX2 under a product (``python -m bench audit``,
+    ``ex2_under_hgmma``: 0 before, every EX2 of the 128 x 128 tile after, 2026-12-02, Triton 3.8/3.6).
+
+    The loop sits in an ``if`` of its own: the wait Triton puts after it holds the shared-memory
+    operands of every product the loop's inputs came from, and with the first block's scores in
+    the same block that kept their K buffer alive through the loop (164,864 -> 197,632 B at
+    128 x 128, head_dim 128); a one-block range (the causal diagonal) also skips the loop set-up.
+
+    The accumulator is rescaled every block. FlashAttention-4's lazy rescale (move a row's max
+    only when it grows by more than log2 256 = 8, exact since the final normalisation divides by
+    a sum taken against the same stale max) needs a branch uniform over the tile, which Triton
+    gives only through a block-wide max and a barrier: at 128 x 128, head_dim 128, it made the loop
+    516 instructions (490 without), 2 more barriers per iteration and 62 of 66 EX2 under a product;
+    a skipped rescale saves its 64 FMUL, so an iteration without one runs about 452, and at 128 x 64
+    nothing is saved (363 against 334, less 32 FMUL). Not kept (2026-12-02).
+
+    Not warp-specialized: ``tl.range(..., warp_specialize=True)`` on the one-block loop aborted in
+    Triton 3.8's NVGPUWarpSpecialization pass on 2026-11-30, compiled to the same SASS as without
+    it on 2026-12-02, and still aborts there in Triton 3.6 (the lent H200's) for the (64, 64) tile."""
+    offs_n = tl.arange(0, BLOCK_N)
+    if lo < hi:
+        qk = _fwd_scores(q, k_src, lo, offs_n, offs_d, kv_len, stride_k_s, HEAD_DIM, USE_TMA)
+        p, alpha, m_i, l_i = _fwd_softmax(qk, m_i, l_i, pad_base, lo, offs_n, offs_m, offset, kv_len,
+                                          qk_scale, MASKED, CAUSAL, HAS_PAD)
+        if lo + BLOCK_N < hi:
+            for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
+                qk = _fwd_scores(q, k_src, start_n, offs_n, offs_d, kv_len, stride_k_s, HEAD_DIM, USE_TMA)
+                v = _fwd_values(v_src, start_n - BLOCK_N, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM, USE_TMA)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+                p, alpha, m_i, l_i = _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len,
+                                                  qk_scale, MASKED, CAUSAL, HAS_PAD)
+        acc = acc * alpha[:, None]
+        last = lo + (hi - lo - 1) // BLOCK_N * BLOCK_N
+        v = _fwd_values(v_src, last, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM, USE_TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q, k_src, v_src, pad_base,
+    lo, hi, offs_m, offs_d, offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, OVERLAP: tl.constexpr,
+):
+    """Key blocks [lo, hi) through ``_fwd_block_loop_overlapped`` (OVERLAP) or ``_fwd_block_loop``."""
+    if OVERLAP:
+        acc, l_i, m_i = _fwd_block_loop_overlapped(acc, l_i, m_i, q, k_src, v_src, pad_base, lo, hi, offs_m, offs_d,
+                                                   offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+                                                   HEAD_DIM, BLOCK_N, MASKED, CAUSAL, HAS_PAD, USE_TMA)
+    else:
+        acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_src, v_src, pad_base, lo, hi, offs_m, offs_d,
+                                        offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+                                        HEAD_DIM, BLOCK_N, MASKED, CAUSAL, HAS_PAD, USE_TMA)
     return acc, l_i, m_i
 
 
@@ -406,12 +500,18 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_src, v_src, pad_base, 0, full, offs_m, offs_d,
-                                    offset, kv_len, stride_k_s, stride_v_s, qk_scale,
-                                    HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_PAD, USE_TMA)
-    acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_src, v_src, pad_base, full, hi, offs_m, offs_d,
-                                    offset, kv_len, stride_k_s, stride_v_s, qk_scale,
-                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA)
+    # The overlapped loop pays where wgmma is asynchronous (sm_90a: the TMA path) and fits there up to
+    # head_dim 128. Elsewhere it only costs registers (it holds a block's scores beside the previous
+    # block's probabilities): on sm_80 the (128, 64) tile spilled 24 B at head_dim 128, on sm_90a the
+    # (64, 64) tile 16 B at head_dim 256, and fp32's (128, 128) 24 B at head_dim 64 with no EX2 under
+    # its products (2026-12-02, triton 3.8).
+    OVERLAP: tl.constexpr = USE_TMA and BLOCK_D <= 128
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_src, v_src, pad_base, 0, full, offs_m, offs_d,
+                                offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+                                HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_PAD, USE_TMA, OVERLAP)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_src, v_src, pad_base, full, hi, offs_m, offs_d,
+                                offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+                                HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA, OVERLAP)
     out, lse = _finish_rows(acc, l_i, m_i)
     tl.store(o_ptr + sq * stride_o_b + q_start * stride_o_s + h * stride_o_h + offs_m[:, None] * stride_o_s
              + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=tile)

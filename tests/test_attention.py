@@ -171,6 +171,54 @@ def test_forward_through_tensor_descriptors(device, dtype, heads, q_len, kv_len,
     torch.testing.assert_close(out, plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads,q_len,kv_len,causal,head_dim,padded,trend", [
+    (GQA, 50, 50, True, 64, False, 0),  # three unmasked key blocks (16 x 16 tiles here), then a masked one
+    (MQA, 16, 80, True, 64, False, 0),  # after a cache: four unmasked blocks, one masked
+    (MHA, 33, 33, False, 48, False, 0),  # two unmasked blocks, then a partial one; head_dim < BLOCK_D
+    (GQA, 20, 27, True, 64, True, 0),  # no unmasked block, two masked ones; padding
+    (GQA, 20, 9, True, 64, False, 0),  # q_len > kv_len: the first rows see no key
+    (MHA, 40, 40, True, 64, True, 0),
+    (GQA, 20, 70, True, 64, False, 1),  # scores that grow along the keys: the max rises every block
+    (GQA, 20, 70, False, 64, False, -1),  # and that fall: the first block holds it
+], ids=lambda x: str(x))
+def test_forward_overlapped_loop(device, dtype, heads, q_len, kv_len, causal, head_dim, padded, trend):
+    """The Hopper forward's software-pipelined loop (through tensor descriptors: one block's P·V issued
+    before the next block's softmax; the first block's scores before the loop, the last P·V after
+    it) over every way a row's key range splits into unmasked and masked blocks: it must match the
+    reference by the error-ratio rule and the one-block-at-a-time loop of the pointer path (in the
+    interpreter bit for bit: the same operations in the same order). ``trend`` adds keys whose scores rise (or
+    fall) by about 17 (base 2) per 16-key block, so the running max and the rescale of the
+    accumulator are exercised."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        pytest.skip("tensor descriptors need sm_90")
+    q, k, v = _qkv(device, 2, *heads, q_len, kv_len, head_dim, layout="bshd")
+    if trend:
+        direction = torch.ones(head_dim, device=device) / head_dim ** 0.5
+        q = q + 4 * direction
+        k = k + trend * 1.5 * torch.arange(kv_len, device=device)[:, None] * direction
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    assert kernel.tma_ready(q, k, v)
+    mask = None
+    if padded:
+        mask = torch.ones(2, kv_len, dtype=torch.bool, device=device)
+        mask[1, : kv_len // 3] = False
+    pad = None if mask is None else mask.view(torch.uint8)
+    run = dict(causal=causal, softmax_scale=0.125, pad=pad, splits=0)
+    out, lse = kernel.attention_fwd(q, k, v, tma=True, **run)
+    plain, plain_lse = kernel.attention_fwd(q, k, v, tma=False, **run)
+    eager = references.attention(q, k, v, causal=causal, softmax_scale=0.125, key_padding_mask=mask)
+    ref = references.attention(q.double(), k.double(), v.double(), causal=causal, softmax_scale=0.125,
+                               key_padding_mask=mask)
+    assert_error_ratio(out, eager, ref, name="overlapped forward", floor_scale=4 * heads[0] // heads[1] * 8)
+    if device.type == "cpu":  # the interpreter runs both loops' operations in the same order
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+        torch.testing.assert_close(lse, plain_lse, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(out, plain)
+        torch.testing.assert_close(lse, plain_lse)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("heads,q_len,kv_len,head_dim,padded", [
     (GQA, 65, 65, 64, False), (MQA, 7, 40, 48, True), (MHA, 33, 20, 64, True),

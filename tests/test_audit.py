@@ -241,6 +241,71 @@ print(json.dumps(dataclasses.asdict(compile_launch("backward", launch, 90, "matr
     assert report["hmma"] > 0 and any("HMMA (mma.sync) on sm_90a" in p for p in report["problems"]), report
 
 
+def test_ex2_under_hgmma_counts_exponentials_under_a_wgmma():
+    """ex2_under_hgmma counts, per iteration of each HGMMA loop, the MUFU.EX2 issued between an HGMMA and
+    the WARPGROUP.DEPBAR that waits for its group: none in the lockstep order (wait for S, then the
+    exponentials, then P·V waited for before the next iteration), all in the overlapped one (P·V
+    issued, exponentials, then the wait), and those after a group committed at the end of an
+    iteration and waited for at the top of the next (the loop-carried P·V)."""
+    from bench.audit import ex2_under_hgmma, matrix_loops
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0050*/                   MUFU.EX2 R6, R2 ;
+        /*0060*/                   MUFU.EX2 R7, R3 ;
+        /*0070*/                   WARPGROUP.ARRIVE ;
+        /*0080*/                   HGMMA.64x128x16.F32.BF16 R88, R152, gdesc[UR12].tnspB, R88, gsb0 ;
+        /*0090*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00a0*/              @!P1 BRA `(.L_x_0) ;
+.L_x_1:
+        /*00b0*/                   WARPGROUP.ARRIVE ;
+        /*00c0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0 ;
+        /*00d0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00e0*/                   MUFU.EX2 R9, R2 ;
+        /*00f0*/                   WARPGROUP.ARRIVE ;
+        /*0100*/                   HGMMA.64x128x16.F32.BF16 R88, R152, gdesc[UR12].tnspB, R88 ;
+        /*0110*/                   MUFU.EX2 R6, R2 ;
+        /*0120*/                   HGMMA.64x128x16.F32.BF16 R88, R156, gdesc[UR16].tnspB, R88, gsb0 ;
+        /*0130*/                   MUFU.EX2 R7, R3 ;
+        /*0140*/                   MUFU.EX2 R8, R4 ;
+        /*0150*/               @P2 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0160*/                   WARPGROUP.ARRIVE ;
+        /*0170*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0 ;
+        /*0180*/                   MUFU.EX2 R6, R2 ;
+        /*0190*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*01a0*/                   MUFU.EX2 R7, R3 ;
+        /*01b0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*01c0*/                   MUFU.EX2 R8, R3 ;
+        /*01d0*/               @P2 BRA `(.L_x_2) ;
+        /*01e0*/                   EXIT ;
+"""
+    assert [loop["ex2"] for loop in matrix_loops(sass)] == [2, 4, 3]
+    # loop 1: R9's EX2 follows the wait that also retires the previous iteration's P·V; the other
+    # three issue under this iteration's. Loop 2: one group in flight until DEPBAR 0x1 leaves it pending.
+    assert ex2_under_hgmma(sass) == [0, 3, 2]
+
+
+def test_forward_overlaps_softmax_and_matrix_products(full_audit):
+    """Issue 25: on sm_90a the attention forward's exponentials of one key block issue while a
+    wgmma of another is in flight, in both its loops and every autotuning tile up to head_dim 128
+    (the one-block-at-a-time loop read 0 on 2026-12-02); the baseline records the counts."""
+    _, reports = full_audit
+    forward = [r for r in reports if r["kernel"] == "_attn_fwd_kernel" and r["arch"] == 90]
+    assert forward and all(len(r["ex2_under_hgmma"]) == len(r["matrix_loops"]) == 2 for r in forward)
+    for r in forward:
+        for loop, under in zip(r["matrix_loops"], r["ex2_under_hgmma"]):
+            assert 2 * under >= loop["ex2"] > 0, r
+    baseline = json.loads((ROOT / "bench" / "audit_baseline.json").read_text())["kernels"]
+    recorded = [k for k, entry in baseline.items() if "ex2_under_hgmma" in entry]
+    assert recorded and all("attention" in k and "fwd" in k and "sm_90" in k for k in recorded), recorded
+
+
 def test_baseline_catches_a_regression(tmp_path):
     """check_baseline flags fewer HGMMA or TMA instructions, or a matrix loop grown by more than 5%,
     and skips the comparison under another Triton version, saying so."""
@@ -266,3 +331,24 @@ def test_baseline_catches_a_regression(tmp_path):
     assert check_baseline([skipped], path) == (f"baseline recorded with triton 0.0.1, this is {triton.__version__}: "
                                                "instruction counts not compared")
     assert skipped.problems == []
+
+
+def test_baseline_catches_a_lost_overlap(tmp_path):
+    """The baseline records ex2_under_hgmma only for kernels that have any, and check_baseline flags
+    a loop that issues fewer exponentials under a wgmma than recorded (or none at all)."""
+    from bench.audit import Report, check_baseline, write_baseline
+
+    def report(kernel="_attn_fwd_kernel", under=(66, 66)):
+        return Report("llama3-8b attention fwd", kernel, 90, (128, 128), 8, 2, 255, 0, 0, 164864, 0.125,
+                      32, 9, 0, 0, [], [dict(instructions=490), dict(instructions=721)],
+                      ex2_under_hgmma=list(under))
+
+    path = tmp_path / "baseline.json"
+    write_baseline([report(), report(kernel="_attn_bwd_dq_kernel", under=(0, 0))], path)
+    entries = json.loads(path.read_text())["kernels"]
+    assert [("ex2_under_hgmma" in e) for e in entries.values()] == [True, False]
+    same, fewer, none = report(), report(under=(66, 40)), report(under=())
+    check_baseline([same, fewer, none], path)
+    assert same.problems == []
+    assert fewer.problems == ["regression: matrix loop 1 issues 40 EX2 under a wgmma (baseline 66)"]
+    assert none.problems == [f"regression: matrix loop {i} issues 0 EX2 under a wgmma (baseline 66)" for i in (0, 1)]
