@@ -106,8 +106,8 @@ def _validate(model: torch.nn.Module, options: dict) -> None:
                              "flash attention kernel; set config.attention_dropout = 0, call model.eval(), or pass "
                              "attention=False")
         head_dim = layers[0].self_attn.head_dim
-        if head_dim % 16 or head_dim > 256:
-            raise ValueError(f"llama_fast.patch: head_dim {head_dim} is not supported by the attention kernel "
+        if (head_dim % 16 or head_dim > 256) and _attention_runs_triton(model):
+            raise ValueError(f"llama_fast.patch: head_dim {head_dim} is not supported by the Triton attention kernel "
                              "(a multiple of 16 up to 256); pass attention=False")
         if not getattr(config, "is_causal", True):
             raise ValueError("llama_fast.patch: the model is configured for bidirectional attention "
@@ -134,6 +134,22 @@ def _validate(model: torch.nn.Module, options: dict) -> None:
     if unsupported:
         raise ValueError(f"llama_fast.patch: parameters of dtype {sorted(map(str, unsupported))} are not supported "
                          "(float32, float16, bfloat16)")
+
+
+def _attention_runs_triton(model: torch.nn.Module) -> bool:
+    """Whether attention would run the Triton kernel where the model's parameters are (a GPU, or the
+    CPU under Triton's interpreter); elsewhere it runs the eager reference, which takes any head_dim.
+    A model moved to a GPU after patch() with such a head_dim is refused by the op when it runs."""
+    from .backend import backend_on
+
+    def triton_on(device) -> bool:
+        try:
+            return backend_on(device, extension_op=False) == "triton"
+        except ValueError:  # a device llama_fast has no backend for: its ops will say so when they run
+            return True
+
+    devices = {p.device for p in model.parameters()} - {torch.device("meta")}
+    return not devices or any(triton_on(d) for d in devices)
 
 
 def _check_backend_serves(model: torch.nn.Module, backend: str) -> None:
