@@ -94,6 +94,9 @@ def _interpret_triton(argv: list[str]) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "llama_fast", *argv])
 
 
+ERROR_PREFIX = "llama_fast: error: "
+
+
 def _error_line(exc: BaseException) -> str:
     """An exception as the one line the CLI prints: its message for the errors llama_fast and
     transformers raise on purpose (bad input, a missing file, an unsupported model), with its type
@@ -120,9 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         print(f"{ERROR_PREFIX}{_error_line(exc)}", file=sys.stderr)
         return 1
-
-
-ERROR_PREFIX = "llama_fast: error: "
 
 
 def _cache_command(clear: bool) -> int:

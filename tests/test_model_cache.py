@@ -110,6 +110,19 @@ def test_writing_a_copy_removes_old_style_copies_and_keeps_other_versions_and_st
     assert _folders(cache) == [stranger.name]  # what is not ours stays, whatever the cache folder is
 
 
+def test_loading_an_existing_copy_removes_old_style_copies_too(fake):
+    """An older llama_fast in another environment may have left a copy keyed on the file's mtime
+    after this one's copy was written: loading the current copy removes it."""
+    gguf, cache, conversions, _ = fake
+    demo._load_bundled(torch.float32)
+    (current,) = _folders(cache)
+    stem = os.path.splitext(demo.DEFAULT_GGUF)[0]
+    legacy = cache / f"{stem}-{os.path.getsize(gguf)}-1796220372814019289-transformers5.24.0"
+    legacy.mkdir()
+    assert demo._load_bundled(torch.float32) == ("copy", str(cache / current))
+    assert len(conversions) == 1 and _folders(cache) == [current]
+
+
 def test_file_key_of_a_small_file(tmp_path):
     small = tmp_path / "small.gguf"
     small.write_bytes(b"GGUF" + bytes(100))
