@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m llama_fast",
         description="llama_fast demonstrations. With no command: chat, the default model answering a prompt with "
                     "and without llama_fast.")
-    sub = parser.add_subparsers(dest="command", metavar="{chat,ops,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{chat,ops,train,cache}")
     chat = sub.add_parser("chat", help="(default) a real model answers a prompt, patched and eager, side by side",
                           description="A real model answers a prompt with transformers' own code and with "
                                       "llama_fast.patch, greedy; both answers, the largest logit difference, "
@@ -57,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="train unpatched, then patched, from the same seed and data; figures side by side")
     train.add_argument("--out", metavar="DIR", help="write DIR/train.json (per-step losses, figures) and "
                                                     "DIR/loss.png (the loss curves)")
+    cache = sub.add_parser("cache", help="list (or --clear) the converted copies of the default model",
+                           description="The default model's GGUF file converted once by transformers is kept under "
+                                       "$LLAMA_FAST_CACHE, else $XDG_CACHE_HOME/llama_fast, else ~/.cache/llama_fast: "
+                                       "one copy per model file (by content) and transformers version. Lists "
+                                       "them, with their size and the one this installation loads.")
+    cache.add_argument("--clear", action="store_true", help="remove every copy (the next run converts again)")
+    for p in (parser, chat, ops, train, cache):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the traceback rather than one line")
     for p in (parser, chat, ops, train):
         p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=argparse.SUPPRESS,
                        help="default: bfloat16 on a GPU, float32 on a CPU")
@@ -85,11 +94,67 @@ def _interpret_triton(argv: list[str]) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "llama_fast", *argv])
 
 
+ERROR_PREFIX = "llama_fast: error: "
+
+
+def _error_line(exc: BaseException) -> str:
+    """An exception as the one line the CLI prints: its message for the errors llama_fast and
+    transformers raise on purpose (bad input, a missing file, an unsupported model), with its type
+    and a pointer to --debug for anything else."""
+    lines = str(exc).strip().splitlines()
+    message = lines[0].removeprefix("llama_fast: ") if lines else ""
+    if isinstance(exc, (ValueError, TypeError, OSError, NotImplementedError)) and message:
+        return message
+    return f"{type(exc).__name__}: {message} (--debug shows the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "debug", False):
+        return _run(parser, args, argv)
+    try:
+        return _run(parser, args, argv)
+    except KeyboardInterrupt:
+        print(f"\n{ERROR_PREFIX}interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; --debug raises it with its traceback
+        sys.stdout.flush()
+        print(f"{ERROR_PREFIX}{_error_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _cache_command(clear: bool) -> int:
+    from . import demo
+
+    copies = demo.clear_cache() if clear else demo.cached_copies()
+    root = demo.cache_root()
+    if not copies:
+        print(f"no converted copies under {root}")
+        return 0
+    try:
+        current = demo._converted_cache(os.path.join(demo.default_model_dir(), demo.DEFAULT_GGUF))[0]
+    except FileNotFoundError:
+        current = None
+    print(f"{'removed' if clear else 'converted copies'} under {root}:")
+    for c in copies:
+        record = c["record"]
+        what = (f"transformers {record.get('transformers')}, written {record.get('written', '?')}" if record
+                else "unfinished" if os.path.basename(c["path"]).startswith(".converting-")
+                else "from an older llama_fast")
+        mark = "  <- this installation loads it" if c["path"] == current and not clear else ""
+        print(f"  {os.path.basename(c['path'])}  {c['bytes'] / 1e6:,.0f} MB  ({what}){mark}")
+    total = sum(c["bytes"] for c in copies) / 1e6
+    print(f"{'freed' if clear else 'total'}: {total:,.0f} MB" + ("" if clear else "; `python -m llama_fast cache "
+                                                                "--clear` removes them (the next run converts again)"))
+    return 0
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     command = args.command or "chat"
+    if command == "cache":
+        return _cache_command(args.clear)
     if command == "train" and args.fused_loss and args.no_patch:
         args.subparser.error("--fused-loss is llama_fast's fused loss: it cannot go with --no-patch")
     backend = getattr(args, "backend", None)
@@ -110,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             backend_on(device, backend)
         except ValueError as exc:
             where = "this machine has no GPU" if device.type == "cpu" else f"on {torch.cuda.get_device_name(device)}"
-            parser.exit(2, f"{parser.prog}: error: --backend {backend} cannot run here ({where}): "
+            parser.exit(2, f"{ERROR_PREFIX}--backend {backend} cannot run here ({where}): "
                            f"{str(exc).removeprefix('llama_fast: ')}\n")
     if command == "train":
         from . import train

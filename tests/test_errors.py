@@ -106,3 +106,24 @@ def test_rope_bad_input_is_named():
         rope(q, k, cos.to("meta"), sin)
     with pytest.raises(ValueError, match="gradients with respect to cos and sin"):
         rope(q, k, cos.requires_grad_(), sin)
+
+
+@pytest.mark.parametrize("head_dim", [8, 40, 72, 320])
+def test_reference_attention_takes_any_head_dim_and_triton_names_its_limit(monkeypatch, head_dim):
+    """A head_dim the Triton kernel cannot tile (not a multiple of 16, or over 256) runs on the CPU,
+    where attention is the eager reference; asking for Triton names the limit."""
+    from llama_fast import references
+
+    q, k, v = torch.randn(2, 4, 5, head_dim), torch.randn(2, 2, 5, head_dim), torch.randn(2, 2, 5, head_dim)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert torch.equal(ops.flash_attention(q, k, v), references.attention(q, k, v))
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]  # (5, heads, head_dim)
+    assert torch.equal(ops.flash_attention_varlen(*packed, cu, cu, 3, 3),
+                       references.attention_varlen(*packed, cu, cu))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match=rf"the Triton kernel needs a head_dim that is a multiple of 16 between 16 "
+                                         rf"and 256, got {head_dim}"):
+        ops.flash_attention(q, k, v)
+    with pytest.raises(ValueError, match=rf"flash_attention_varlen: the Triton kernel needs a head_dim .* {head_dim}"):
+        ops.flash_attention_varlen(*packed, cu, cu, 3, 3)

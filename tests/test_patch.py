@@ -274,3 +274,74 @@ def test_unknown_attention_keywords_are_refused_not_ignored():
         expected = model(input_ids=ids).logits
         normalised = model(input_ids=ids, num_items_in_batch=torch.tensor(5, device=DEVICE)).logits
     assert torch.equal(expected, normalised)
+
+
+def _count_reference_attention():
+    return mock.patch.object(llama_fast.references, "attention", wraps=llama_fast.references.attention)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path without Triton's interpreter")
+def test_cpu_attention_without_padding_is_transformers_sdpa_call(monkeypatch):
+    """On a CPU without the interpreter, a patched model's attention with no key padded (prefill of an
+    unpadded batch, decode steps, an all-ones attention_mask as generate() passes) makes the call
+    transformers' own "sdpa" attention makes: attention alone patched, logits are bit-identical to
+    the unpatched model's, and the reference's explicit score matrix is not built."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base = tiny_model()
+    patched = llama_fast.patch(clone(base), rms_norm=False, rope=False, swiglu=False)
+    ids = tokens(2, 9)
+    with torch.no_grad(), _count_reference_attention() as reference:
+        assert torch.equal(patched(input_ids=ids).logits, base(input_ids=ids).logits)
+        ones = torch.ones_like(ids)
+        assert torch.equal(patched(input_ids=ids, attention_mask=ones).logits,
+                           base(input_ids=ids, attention_mask=ones).logits)
+        got = patched.generate(input_ids=ids, attention_mask=ones, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                               output_logits=True, return_dict_in_generate=True)
+        want = base.generate(input_ids=ids, attention_mask=ones, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    assert reference.call_count == 0
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path without Triton's interpreter")
+def test_cpu_attention_with_padding_or_a_partial_query_block_runs_the_reference(monkeypatch):
+    """Padding, and queries fewer than the keys but more than one (SDPA's is_causal is top-left
+    aligned, ours bottom-right), go to the reference: a left-padded batch still gives each prompt's
+    tokens, and a two-token step over a cache matches the unpatched model."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base = tiny_model()
+    patched = llama_fast.patch(clone(base))
+    short, long = tokens(1, 4, seed=3)[0], tokens(1, 9, seed=4)[0]
+    ids = torch.stack([torch.cat([torch.zeros(5, dtype=torch.long, device=DEVICE), short]), long])
+    mask = (torch.arange(9, device=DEVICE) >= torch.tensor([[5], [0]], device=DEVICE)).long()
+    with torch.no_grad(), _count_reference_attention() as reference:
+        batch = _generate(patched, ids, attention_mask=mask, new=6)[:, 9:]
+        assert reference.call_count > 0
+        for row, prompt in enumerate((short, long)):
+            assert torch.equal(batch[row:row + 1], _generate(base, prompt[None], new=6)[:, len(prompt):])
+        reference.reset_mock()
+        from transformers import DynamicCache
+
+        caches = {}
+        for name, model in (("patched", patched), ("eager", base)):
+            caches[name] = DynamicCache(config=model.config)
+            model(input_ids=long[None, :7], past_key_values=caches[name], use_cache=True)
+        step = {name: model(input_ids=long[None, 7:], past_key_values=caches[name], use_cache=True).logits
+                for name, model in (("patched", patched), ("eager", base))}
+        assert reference.call_count == 2  # one per layer, for the two-token step
+    torch.testing.assert_close(step["patched"], step["eager"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path without Triton's interpreter")
+def test_cpu_attention_takes_any_head_dim(monkeypatch):
+    """The Triton kernel's head_dim limit (a multiple of 16) does not apply where attention runs the
+    eager reference: a model with head_dim 24 is patched on a CPU without the interpreter and generates
+    what the unpatched model does; under the interpreter (Triton) it is refused, by name."""
+    base = tiny_model(head_dim=24, hidden_size=96)
+    with pytest.raises(ValueError, match="head_dim 24 is not supported by the Triton attention kernel"):
+        llama_fast.patch(clone(base))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    patched = llama_fast.patch(clone(base))
+    ids = tokens(2, 7)
+    assert torch.equal(_generate(patched, ids, new=8), _generate(base, ids, new=8))

@@ -66,12 +66,20 @@ _triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_heads(op, q_heads, kv_heads, head_dim, kv_head_dim) -> None:
+    """What every backend needs; the reference takes any head_dim (``_check_kernel_head_dim``)."""
     if kv_head_dim != head_dim:
         raise ValueError(f"{op}: q has head_dim {head_dim} but k and v have head_dim {kv_head_dim}")
     if kv_heads == 0 or q_heads % kv_heads:
         raise ValueError(f"{op}: q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    if head_dim == 0:
+        raise ValueError(f"{op}: head_dim must be at least 1, got 0")
+
+
+def _check_kernel_head_dim(op, head_dim) -> None:
+    """The Triton kernel's limit: tl.dot tiles of head_dim columns, a multiple of 16 up to 256."""
     if head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
-        raise ValueError(f"{op}: head_dim must be a multiple of 16 between 16 and {_MAX_HEAD_DIM}, got {head_dim}")
+        raise ValueError(f"{op}: the Triton kernel needs a head_dim that is a multiple of 16 between 16 and "
+                         f"{_MAX_HEAD_DIM}, got {head_dim} (the eager reference, backend='reference', takes any)")
 
 
 def _scale(op, q, softmax_scale) -> float:
@@ -118,8 +126,9 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
 
     q: (batch, q_heads, q_len, head_dim); k, v: (batch, kv_heads, kv_len, head_dim) with q_heads a
     multiple of kv_heads (MHA, GQA, MQA; K/V are never expanded). Any strides with unit stride
-    along head_dim (others are copied). head_dim a multiple of 16 up to 256 (64 and 128 are the
-    tuned paths); float16, bfloat16, or float32 (matrix products then run in TF32 on the GPU).
+    along head_dim (others are copied). head_dim a multiple of 16 up to 256 for the Triton kernel
+    (64 and 128 are the tuned paths), any for the reference; float16, bfloat16, or float32 (matrix
+    products then run in TF32 on the GPU).
 
     causal: query i sees keys 0 .. i + kv_len - q_len (bottom-right aligned, as after a KV cache).
     softmax_scale: positive; defaults to head_dim ** -0.5.
@@ -142,6 +151,7 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
                                     kv_lens=kv_lens)
+    _check_kernel_head_dim("flash_attention", q.shape[-1])
     pad = None
     if key_padding_mask is not None:
         pad = unit_stride_last(key_padding_mask)
@@ -302,6 +312,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_varlen_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_q, max_k)
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale)
+    _check_kernel_head_dim("flash_attention_varlen", q.shape[-1])
     forward = _launch_varlen_fwd if direct_call_ok(q, k, v) else _triton_varlen_fwd
     out, _ = forward(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), cu_seqlens_q.contiguous(),
                      cu_seqlens_k.contiguous(), max_q, max_k, bool(causal), scale)
