@@ -195,9 +195,9 @@ def _work_multiples(loops: list[dict], num_warps: int, algorithm: int | None) ->
 _DEPBAR = re.compile(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-f]+|\d+)")
 
 
-def _hgmma_loop_bodies(sass: str) -> Iterator[list[str]]:
-    """The instruction lines of one iteration of each loop that issues HGMMA, in program order: the
-    loops ``matrix_loops`` counts, found by the same rules."""
+def hgmma_loop_bodies(sass: str) -> Iterator[list[tuple[str, str]]]:
+    """One iteration of each loop that issues HGMMA, in program order, as (opcode, line) pairs: the
+    loops ``matrix_loops`` counts, found by the same rules (bench/model.py reads them too)."""
     lines, labels = [], {}
     for line in sass.splitlines():
         if label := _LABEL.match(line):
@@ -210,7 +210,7 @@ def _hgmma_loop_bodies(sass: str) -> Iterator[list[str]]:
                 body = lines[start:]
                 if any(o == "EXIT" for o, _ in body) or not any(o.startswith("HGMMA") for o, _ in body):
                     continue
-                yield [text for _, text in body]
+                yield body
 
 
 def ex2_under_hgmma(sass: str) -> list[int]:
@@ -226,11 +226,10 @@ def ex2_under_hgmma(sass: str) -> list[int]:
     counted, so that a group committed at the end of one iteration and waited for in the next
     (the loop-carried P·V) counts as in flight at the top of the loop."""
     counts = []
-    for body in _hgmma_loop_bodies(sass):
+    for body in hgmma_loop_bodies(sass):
         open_group, pending, under = False, 0, 0
         for second_pass in (False, True):
-            for line in body:
-                op = _INSTRUCTION.match(line).group(1)
+            for op, line in body:
                 if op.startswith("HGMMA"):
                     open_group = not re.search(r"\bgsb0\b", line)
                     pending += not open_group

@@ -49,7 +49,7 @@ import heapq
 import math
 import re
 
-from .audit import _BRANCH, _INSTRUCTION, _LABEL, Report
+from .audit import _INSTRUCTION, Report, hgmma_loop_bodies
 from .device import H200, Measured
 
 # Published figures, H100 unless marked, bf16, causal, head_dim 128, long sequences (TFLOP/s): context
@@ -97,20 +97,8 @@ class LoopMix:
 def loop_mixes(sass: str) -> tuple[list[LoopMix], int]:
     """The HGMMA loops of a kernel's SASS, found as ``bench.audit.matrix_loops`` finds them (same loops,
     same order, same instruction counts), each read for the model; and the kernel's instruction count."""
-    lines, labels, loops = [], {}, []
-    for line in sass.splitlines():
-        if label := _LABEL.match(line):
-            labels[label.group(1)] = len(lines)
-        elif op := _INSTRUCTION.match(line):
-            lines.append((op.group(1), line))
-            branch = _BRANCH.search(line)
-            start = labels.get(branch.group(1)) if branch else None
-            if start is not None and start < len(lines) - 1:
-                body = lines[start:]
-                if any(o == "EXIT" for o, _ in body) or not any(o.startswith("HGMMA") for o, _ in body):
-                    continue
-                loops.append(_mix(body))
-    return loops, len(lines)
+    instructions = sum(bool(_INSTRUCTION.match(line)) for line in sass.splitlines())
+    return [_mix(body) for body in hgmma_loop_bodies(sass)], instructions
 
 
 def _mix(body: list[tuple[str, str]]) -> LoopMix:
