@@ -233,7 +233,9 @@ class Prediction:
 
 
 # Products of one iteration of each kernel's steady loop: forward QKᵀ and PV; dK/dV S, dP, dV, dK
-# (and dQ when atomic); dQ S, dP, dQ.
+# (and dQ when atomic); dQ S, dP, dQ. For a compiled launch the audit's ``loop_flops`` says it from
+# the launch's own arguments (the dK/dV kernel adds dQ atomically or not); this is for a Report
+# without it.
 def _products(r: Report) -> int:
     if r.kernel == "_attn_bwd_dkdv_kernel":
         return 5 if not r.case.endswith("determ.") else 4
@@ -251,7 +253,7 @@ def predict(r: Report, sass: str, s: Shape, device: Measured = H200) -> Predicti
                          f"{[loop['instructions'] for loop in r.matrix_loops]}")
     block_m, block_n = r.tile[:2]
     steady = loops[_steady_loop(r.kernel)]
-    algorithm = _products(r) * 2 * block_m * block_n * s.head_dim
+    algorithm = r.loop_flops or _products(r) * 2 * block_m * block_n * s.head_dim
     duplication = steady.hgmma_flops * r.num_warps / 4 / algorithm
     duplication_raw = steady.hgmma_flops_raw * r.num_warps / 4 / algorithm
     per_sm = max(1, round(r.occupancy * 2048 / (32 * r.num_warps)))
@@ -308,7 +310,7 @@ def _sass_of(launch, arch: int) -> str:
 
 
 _MATRIX_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
-_PASSES = {"attention fwd": "forward", "attention bwd": "backward (atomic dQ)",
+_PASSES = {"attention fwd": "forward", "attention bwd": "backward (default)",
            "attention bwd determ.": "backward (deterministic)"}
 
 
@@ -345,8 +347,10 @@ def _delta_seconds(s: Shape, device: Measured, atomic: bool) -> float:
 
 def summary(predictions: list[Prediction], device: Measured = H200, tokens: int = 16384,
             seq: int = 4096) -> list[dict]:
-    """Per model shape, the best predicted forward, atomic backward (δ pre-pass, dK/dV with dQ, the dQ
-    buffer's fill and cast) and deterministic backward (δ, dK/dV, then dQ), TFLOP/s as (low, high)
+    """Per model shape, the best predicted forward, default backward (δ pre-pass, dK/dV with the atomic
+    dQ and its buffer's fill and cast; or, where the launch takes the dQ kernel in both modes, on
+    Hopper with heads wider than 64, dK/dV then dQ) and deterministic backward (δ, dK/dV, then dQ),
+    TFLOP/s as (low, high)
     counted with the pass's algorithm FLOPs (backward: five products, 2.5x the forward's), and as a
     fraction of the measured GEMM rate."""
     from .shapes import MODELS
@@ -376,8 +380,10 @@ def summary(predictions: list[Prediction], device: Measured = H200, tokens: int 
 
         if fwd := best(" attention fwd", "_attn_fwd_kernel"):
             rows.append(row("forward", [fwd], fwd_flops, 0.0))
-        if atomic := best(" attention bwd", "_attn_bwd_dkdv_kernel"):
-            rows.append(row("backward (atomic dQ)", [atomic], 2.5 * fwd_flops, _delta_seconds(s, device, True)))
+        if default := best(" attention bwd", "_attn_bwd_dkdv_kernel"):
+            dq_kernel = best(" attention bwd", "_attn_bwd_dq_kernel")
+            rows.append(row("backward (default)", [default] + ([dq_kernel] if dq_kernel else []), 2.5 * fwd_flops,
+                            _delta_seconds(s, device, atomic=dq_kernel is None)))
         dkdv, dq = best("determ.", "_attn_bwd_dkdv_kernel"), best("determ.", "_attn_bwd_dq_kernel")
         if dkdv and dq:
             rows.append(row("backward (deterministic)", [dkdv, dq], 2.5 * fwd_flops, _delta_seconds(s, device, False)))

@@ -156,7 +156,7 @@ def test_model_only_command(tmp_path):
     assert "not a measurement" in data["meta"]["what"]
     assert data["meta"]["ceilings"]["gemm_bf16_flops"] == [769e12, 798e12]
     passes = {(row["shape"], row["pass_"]) for row in data["meta"]["summary"]}
-    assert passes == {("smollm2-135m", "forward"), ("smollm2-135m", "backward (atomic dQ)"),
+    assert passes == {("smollm2-135m", "forward"), ("smollm2-135m", "backward (default)"),
                       ("smollm2-135m", "backward (deterministic)")}
     # no kernel, however tensor-bound, beats the measured GEMM
     assert all(0 < r["tflops"][0] <= r["tflops"][1] <= 798 for r in data["results"])
