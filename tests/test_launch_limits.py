@@ -25,20 +25,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @contextlib.contextmanager
 def recorded_grids():
-    """Within the block, interpreted kernel launches record (kernel name, grid) instead of running."""
+    """Within the block, kernel launches record (kernel name, grid) instead of running: interpreted
+    ones (CI) and compiled ones (the GPU run, where the same CPU tensors must never reach a kernel)."""
     from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
     grids = []
 
     def run(self, *args, grid, warmup, **kwargs):
         grids.append((self.fn.__name__, tuple(grid(kwargs) if callable(grid) else grid)))
 
-    saved = InterpretedFunction.run
-    InterpretedFunction.run = run
+    saved = InterpretedFunction.run, JITFunction.run
+    InterpretedFunction.run = JITFunction.run = run
     try:
         yield grids
     finally:
-        InterpretedFunction.run = saved
+        InterpretedFunction.run, JITFunction.run = saved
 
 
 def _within_limits(grid):
