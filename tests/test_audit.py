@@ -305,7 +305,10 @@ def test_forward_overlaps_softmax_and_matrix_products(full_audit):
             assert 2 * under >= loop["ex2"] > 0, r
     baseline = json.loads((ROOT / "bench" / "audit_baseline.json").read_text())["kernels"]
     recorded = [k for k, entry in baseline.items() if "ex2_under_hgmma" in entry]
-    assert recorded and all("attention" in k and "fwd" in k and "sm_90" in k for k in recorded), recorded
+    # the dQ kernel's exponentials run under its own products too (29 of 32 a loop at 128 x 64), so it
+    # is recorded beside the forward
+    assert any("attention fwd | _attn_fwd_kernel" in k for k in recorded), recorded
+    assert all("attention" in k and "sm_90" in k for k in recorded), recorded
 
 
 def test_baseline_catches_a_regression(tmp_path):
