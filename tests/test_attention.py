@@ -22,6 +22,20 @@ def _qkv(device, batch, q_heads, kv_heads, q_len, kv_len, head_dim, layout="bhsd
             torch.randn(batch, kv_heads, kv_len, head_dim, device=device))
 
 
+def _half_forward(device, heads, q_len, kv_len, head_dim, padded):
+    """fp16 (batch 2, bshd) q, k, v, the uint8 padding mask (row 0's first half padded) or None, the
+    pointer path's causal forward (scale 0.125) out and lse, and a random output gradient: what the
+    backward tests start from."""
+    q, k, v = (t.half() for t in _qkv(device, 2, *heads, q_len, kv_len, head_dim, layout="bshd"))
+    pad = None
+    if padded:
+        mask = torch.ones(2, kv_len, dtype=torch.bool, device=device)
+        mask[0, : kv_len // 2] = False
+        pad = mask.view(torch.uint8)
+    out, lse = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=pad, splits=0, tma=False)
+    return q, k, v, pad, out, lse, torch.randn_like(out)
+
+
 def _check(q, k, v, dtype, *, causal=True, mask=None, scale=None, backward=True):
     def ours(q, k, v):
         return ops.flash_attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=mask)
@@ -57,14 +71,7 @@ def test_hopper_backward_schemes(device, heads, q_len, kv_len, head_dim, padded,
     the GPU run (bench/gpu.sh) stops at the first failure and should meet the new paths first."""
     if device.type == "cuda" and tma and torch.cuda.get_device_capability(device) < (9, 0):
         pytest.skip("tensor descriptors need sm_90")
-    q, k, v = (t.half() for t in _qkv(device, 2, *heads, q_len, kv_len, head_dim, layout="bshd"))
-    pad = None
-    if padded:
-        mask = torch.ones(2, kv_len, dtype=torch.bool, device=device)
-        mask[0, : kv_len // 2] = False
-        pad = mask.view(torch.uint8)
-    out, lse = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=pad, splits=0, tma=False)
-    dout = torch.randn_like(out)
+    q, k, v, pad, out, lse, dout = _half_forward(device, heads, q_len, kv_len, head_dim, padded)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref = references.attention(*leaves, softmax_scale=0.125, key_padding_mask=None if pad is None else pad.bool())
     want = torch.autograd.grad(ref, leaves, dout.double())
@@ -226,14 +233,7 @@ def test_forward_overlapped_loop(device, dtype, heads, q_len, kv_len, causal, he
 def test_backward_through_tensor_descriptors(device, heads, q_len, kv_len, head_dim, padded, deterministic):
     """The Hopper backward (Q and dO, or K and V, through tensor descriptors) gives the gradients of
     the pointer path, in both dQ modes."""
-    q, k, v = (t.half() for t in _qkv(device, 2, *heads, q_len, kv_len, head_dim, layout="bshd"))
-    pad = None
-    if padded:
-        mask = torch.ones(2, kv_len, dtype=torch.bool, device=device)
-        mask[0, : kv_len // 2] = False
-        pad = mask.view(torch.uint8)
-    out, lse = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=pad, splits=0, tma=False)
-    dout = torch.randn_like(out)
+    q, k, v, pad, out, lse, dout = _half_forward(device, heads, q_len, kv_len, head_dim, padded)
     grads = [kernel.attention_bwd(dout, q, k, v, out, lse, causal=True, softmax_scale=0.125, pad=pad,
                                   deterministic=deterministic, tma=tma) for tma in (True, False)]
     for name, via_tma, plain in zip("qkv", *grads):
