@@ -480,20 +480,20 @@ def check_baseline(reports: list[Report], path: Path = BASELINE) -> str:
 
 
 def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
-    from llama_fast.kernels import cross_entropy, rmsnorm, rope, swiglu
+    from llama_fast.kernels import cross_entropy, rms_norm, rope, swiglu
 
     tokens, batch, seq = 4096, 2, 2048
     bf16 = torch.bfloat16
     x = torch.empty(tokens, model.hidden, dtype=bf16)
     w = torch.empty(model.hidden, dtype=bf16)
     rstd = torch.empty(tokens, dtype=torch.float32)
-    yield "rms_norm fwd", lambda arch: rmsnorm.rms_norm_fwd(x, w, 1e-5), "memory"
-    yield "rms_norm bwd", lambda arch: rmsnorm.rms_norm_bwd(x, x, w, rstd), "memory"
+    yield "rms_norm fwd", lambda arch: rms_norm.rms_norm_fwd(x, w, 1e-5), "memory"
+    yield "rms_norm bwd", lambda arch: rms_norm.rms_norm_bwd(x, x, w, rstd), "memory"
     q = torch.empty(batch, seq, model.q_heads, model.head_dim, dtype=bf16).transpose(1, 2)
     k = torch.empty(batch, seq, model.kv_heads, model.head_dim, dtype=bf16).transpose(1, 2)
     cos = torch.empty(batch, seq, model.head_dim, dtype=bf16)
-    yield "rope fwd", lambda arch: rope.rope(q, k, cos, cos), "memory"
-    yield "rope bwd", lambda arch: rope.rope(q, k, cos, cos, backward=True), "memory"
+    yield "rope fwd", lambda arch: rope.rope_fwd(q, k, cos, cos), "memory"
+    yield "rope bwd", lambda arch: rope.rope_bwd(q, k, cos, cos), "memory"
     gate = torch.empty(tokens, model.intermediate, dtype=bf16)
     yield "swiglu fwd", lambda arch: swiglu.swiglu_fwd(gate, gate), "memory"
     yield "swiglu bwd", lambda arch: swiglu.swiglu_bwd(gate, gate, gate), "memory"

@@ -491,7 +491,7 @@ def memory_cases(kernel: str, x: int):
     """(bytes, Liger's launch, ours) for one calibration point, on empty CPU tensors."""
     import torch
 
-    from llama_fast.kernels import rmsnorm, swiglu
+    from llama_fast.kernels import rms_norm, swiglu
 
     from . import formulas
 
@@ -507,7 +507,7 @@ def memory_cases(kernel: str, x: int):
 
             rms_norm_forward(x_, w, 1e-6, 0.0, "llama", None)
 
-        return nbytes, liger, lambda: rmsnorm.rms_norm_fwd(x_, w, 1e-6)
+        return nbytes, liger, lambda: rms_norm.rms_norm_fwd(x_, w, 1e-6)
     rows = 8192
     gate_up = torch.empty(rows, 2 * x, dtype=bf16)
     gate, up = gate_up[:, :x], gate_up[:, x:]

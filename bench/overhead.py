@@ -45,7 +45,7 @@ def triton_path_on_cpu():
     """The ops take their Triton path for CPU tensors (the interpreter's condition), with the
     launches stubbed. The kernel modules are imported first, while the variable is unset, so their
     kernels are compiled-kernel objects (whose launches the stub replaces), never interpreted ones."""
-    from llama_fast.kernels import attention, rmsnorm, rope, swiglu  # noqa: F401
+    from llama_fast.kernels import attention, rms_norm, rope, swiglu  # noqa: F401
 
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"

@@ -87,15 +87,22 @@ def _rope_kernel(
 
 
 @on_tensor_device
-def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backward: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, Hq, S, D) and k (B, Hk, S, D) by cos, sin (B or broadcast, S, D).
+def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, Hq, S, D) and k (B, Hk, S, D) by cos, sin (B or broadcast, S, D), in
+    ``promote(q, k, cos)``. Outputs keep their input's memory layout (``empty_like``), so a
+    transposed view of a projection stays one."""
+    return _rotate(q, k, cos, sin, backward=False)
 
-    With ``backward=True`` q and k are the incoming gradients and the transpose is applied.
-    Outputs keep their input's memory layout (``empty_like``), so a transposed view of a
-    projection stays one.
-    """
+
+@on_tensor_device
+def rope_bwd(dq_embed: torch.Tensor, dk_embed: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of q and k from those of ``rope_fwd``'s outputs: the transposed rotation, in
+    the gradients' own dtypes and layouts."""
+    return _rotate(dq_embed, dk_embed, cos, sin, backward=True)
+
+
+def _rotate(q, k, cos, sin, *, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     batch, n_q_heads, seq_len, head_dim = q.shape
     n_k_heads = k.shape[1]
     out_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), cos.dtype)

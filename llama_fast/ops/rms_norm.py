@@ -16,9 +16,9 @@ from ._dispatch import call_extension_op, direct_call_ok
 # otherwise have to trace, and the ops must also run on CPU tensors under Triton's interpreter.
 # Eager inference calls the launcher itself (``_launch_fwd``), skipping the op's dispatch (_dispatch.py).
 def _launch_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..kernels import rmsnorm
+    from ..kernels import rms_norm as kernel
 
-    return rmsnorm.rms_norm_fwd(x, weight, eps)
+    return kernel.rms_norm_fwd(x, weight, eps)
 
 
 _triton_fwd = torch.library.custom_op("llama_fast::triton_rms_norm_fwd", _launch_fwd, mutates_args=())
@@ -27,9 +27,9 @@ _triton_fwd = torch.library.custom_op("llama_fast::triton_rms_norm_fwd", _launch
 @torch.library.custom_op("llama_fast::triton_rms_norm_bwd", mutates_args=())
 def _triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..kernels import rmsnorm
+    from ..kernels import rms_norm as kernel
 
-    return rmsnorm.rms_norm_bwd(dy, x, weight, rstd)
+    return kernel.rms_norm_bwd(dy, x, weight, rstd)
 
 
 def fake_fwd(x, weight, eps):
@@ -64,7 +64,7 @@ _triton_fwd.register_autograd(backward_with(_triton_bwd), setup_context=setup_co
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
-    from ..kernels.rmsnorm import MAX_COLS
+    from ..kernels.rms_norm import MAX_COLS
 
     check_dtype("rms_norm", x=x, weight=weight)
     check_same_device("rms_norm", x=x, weight=weight)

@@ -15,7 +15,7 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import rope
 
-    return rope.rope(q, k, cos, sin)
+    return rope.rope_fwd(q, k, cos, sin)
 
 
 _triton_fwd = torch.library.custom_op("llama_fast::triton_rope_fwd", _launch_fwd, mutates_args=())
@@ -26,7 +26,7 @@ def _triton_bwd(dq_embed: torch.Tensor, dk_embed: torch.Tensor, cos: torch.Tenso
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import rope
 
-    return rope.rope(dq_embed, dk_embed, cos, sin, backward=True)
+    return rope.rope_bwd(dq_embed, dk_embed, cos, sin)
 
 
 def fake_fwd(q, k, cos, sin):
