@@ -17,7 +17,6 @@ torch upgrade the extension is skipped with a warning that says how to rebuild i
 """
 
 import functools
-import importlib
 import importlib.util
 import warnings
 
@@ -96,14 +95,30 @@ def has_cuda_kernels() -> bool:
     return available() and torch._C._dispatch_has_kernel_for_dispatch_key("llama_fast::rms_norm_fwd", "CUDA")
 
 
+# What each op's file hands over for the extension's ops (``ops._dispatch.KernelOp``), by op name:
+# registered with the dispatcher when the library loads, since the ops exist only then.
+_PYTHON_PARTS: dict[str, dict] = {}
+
+
+def add_python_parts(name: str, *, fake_forward, fake_backward, backward_with, setup_context) -> None:
+    """The fake implementations and autograd formula of ``llama_fast::{name}_fwd`` / ``_bwd``: the same as
+    the Triton ops' of that op, around the extension's backward op. Registered now if the library is
+    loaded, else when it loads."""
+    _PYTHON_PARTS[name] = dict(fake_forward=fake_forward, fake_backward=fake_backward, backward_with=backward_with,
+                               setup_context=setup_context)
+    if _load.cache_info().currsize and _load()[0] is not None:
+        _register(name, **_PYTHON_PARTS[name])
+
+
+def _register(name: str, fake_forward, fake_backward, backward_with, setup_context) -> None:
+    torch.library.register_fake(f"llama_fast::{name}_fwd", fake_forward)
+    torch.library.register_fake(f"llama_fast::{name}_bwd", fake_backward)
+    torch.library.register_autograd(f"llama_fast::{name}_fwd", backward_with(getattr(torch.ops.llama_fast,
+                                                                                     f"{name}_bwd")),
+                                    setup_context=setup_context)
+
+
 def _register_python_parts() -> None:
-    """Fake implementations and autograd for the extension's ops: the same ones as the Triton ops'
-    (each op's file holds its own), with the extension's backward op."""
-    ops = torch.ops.llama_fast
-    for name in ("rms_norm", "rope", "swiglu"):
-        # the module, not the function of the same name that llama_fast.ops exports
-        module = importlib.import_module(f"{__package__}.ops.{name}")
-        torch.library.register_fake(f"llama_fast::{name}_fwd", getattr(module, "fake_fwd_extension", module.fake_fwd))
-        torch.library.register_fake(f"llama_fast::{name}_bwd", module.fake_bwd)
-        torch.library.register_autograd(f"llama_fast::{name}_fwd", module.backward_with(getattr(ops, f"{name}_bwd")),
-                                        setup_context=module.setup_context)
+    """Fake implementations and autograd for the extension's ops, as the op files handed them over."""
+    for name, parts in _PYTHON_PARTS.items():
+        _register(name, **parts)

@@ -98,7 +98,7 @@ def test_extension_ops(dtype):
 
 
 def _op_calls(device, requires_grad):
-    """(module, name, call) per public op: the module and name of the custom op the call may use."""
+    """(the op's KernelOp, call) per public op: the custom ops the call may use."""
     import importlib
 
     def leaf(*shape, **kw):
@@ -112,11 +112,11 @@ def _op_calls(device, requires_grad):
     cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
     module = lambda name: importlib.import_module(f"llama_fast.ops.{name}")  # noqa: E731
     return [
-        (module("rms_norm"), "_triton_fwd", lambda: llama_fast.ops.rms_norm(x, w)),
-        (module("swiglu"), "_triton_fwd", lambda: llama_fast.ops.swiglu(gate, up)),
-        (module("rope"), "_triton_fwd", lambda: llama_fast.ops.apply_rotary_pos_emb(q, k, cos, sin)),
-        (module("attention"), "_triton_fwd", lambda: llama_fast.ops.flash_attention(q, kv, kv)),
-        (module("attention"), "_triton_varlen_fwd",
+        (module("rms_norm")._KERNELS, lambda: llama_fast.ops.rms_norm(x, w)),
+        (module("swiglu")._KERNELS, lambda: llama_fast.ops.swiglu(gate, up)),
+        (module("rope")._KERNELS, lambda: llama_fast.ops.apply_rotary_pos_emb(q, k, cos, sin)),
+        (module("attention")._KERNELS, lambda: llama_fast.ops.flash_attention(q, kv, kv)),
+        (module("attention")._VARLEN_KERNELS,
          lambda: llama_fast.ops.flash_attention_varlen(packed_q, packed_kv, packed_kv, cu, cu, 3, 3)),
     ]
 
@@ -128,12 +128,12 @@ def test_eager_inference_skips_the_custom_op(device, monkeypatch, requires_grad)
     Both give the same result."""
     if device.type == "cpu" and not llama_fast.backend.interpreting():
         pytest.skip("the Triton ops run on CPU tensors only under the interpreter")
-    for module, name, call in _op_calls(device, requires_grad):
+    for kernels, call in _op_calls(device, requires_grad):
         expected = call()
-        custom_op, used = getattr(module, name), []
-        monkeypatch.setattr(module, name, lambda *a, op=custom_op: used.append(1) or op(*a))
+        custom_op, used = kernels.forward, []
+        monkeypatch.setattr(kernels, "forward", lambda *a, op=custom_op: used.append(1) or op(*a))
         got = call()
-        assert used == ([1] if requires_grad else []), module.__name__
+        assert used == ([1] if requires_grad else []), custom_op
         for e, g in zip(expected if isinstance(expected, tuple) else (expected,), got if isinstance(got, tuple) else (got,)):
             assert torch.equal(e, g) and g.requires_grad == requires_grad
         with torch.no_grad():  # no graph to record: direct even for inputs that require grad

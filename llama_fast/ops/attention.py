@@ -6,13 +6,13 @@ from .. import references
 from ..backend import backend_for
 from . import _dtensor
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
-from ._dispatch import direct_call_ok
+from ._dispatch import KernelOp, direct_call_ok
 
 _MAX_HEAD_DIM = 256
 
 
-# The Triton kernels as torch.library custom ops (why custom_op: ops/rms_norm.py); eager inference
-# calls the launcher itself (_dispatch.py). pad: a (B, Skv) uint8 view of the key padding mask, or None.
+# The Triton kernels as custom ops, registered by KernelOp (ops/_dispatch.py); eager inference calls the
+# launcher itself. pad: a (B, Skv) uint8 view of the key padding mask, or None.
 def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None,
                 kv_lens: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention
@@ -20,11 +20,7 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Te
     return attention.attention_fwd(q, k, v, causal=causal, softmax_scale=softmax_scale, pad=pad, kv_lens=kv_lens)
 
 
-_triton_fwd = torch.library.custom_op("llama_fast::triton_flash_attention_fwd", _launch_fwd, mutates_args=())
-
-
-@torch.library.custom_op("llama_fast::triton_flash_attention_bwd", mutates_args=())
-def _triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+def _launch_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                 lse: torch.Tensor, pad: torch.Tensor | None, causal: bool, softmax_scale: float,
                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import attention
@@ -33,16 +29,14 @@ def _triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                                    deterministic=deterministic)
 
 
-@_triton_fwd.register_fake
-def _(q, k, v, pad, kv_lens, causal, softmax_scale):
+def _fake_fwd(q, k, v, pad, kv_lens, causal, softmax_scale):
     # out in a (B, Sq, Hq, D) buffer viewed as (B, Hq, Sq, D), so transformers' transpose back is free
     batch, heads, q_len, head_dim = q.shape
     out = q.new_empty((batch, q_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
 
 
-@_triton_bwd.register_fake
-def _(dout, q, k, v, out, lse, pad, causal, softmax_scale, deterministic):
+def _fake_bwd(dout, q, k, v, out, lse, pad, causal, softmax_scale, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -52,17 +46,21 @@ def _setup_context(ctx, inputs, output):
     ctx.causal, ctx.softmax_scale, ctx.has_kv_lens = causal, softmax_scale, kv_lens is not None
 
 
-def _backward(ctx, dout, _dlse):
-    if ctx.has_kv_lens:
-        raise NotImplementedError("flash_attention: no backward with kv_lens (a static KV cache is for inference); "
-                                  "train with the keys sliced to their length instead")
-    q, k, v, out, lse, pad = ctx.saved_tensors
-    dq, dk, dv = _triton_bwd(unit_stride_last(dout), q, k, v, out, lse, pad, ctx.causal, ctx.softmax_scale,
-                             torch.are_deterministic_algorithms_enabled())
-    return dq, dk, dv, None, None, None, None
+def _backward_with(bwd_op):
+    def backward(ctx, dout, _dlse):
+        if ctx.has_kv_lens:
+            raise NotImplementedError("flash_attention: no backward with kv_lens (a static KV cache is for "
+                                      "inference); train with the keys sliced to their length instead")
+        q, k, v, out, lse, pad = ctx.saved_tensors
+        dq, dk, dv = bwd_op(unit_stride_last(dout), q, k, v, out, lse, pad, ctx.causal, ctx.softmax_scale,
+                            torch.are_deterministic_algorithms_enabled())
+        return dq, dk, dv, None, None, None, None
+
+    return backward
 
 
-_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+_KERNELS = KernelOp("triton_flash_attention", _launch_fwd, _launch_bwd, fake_forward=_fake_fwd,
+                    fake_backward=_fake_bwd, setup_context=_setup_context, backward_with=_backward_with)
 
 
 def _check_heads(op, q_heads, kv_heads, head_dim, kv_head_dim) -> None:
@@ -147,7 +145,12 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     _check(q, k, v, key_padding_mask, kv_lens)
     scale = _scale("flash_attention", q, softmax_scale)
     if _dtensor.has_dtensor(q, k, v, key_padding_mask, kv_lens):
-        return _dtensor.flash_attention(q, k, v, causal, scale, key_padding_mask, kv_lens, backend)
+        return _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, backend)
+    return _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, backend)
+
+
+def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, backend):
+    """``flash_attention`` on checked plain tensors."""
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
                                     kv_lens=kv_lens)
@@ -161,9 +164,30 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
         pad = pad.to(torch.uint8) if torch.compiler.is_compiling() else pad.view(torch.uint8)
     if kv_lens is not None:
         kv_lens = kv_lens.to(torch.int32).contiguous()
-    forward = _launch_fwd if direct_call_ok(q, k, v) else _triton_fwd
-    out, _ = forward(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), pad, kv_lens, bool(causal), scale)
+    out, _ = _KERNELS.run("triton", direct_call_ok(q, k, v), unit_stride_last(q), unit_stride_last(k),
+                          unit_stride_last(v), pad, kv_lens, bool(causal), scale)
     return out
+
+
+def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, backend):
+    """DTensor inputs: q, k, v split alike, along the batch, or the heads with each rank's query heads the
+    GQA groups of its KV heads; key_padding_mask and kv_lens (a row per batch entry) follow a batch split
+    and are replicated otherwise. The output is split as q."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    name = "flash_attention"
+    tensors = dict(q=q, k=k, v=v, key_padding_mask=key_padding_mask, kv_lens=kv_lens)
+    mesh, placements = _dtensor.mesh_of(name, **tensors)
+    _dtensor.attention_placements(name, tensors, placements, {0: "batch", 1: "heads"})
+    _dtensor.check_head_split(name, q, k, placements["q"], 1)
+    want = tuple(Shard(0) if p.is_shard(0) else Replicate() for p in placements["q"])
+    for aux in ("key_padding_mask", "kv_lens"):
+        if aux in placements and placements[aux] != want:
+            raise _dtensor.refuse(name, aux, tensors[aux], f"with q split as {tuple(q.placements)} it must be {want}",
+                                  "Distribute it like q's batch")
+    local = [None if t is None else t.to_local() for t in (key_padding_mask, kv_lens)]
+    out = _attention(q.to_local(), k.to_local(), v.to_local(), causal, scale, local[0], local[1], backend)
+    return _dtensor.wrap(out, mesh, placements["q"], q.shape)
 
 
 # Packed (varlen) sequences: the same kernels over (1, H, total, D) views, each "batch" entry a
@@ -179,12 +203,7 @@ def _launch_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     return out.transpose(1, 2).squeeze(0), lse.squeeze(0)
 
 
-_triton_varlen_fwd = torch.library.custom_op("llama_fast::triton_flash_attention_varlen_fwd", _launch_varlen_fwd,
-                                             mutates_args=())
-
-
-@torch.library.custom_op("llama_fast::triton_flash_attention_varlen_bwd", mutates_args=())
-def _triton_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+def _launch_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                        max_seqlen_k: int, causal: bool, softmax_scale: float,
                        deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,15 +220,13 @@ def _heads_first(*packed: torch.Tensor) -> list[torch.Tensor]:
     return [t.unsqueeze(0).transpose(1, 2) for t in packed]
 
 
-@_triton_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
     total, heads, head_dim = q.shape
     return q.new_empty((total, heads, head_dim)), q.new_empty((heads, total), dtype=torch.float32)
 
 
-@_triton_varlen_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-      deterministic):
+def _fake_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                     softmax_scale, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -219,14 +236,19 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.args = max_q, max_k, causal, softmax_scale
 
 
-def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = _triton_varlen_bwd(unit_stride_last(dout), q, k, v, out, lse, cu_q, cu_k, *ctx.args,
-                                    torch.are_deterministic_algorithms_enabled())
-    return dq, dk, dv, None, None, None, None, None, None
+def _varlen_backward_with(bwd_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = bwd_op(unit_stride_last(dout), q, k, v, out, lse, cu_q, cu_k, *ctx.args,
+                            torch.are_deterministic_algorithms_enabled())
+        return dq, dk, dv, None, None, None, None, None, None
+
+    return backward
 
 
-_triton_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+_VARLEN_KERNELS = KernelOp("triton_flash_attention_varlen", _launch_varlen_fwd, _launch_varlen_bwd,
+                           fake_forward=_fake_varlen_fwd, fake_backward=_fake_varlen_bwd,
+                           setup_context=_varlen_setup_context, backward_with=_varlen_backward_with)
 
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:
@@ -307,13 +329,32 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_q, max_k = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _scale("flash_attention_varlen", q, softmax_scale)
     if _dtensor.has_dtensor(q, k, v, cu_seqlens_q, cu_seqlens_k):
-        return _dtensor.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale,
-                                               backend)
+        return _varlen_on_dtensors(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, backend)
+    return _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, backend)
+
+
+def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, backend):
+    """``flash_attention_varlen`` on checked plain tensors (the offsets' values are checked here)."""
     _check_varlen_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_q, max_k)
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale)
     _check_kernel_head_dim("flash_attention_varlen", q.shape[-1])
-    forward = _launch_varlen_fwd if direct_call_ok(q, k, v) else _triton_varlen_fwd
-    out, _ = forward(unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), cu_seqlens_q.contiguous(),
-                     cu_seqlens_k.contiguous(), max_q, max_k, bool(causal), scale)
+    out, _ = _VARLEN_KERNELS.run("triton", direct_call_ok(q, k, v), unit_stride_last(q), unit_stride_last(k),
+                                 unit_stride_last(v), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_q,
+                                 max_k, bool(causal), scale)
     return out
+
+
+def _varlen_on_dtensors(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, backend):
+    """DTensor inputs: q, k, v split alike along the heads (as ``_on_dtensors``; a sequence split would
+    cut sequences), the offsets replicated."""
+    name = "flash_attention_varlen"
+    tensors = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    mesh, placements = _dtensor.mesh_of(name, **tensors)
+    _dtensor.attention_placements(name, tensors, placements, {1: "heads"})
+    _dtensor.check_head_split(name, q, k, placements["q"], 1)
+    for cu in ("cu_seqlens_q", "cu_seqlens_k"):
+        _dtensor.require_replicated(name, cu, tensors[cu], placements[cu], "the sequence offsets must be replicated")
+    out = _attention_varlen(q.to_local(), k.to_local(), v.to_local(), cu_seqlens_q.to_local(),
+                            cu_seqlens_k.to_local(), max_q, max_k, causal, scale, backend)
+    return _dtensor.wrap(out, mesh, placements["q"], q.shape)

@@ -25,6 +25,7 @@ from .. import references
 from ..backend import backend_for
 from . import _dtensor
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
+from ._dispatch import KernelOp
 
 # The CPU keeps the same two phases in plain torch (the "reference" backend runs the unfused
 # reference instead); Triton runs the cross-entropy kernels on CUDA tensors and under the interpreter.
@@ -144,32 +145,30 @@ def _phase_two(grad_rows, hidden, weight, labels, bias, lse, ignore_index, smoot
     return (dh.to(hidden.dtype) if need_dh else None), dw, db
 
 
-# The op as torch.library custom ops (why custom_op: ops/rms_norm.py), forward and backward.
-@torch.library.custom_op("llama_fast::linear_cross_entropy_fwd", mutates_args=())
-def _fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
-         ignore_index: int, label_smoothing: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+# The two phases as custom ops, registered by KernelOp (ops/_dispatch.py): the backward's logits blocks
+# are recomputed inside its op, so autograd saves only hidden, weight, labels, bias and the lse.
+def _launch_fwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+                ignore_index: int, label_smoothing: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     return _phase_one(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap)
 
 
-@torch.library.custom_op("llama_fast::linear_cross_entropy_bwd", mutates_args=())
-def _bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-         bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float | None,
-         need_dhidden: bool, need_dweight: bool, need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, label_smoothing: float,
+                softcap: float | None, need_dhidden: bool, need_dweight: bool,
+                need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dh, dw, db = _phase_two(grad_rows, hidden, weight, labels, bias, lse, ignore_index, label_smoothing, softcap,
                             (need_dhidden, need_dweight, need_dbias))
     # A custom op returns tensors: an empty one (each its own, outputs may not alias) for "not asked for".
     return tuple(hidden.new_empty(0) if t is None else t for t in (dh, dw, db))
 
 
-@_fwd.register_fake
-def _(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap):
+def _fake_fwd(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap):
     rows = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
     return rows, torch.empty_like(rows)
 
 
-@_bwd.register_fake
-def _(grad_rows, hidden, weight, labels, bias, lse, ignore_index, label_smoothing, softcap, need_dhidden,
-      need_dweight, need_dbias):
+def _fake_bwd(grad_rows, hidden, weight, labels, bias, lse, ignore_index, label_smoothing, softcap, need_dhidden,
+              need_dweight, need_dbias):
     return (torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_dweight else hidden.new_empty(0),
             torch.empty_like(bias) if need_dbias and bias is not None else hidden.new_empty(0))
@@ -181,16 +180,20 @@ def _setup_context(ctx, inputs, output):
     ctx.args = ignore_index, label_smoothing, softcap
 
 
-def _backward(ctx, grad_rows, _dlse):
-    hidden, weight, labels, bias, lse = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dh, dw, db = _bwd(grad_rows, hidden, weight, labels, bias, lse, *ctx.args, need[0], need[1],
-                      bias is not None and need[3])
-    return (dh if need[0] else None), (dw if need[1] else None), None, (db if bias is not None and need[3] else None), \
-        None, None, None
+def _backward_with(bwd_op):
+    def backward(ctx, grad_rows, _dlse):
+        hidden, weight, labels, bias, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dh, dw, db = bwd_op(grad_rows, hidden, weight, labels, bias, lse, *ctx.args, need[0], need[1],
+                            bias is not None and need[3])
+        return (dh if need[0] else None), (dw if need[1] else None), None, \
+            (db if bias is not None and need[3] else None), None, None, None
+
+    return backward
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_KERNELS = KernelOp("linear_cross_entropy", _launch_fwd, _launch_bwd, fake_forward=_fake_fwd, fake_backward=_fake_bwd,
+                    setup_context=_setup_context, backward_with=_backward_with)
 
 
 def _check(hidden, weight, labels, bias, reduction, num_items_in_batch, label_smoothing, logit_softcap) -> None:
@@ -255,15 +258,9 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index: int
     """
     _check(hidden, weight, labels, bias, reduction, num_items_in_batch, label_smoothing, logit_softcap)
     if _dtensor.has_dtensor(hidden, weight, labels, bias):
-        return _dtensor.linear_cross_entropy(hidden, weight, labels, bias, ignore_index, reduction, num_items_in_batch,
-                                             label_smoothing, logit_softcap, return_lse, backend)
-    _check_labels(labels, weight.shape[0], ignore_index)
-    if backend is not None and backend_for(hidden, backend, extension_op=False) == "reference":
-        rows, lse = references.linear_cross_entropy_rows(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                                         label_smoothing=label_smoothing, softcap=logit_softcap)
-    else:
-        rows, lse = _fwd(unit_stride_last(hidden), unit_stride_last(weight), labels.contiguous(), bias, int(ignore_index),
-                         float(label_smoothing), None if logit_softcap is None else float(logit_softcap))
+        return _on_dtensors(hidden, weight, labels, bias, ignore_index, reduction, num_items_in_batch,
+                            label_smoothing, logit_softcap, return_lse, backend)
+    rows, lse = _loss_rows(hidden, weight, labels, bias, ignore_index, label_smoothing, logit_softcap, backend)
     if reduction == "none":
         loss = rows
     elif reduction == "sum":
@@ -274,3 +271,74 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index: int
         counted = (labels != ignore_index).sum().clamp(min=1)
         loss = rows.sum() / counted
     return (loss, lse) if return_lse else loss
+
+
+def _loss_rows(hidden, weight, labels, bias, ignore_index, label_smoothing, logit_softcap, backend):
+    """(each row's loss, each row's log-sum-exp), fp32, from checked plain tensors."""
+    _check_labels(labels, weight.shape[0], ignore_index)
+    if backend is not None and backend_for(hidden, backend, extension_op=False) == "reference":
+        return references.linear_cross_entropy_rows(hidden, weight, labels, bias, ignore_index=ignore_index,
+                                                    label_smoothing=label_smoothing, softcap=logit_softcap)
+    return _KERNELS.forward(unit_stride_last(hidden), unit_stride_last(weight), labels.contiguous(), bias,
+                            int(ignore_index), float(label_smoothing),
+                            None if logit_softcap is None else float(logit_softcap))
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of each rank's ``t`` over the process groups ``groups``. Backward is the identity: every
+    rank holds the summed value and back-propagates the same gradient into its own term."""
+
+    @staticmethod
+    def forward(ctx, t, groups):
+        total = t.clone()
+        for group in groups:
+            torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _on_dtensors(hidden, weight, labels, bias, ignore_index, reduction, num_items_in_batch, label_smoothing,
+                 logit_softcap, return_lse, backend):
+    """DTensor inputs: hidden and labels split alike along the tokens (dim 0), weight and bias replicated
+    (a vocabulary split would need a log-sum-exp across ranks, which this op does not do). Rows come back
+    Shard(0) where hidden is; a reduced loss is summed over the ranks (Replicate); dweight and dbias are
+    Partial there."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    name = "linear_cross_entropy"
+    tensors = dict(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    mesh, placements = _dtensor.mesh_of(name, **tensors)
+    if 1 in _dtensor.sharded_dims(placements["hidden"]):
+        raise _dtensor.refuse(name, "hidden", hidden, "its hidden dim, which the logits sum over, is sharded")
+    if placements["labels"] != placements["hidden"]:
+        raise ValueError(f"{name}: hidden and labels must split the tokens alike; got placements "
+                         f"{tuple(hidden.placements)} and {tuple(labels.placements)}")
+    for param in ("weight", "bias"):
+        if param in placements:
+            _dtensor.require_replicated(name, param, tensors[param], placements[param],
+                                        "the loss needs every vocabulary row on each rank (a vocabulary-parallel "
+                                        "lm_head needs a log-sum-exp across ranks, which this op does not do)")
+    grad_placements = _dtensor.partial_where_sharded(placements["hidden"])
+    local_bias = None if bias is None else bias.to_local(grad_placements=grad_placements)
+    rows, lse = _loss_rows(hidden.to_local(), weight.to_local(grad_placements=grad_placements), labels.to_local(),
+                           local_bias, ignore_index, label_smoothing, logit_softcap, backend)
+    if reduction == "none":
+        loss = _dtensor.wrap(rows, mesh, placements["hidden"], (hidden.shape[0],))
+    else:
+        groups = [mesh.get_group(d) for d, p in enumerate(placements["hidden"]) if p.is_shard()]
+        loss = _SumOverRanks.apply(rows.sum(), groups)
+        if reduction == "mean":
+            if isinstance(num_items_in_batch, DTensor):
+                num_items_in_batch = num_items_in_batch.full_tensor()
+            if num_items_in_batch is None:
+                counted = _SumOverRanks.apply((labels.to_local() != ignore_index).sum(), groups)
+                loss = loss / counted.clamp(min=1)
+            else:
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device, dtype=torch.float32)
+        loss = _dtensor.wrap(loss, mesh, [Replicate()] * mesh.ndim, ())
+    if not return_lse:
+        return loss
+    return loss, _dtensor.wrap(lse, mesh, placements["hidden"], (hidden.shape[0],))

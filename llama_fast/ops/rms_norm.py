@@ -2,52 +2,45 @@
 
 import torch
 
-from .. import extension, references
+from .. import references
 from ..backend import backend_for
 from . import _dtensor
 from ._checks import check_dtype, check_same_device, unit_stride_rows
-from ._dispatch import call_extension_op, direct_call_ok
+from ._dispatch import KernelOp, direct_call_ok
+
+# Triton's kernels and the C++ extension's, one forward and one backward each way, registered as custom
+# ops by KernelOp (ops/_dispatch.py); eager inference calls the launcher itself, skipping the op's dispatch.
 
 
-# The Triton path as torch.library custom ops (one for each pass), like the C++ extension's ops:
-# torch.compile sees one opaque call with a fake implementation for tracing, rather than tracing
-# (and breaking on) the launcher's host code; autograd is registered on the forward op. custom_op
-# rather than triton_op: the launchers choose tiles and paths on the host, which Dynamo would
-# otherwise have to trace, and the ops must also run on CPU tensors under Triton's interpreter.
-# Eager inference calls the launcher itself (``_launch_fwd``), skipping the op's dispatch (_dispatch.py).
 def _launch_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import rms_norm as kernel
 
     return kernel.rms_norm_fwd(x, weight, eps)
 
 
-_triton_fwd = torch.library.custom_op("llama_fast::triton_rms_norm_fwd", _launch_fwd, mutates_args=())
-
-
-@torch.library.custom_op("llama_fast::triton_rms_norm_bwd", mutates_args=())
-def _triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+def _launch_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import rms_norm as kernel
 
     return kernel.rms_norm_bwd(dy, x, weight, rstd)
 
 
-def fake_fwd(x, weight, eps):
+def _fake_fwd(x, weight, eps):
     """Outputs of the forward ops (x 2-D rows): y in promote(weight, x), rstd fp32 per row."""
     return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype)), x.new_empty(x.shape[:1],
                                                                                                 dtype=torch.float32)
 
 
-def fake_bwd(dy, x, weight, rstd):
+def _fake_bwd(dy, x, weight, rstd):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
-def setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     x, weight, _ = inputs
     ctx.save_for_backward(x, weight, output[1])
 
 
-def backward_with(bwd_op):
+def _backward_with(bwd_op):
     """The autograd formula of a forward op whose backward op is ``bwd_op`` (Triton's or the extension's)."""
 
     def backward(ctx, dy, _drstd):
@@ -58,9 +51,8 @@ def backward_with(bwd_op):
     return backward
 
 
-_triton_fwd.register_fake(fake_fwd)
-_triton_bwd.register_fake(fake_bwd)
-_triton_fwd.register_autograd(backward_with(_triton_bwd), setup_context=setup_context)
+_KERNELS = KernelOp("triton_rms_norm", _launch_fwd, _launch_bwd, fake_forward=_fake_fwd, fake_backward=_fake_bwd,
+                    setup_context=_setup_context, backward_with=_backward_with, extension="rms_norm")
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -86,15 +78,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     """
     _check(x, weight)
     if _dtensor.has_dtensor(x, weight):
-        return _dtensor.rms_norm(x, weight, eps, backend)
+        return _on_dtensors(x, weight, eps, backend)
+    return _rms_norm(x, weight, eps, backend)
+
+
+def _rms_norm(x, weight, eps, backend):
+    """``rms_norm`` on checked plain tensors."""
     chosen = backend_for(x, backend)
     if chosen == "reference":
         return references.rms_norm(x, weight, eps)
-    direct = direct_call_ok(x, weight)
-    if chosen in ("cpu", "cuda"):
-        extension.available()  # loads it (and its fake/autograd parts) once
-        args, op = (unit_stride_rows(x), weight.contiguous(), float(eps)), torch.ops.llama_fast.rms_norm_fwd
-        y, _ = call_extension_op(op, *args) if direct else op(*args)
-    else:
-        y, _ = (_launch_fwd if direct else _triton_fwd)(unit_stride_rows(x), weight, float(eps))
+    y, _ = _KERNELS.run(chosen, direct_call_ok(x, weight), unit_stride_rows(x), weight.contiguous(), float(eps))
     return y if x.dim() == 2 else y.view_as(x)
+
+
+def _on_dtensors(x, weight, eps, backend):
+    """DTensor inputs: x may be split along any dim but the last, which RMSNorm reduces over; the weight
+    is replicated, and its gradient is Partial where x is sharded (each rank sums only its rows)."""
+    mesh, placements = _dtensor.mesh_of("rms_norm", x=x, weight=weight)
+    if x.dim() - 1 in _dtensor.sharded_dims(placements["x"]):
+        raise _dtensor.refuse("rms_norm", "x", x, "its last dim, which RMSNorm reduces over, is sharded")
+    _dtensor.require_replicated("rms_norm", "weight", weight, placements["weight"], "the weight must be replicated")
+    local_weight = weight.to_local(grad_placements=_dtensor.partial_where_sharded(placements["x"]))
+    y = _rms_norm(x.to_local(), local_weight, eps, backend)
+    return _dtensor.wrap(y, mesh, placements["x"], x.shape)

@@ -2,15 +2,14 @@
 
 import torch
 
-from .. import extension, references
+from .. import references
 from ..backend import backend_for
 from . import _dtensor
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_last
-from ._dispatch import call_extension_op, direct_call_ok
+from ._dispatch import KernelOp, direct_call_ok
 
 
-# The Triton path as torch.library custom ops, like the extension's (why: ops/rms_norm.py); eager
-# inference calls the launcher itself (_dispatch.py).
+# Triton's kernels and the C++ extension's, registered as custom ops by KernelOp (ops/_dispatch.py).
 def _launch_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import rope
@@ -18,40 +17,36 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return rope.rope_fwd(q, k, cos, sin)
 
 
-_triton_fwd = torch.library.custom_op("llama_fast::triton_rope_fwd", _launch_fwd, mutates_args=())
-
-
-@torch.library.custom_op("llama_fast::triton_rope_bwd", mutates_args=())
-def _triton_bwd(dq_embed: torch.Tensor, dk_embed: torch.Tensor, cos: torch.Tensor,
+def _launch_bwd(dq_embed: torch.Tensor, dk_embed: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import rope
 
     return rope.rope_bwd(dq_embed, dk_embed, cos, sin)
 
 
-def fake_fwd(q, k, cos, sin):
+def _fake_fwd(q, k, cos, sin):
     """q, k: (B, H, S, D) views with unit stride along D; cos, sin: (B, S, D). The outputs keep the
     inputs' layout (a transposed projection stays one) in promote(q, k, cos)."""
     out_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), cos.dtype)
     return torch.empty_like(q, dtype=out_dtype), torch.empty_like(k, dtype=out_dtype)
 
 
-def fake_fwd_extension(q, k, cos, sin):
+def _fake_fwd_extension(q, k, cos, sin):
     """The extension's forward rotates in q's dtype (its caller promotes q and k first)."""
     return torch.empty_like(q), torch.empty_like(k)
 
 
-def fake_bwd(dq_embed, dk_embed, cos, sin):
+def _fake_bwd(dq_embed, dk_embed, cos, sin):
     return torch.empty_like(dq_embed), torch.empty_like(dk_embed)
 
 
-def setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     q, k, cos, sin = inputs
     ctx.save_for_backward(cos, sin)
     ctx.q_meta, ctx.k_meta = (q.shape, q.dtype), (k.shape, k.dtype)
 
 
-def backward_with(bwd_op):
+def _backward_with(bwd_op):
     """The autograd formula of a forward op whose backward op is ``bwd_op`` (Triton's or the extension's)."""
 
     def backward(ctx, dq_embed, dk_embed):
@@ -71,9 +66,9 @@ def _grad(grad: torch.Tensor | None, meta, like: torch.Tensor) -> torch.Tensor:
     return unit_stride_last(grad)
 
 
-_triton_fwd.register_fake(fake_fwd)
-_triton_bwd.register_fake(fake_bwd)
-_triton_fwd.register_autograd(backward_with(_triton_bwd), setup_context=setup_context)
+_KERNELS = KernelOp("triton_rope", _launch_fwd, _launch_bwd, fake_forward=_fake_fwd, fake_backward=_fake_bwd,
+                    setup_context=_setup_context, backward_with=_backward_with, extension="rope",
+                    fake_extension_forward=_fake_fwd_extension)
 
 
 def _check(q, k, cos, sin, unsqueeze_dim) -> None:
@@ -112,7 +107,12 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1, *, backend: str
     """
     _check(q, k, cos, sin, unsqueeze_dim)
     if _dtensor.has_dtensor(q, k, cos, sin):
-        return _dtensor.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, backend)
+        return _on_dtensors(q, k, cos, sin, unsqueeze_dim, backend)
+    return _rope(q, k, cos, sin, unsqueeze_dim, backend)
+
+
+def _rope(q, k, cos, sin, unsqueeze_dim, backend):
+    """``apply_rotary_pos_emb`` on checked plain tensors."""
     chosen = backend_for(q, backend)
     if chosen == "reference":
         return references.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
@@ -122,16 +122,46 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1, *, backend: str
     cos = unit_stride_last(cos.expand(shape))
     sin = unit_stride_last(sin.expand(shape))
     direct = direct_call_ok(q, k)
-    if chosen in ("cpu", "cuda"):
-        extension.available()  # loads it (and its fake/autograd parts) once
+    if chosen != "triton":
         # The extension rotates in q's dtype; the result dtype of transformers' function is
         # promote(q, cos) (fp32 tables with bf16 q give fp32), so promote first.
         out_dtype = torch.promote_types(q.dtype, cos.dtype)
         q, k = q.to(out_dtype), k.to(out_dtype)
-        args, op = (unit_stride_last(q), unit_stride_last(k), cos, sin), torch.ops.llama_fast.rope_fwd
-        q_embed, k_embed = call_extension_op(op, *args) if direct else op(*args)
-    else:
-        q_embed, k_embed = (_launch_fwd if direct else _triton_fwd)(unit_stride_last(q), unit_stride_last(k), cos, sin)
+    q_embed, k_embed = _KERNELS.run(chosen, direct, unit_stride_last(q), unit_stride_last(k), cos, sin)
     if unsqueeze_dim == 2:
         q_embed, k_embed = q_embed.transpose(1, 2), k_embed.transpose(1, 2)
     return q_embed, k_embed
+
+
+def _on_dtensors(q, k, cos, sin, unsqueeze_dim, backend):
+    """DTensor inputs: q and k may be split along batch, heads or positions, never head_dim (the rotation
+    pairs its two halves); cos and sin, one row per (batch, position), follow a batch or position split
+    of q and k and are replicated otherwise."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    name = "apply_rotary_pos_emb"
+    tensors = dict(q=q, k=k, cos=cos, sin=sin)
+    mesh, placements = _dtensor.mesh_of(name, **tensors)
+    seq_axis = 2 if unsqueeze_dim == 1 else 1
+    for t in ("q", "k"):
+        if 3 in _dtensor.sharded_dims(placements[t]):
+            raise _dtensor.refuse(name, t, tensors[t], "head_dim is sharded, and the rotation pairs its two halves")
+    _dtensor.same_placements(name, "cos", {n: placements[n] for n in ("cos", "sin")}, tensors, "they are one table")
+    for mesh_dim, (pq, pk, pc) in enumerate(zip(placements["q"], placements["k"], placements["cos"])):
+        split_q = pq.dim if pq.is_shard() and pq.dim in (0, seq_axis) else None
+        split_k = pk.dim if pk.is_shard() and pk.dim in (0, seq_axis) else None
+        if split_q != split_k:
+            raise ValueError(f"{name}: q and k must split the batch and the positions alike (they share cos and "
+                             f"sin); got placements {tuple(q.placements)} and {tuple(k.placements)}")
+        if split_q == seq_axis:
+            want = Shard(1)
+        elif split_q == 0 and cos.shape[0] > 1:
+            want = Shard(0)
+        else:
+            want = Replicate()
+        if pc != want:
+            raise _dtensor.refuse(name, "cos", cos, f"on mesh dim {mesh_dim} q is {pq!r}, so cos and sin (batch or 1, "
+                                                    f"seq, head_dim) must be {want!r}",
+                                  "Distribute cos and sin to match q's split of the batch and positions")
+    q_embed, k_embed = _rope(q.to_local(), k.to_local(), cos.to_local(), sin.to_local(), unsqueeze_dim, backend)
+    return _dtensor.wrap(q_embed, mesh, placements["q"], q.shape), _dtensor.wrap(k_embed, mesh, placements["k"], k.shape)

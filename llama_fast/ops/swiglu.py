@@ -2,44 +2,39 @@
 
 import torch
 
-from .. import extension, references
+from .. import references
 from ..backend import backend_for
 from . import _dtensor
 from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stride_rows
-from ._dispatch import call_extension_op, direct_call_ok
+from ._dispatch import KernelOp, direct_call_ok
 
 
-# The Triton path as torch.library custom ops, like the extension's (why: ops/rms_norm.py); eager
-# inference calls the launcher itself (_dispatch.py).
+# Triton's kernels and the C++ extension's, registered as custom ops by KernelOp (ops/_dispatch.py).
 def _launch_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from ..kernels import swiglu as kernel
 
     return kernel.swiglu_fwd(gate, up)
 
 
-_triton_fwd = torch.library.custom_op("llama_fast::triton_swiglu_fwd", _launch_fwd, mutates_args=())
-
-
-@torch.library.custom_op("llama_fast::triton_swiglu_bwd", mutates_args=())
-def _triton_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import swiglu as kernel
 
     return kernel.swiglu_bwd(dout, gate, up)
 
 
-def fake_fwd(gate, up):
+def _fake_fwd(gate, up):
     return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
 
 
-def fake_bwd(dout, gate, up):
+def _fake_bwd(dout, gate, up):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
-def setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def backward_with(bwd_op):
+def _backward_with(bwd_op):
     """The autograd formula of a forward op whose backward op is ``bwd_op`` (Triton's or the extension's)."""
 
     def backward(ctx, dout):
@@ -49,9 +44,8 @@ def backward_with(bwd_op):
     return backward
 
 
-_triton_fwd.register_fake(fake_fwd)
-_triton_bwd.register_fake(fake_bwd)
-_triton_fwd.register_autograd(backward_with(_triton_bwd), setup_context=setup_context)
+_KERNELS = KernelOp("triton_swiglu", _launch_fwd, _launch_bwd, fake_forward=_fake_fwd, fake_backward=_fake_bwd,
+                    setup_context=_setup_context, backward_with=_backward_with, extension="swiglu")
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -64,15 +58,22 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     if gate.dim() == 0 or gate.shape[-1] == 0:
         raise ValueError(f"swiglu: inputs need a non-empty last dim, got shape {tuple(gate.shape)}")
     if _dtensor.has_dtensor(gate, up):
-        return _dtensor.swiglu(gate, up, backend)
+        return _on_dtensors(gate, up, backend)
+    return _swiglu(gate, up, backend)
+
+
+def _swiglu(gate, up, backend):
+    """``swiglu`` on checked plain tensors."""
     chosen = backend_for(gate, backend)
     if chosen == "reference":
         return references.swiglu(gate, up)
-    direct = direct_call_ok(gate, up)
-    if chosen in ("cpu", "cuda"):
-        extension.available()  # loads it (and its fake/autograd parts) once
-        args, op = (unit_stride_rows(gate), unit_stride_rows(up)), torch.ops.llama_fast.swiglu_fwd
-        out = call_extension_op(op, *args) if direct else op(*args)
-    else:
-        out = (_launch_fwd if direct else _triton_fwd)(unit_stride_rows(gate), unit_stride_rows(up))
+    out = _KERNELS.run(chosen, direct_call_ok(gate, up), unit_stride_rows(gate), unit_stride_rows(up))
     return out if gate.dim() == 2 else out.view_as(gate)
+
+
+def _on_dtensors(gate, up, backend):
+    """DTensor inputs: elementwise, so gate and up may be split along any dim, alike; out is split as gate."""
+    mesh, placements = _dtensor.mesh_of("swiglu", gate=gate, up=up)
+    _dtensor.same_placements("swiglu", "gate", placements, dict(gate=gate, up=up), "the op is elementwise")
+    out = _swiglu(gate.to_local(), up.to_local(), backend)
+    return _dtensor.wrap(out, mesh, placements["gate"], gate.shape)
