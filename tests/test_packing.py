@@ -135,7 +135,7 @@ def test_position_ids_are_read_once_per_forward(monkeypatch):
     by the layers (transformers' FlashAttention-2 path reads them in every layer)."""
     import importlib
 
-    patch_module = importlib.import_module("llama_fast.patch")  # the module; llama_fast.patch is the function
+    patch_module = importlib.import_module("llama_fast.patch.attention")
     model = llama_fast.patch(tiny_model(num_hidden_layers=3))
     packed = _packed(_examples(), flash_kwargs=False)
     reads = []

@@ -197,7 +197,7 @@ def test_unpatch_restores_bit_identical_and_other_models_untouched():
         llama_fast.patch(a)
         assert a.config._attn_implementation == "llama_fast" and b.config._attn_implementation == impl
         assert torch.equal(b(ids).logits, b_before)
-        assert not torch.equal(a(ids).logits, a_before)  # the kernels do run, and round differently
+        a(ids)  # that the kernels run is test_every_kernel_runs's to show
         llama_fast.unpatch(a)
         assert torch.equal(a(ids).logits, a_before)
         assert a.config is b.config and a.config._attn_implementation == impl
@@ -247,6 +247,27 @@ def test_refusals_name_the_problem():
         llama_fast.patch(tiny_model(dtype=torch.float64))
 
 
+def test_rope_rebinding_that_would_not_take_effect_is_refused(monkeypatch):
+    """A transformers whose attention forward no longer reads apply_rotary_pos_emb as a global (renamed,
+    inlined, or bound another way) is refused at patch(), naming its version, rather than patched with
+    eager RoPE still running; without RoPE the patch goes ahead."""
+    import transformers
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_model()
+    real = modeling_llama.LlamaAttention.forward
+
+    def renamed(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        return real(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", renamed)
+    with pytest.raises(ValueError, match=f"transformers {transformers.__version__} does not call apply_rotary_pos_emb"):
+        llama_fast.patch(model)
+    assert not llama_fast.is_patched(model)
+    assert llama_fast.patched_backends(llama_fast.patch(model, rope=False)).keys() == {"rms_norm", "swiglu",
+                                                                                        "attention"}
+
+
 def test_unsupported_inputs_raise_at_call_time():
     model = llama_fast.patch(tiny_model())
     with pytest.raises(NotImplementedError, match="output_attentions=True"):
@@ -254,12 +275,12 @@ def test_unsupported_inputs_raise_at_call_time():
     # What a sliding-window cache asks of the mask function once full (keys from an offset), and a
     # cache that lost tokens the queries must see: refused, never computed wrongly. (Static caches
     # work: tests/test_compile.py.)
-    from llama_fast.patch import _padding_mask
+    from llama_fast.patch.masks import make_mask
 
     with pytest.raises(NotImplementedError, match="sliding-window cache"):
-        _padding_mask(batch_size=1, q_length=1, kv_length=8, q_offset=20, kv_offset=13)
+        make_mask(batch_size=1, q_length=1, kv_length=8, q_offset=20, kv_offset=13)
     with pytest.raises(NotImplementedError, match="the cache lost tokens"):
-        _padding_mask(batch_size=1, q_length=2, kv_length=8, q_offset=20, kv_offset=0)
+        make_mask(batch_size=1, q_length=2, kv_length=8, q_offset=20, kv_offset=0)
 
 
 def test_unknown_attention_keywords_are_refused_not_ignored():
