@@ -25,6 +25,8 @@ import dataclasses
 import os
 import sys
 
+from llama_fast.backend import interpreting
+
 SUITES = ("ops", "attention", "e2e")
 
 
@@ -407,7 +409,7 @@ def main(argv=None) -> int:
         argv = ["all", *argv]  # no command: every suite, with the options given
     parser = _parser()
     args = argparse.Namespace(**{**_DEFAULTS, **vars(parser.parse_args(argv))})
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         parser.error("unset TRITON_INTERPRET: the bench compiles and times real kernels")
     if args.command == "audit":
         return _audit(args)

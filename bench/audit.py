@@ -3,7 +3,7 @@
 Each kernel launch of the library is captured (the launchers run on CPU tensors with the
 launch itself intercepted), specialised the way Triton's JIT would (pointer and integer
 arguments divisible by 16 get ``tt.divisibility``), compiled with ``triton.compile`` for the
-target, and read back with the tools in Triton's wheel (../shared/DESIGN.md, fact 5):
+target, and read back with the tools in Triton's wheel (docs/testing.md, "Compiling for Hopper without a GPU"):
 ``cuobjdump --dump-resource-usage`` for registers, stack and local memory and shared memory, and
 ``nvdisasm`` for the instruction mix: ``HGMMA`` (Hopper's warpgroup matrix multiply), ``UTMALDG``
 (Hopper's bulk tensor copies, TMA), 128-bit global loads (``LDG.E.128``) and local-memory stores
@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from llama_fast.backend import interpreting
 
 from .shapes import MODELS
 
@@ -587,7 +589,7 @@ SHAPE_FREE_GROUPS = {"shared-memory": _shared_memory_cases}
 
 
 def audit(models=None, archs=(90, 80), groups=None) -> list[Report]:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         raise RuntimeError("bench audit compiles real kernels: unset TRITON_INTERPRET")
     groups = groups or [*CASE_GROUPS, *SHAPE_FREE_GROUPS]
     cases = [(f"{name} {case}", launcher, kind)

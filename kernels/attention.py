@@ -66,11 +66,12 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, grid_of, next_power_of_2, on_tensor_device, persistent_programs
+from ..backend import interpreting
 
 _LOG2E = 1.4426950408889634
 # Read once, as triton.jit itself does when it decorates: the interpreter takes one autotuning
-# config only (../shared/DESIGN.md, fact 3) and runs faster on small tiles.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# config only (docs/testing.md, "The interpreter") and runs faster on small tiles.
+_INTERPRET = interpreting()
 # LLAMA_FAST_AUTOTUNE=0 keeps the first config of each kernel that the device can run (_Pruner): the
 # GPU test run uses it, where dozens of test shapes would each pay for autotuning and the bench
 # measures the tuned kernels.

@@ -12,15 +12,15 @@ logits: loss and lse) and ``grad_in_place`` (a block of vocabulary columns of ev
 overwritten by dz given the lse found before), so no buffer ever spans tokens × vocabulary.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import next_power_of_2, on_tensor_device
+from ..backend import interpreting
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRET = interpreting()
 # Columns per loop step: 4096 fp32 values over 8 warps on a GPU; small under the interpreter, so
 # that test vocabularies cross several blocks.
 _BLOCK_V = 64 if _INTERPRET else 4096

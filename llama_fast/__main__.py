@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from .backend import interpreting
+
 BACKEND_HELP = ("which implementation of RMSNorm, RoPE and SwiGLU runs (attention follows: Triton where Triton "
                 "runs, else the eager reference). Default: triton on a GPU; on a CPU the C++ extension's CPU "
                 "kernels with the reference attention. 'triton' on a CPU runs every Triton kernel, attention "
@@ -86,7 +88,7 @@ def _positive(text: str) -> int:
 
 def _interpret_triton(argv: list[str]) -> None:
     """Run the Triton kernels in Triton's interpreter: set TRITON_INTERPRET before triton is imported."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         return
     os.environ["TRITON_INTERPRET"] = "1"
     if "triton" in sys.modules:  # too late for this process: start the command again with the variable set

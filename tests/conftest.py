@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from llama_fast.backend import interpreting
+
 
 def _round_bf16_to_nearest() -> None:
     """Make the interpreter's fp32 -> bf16 casts round to nearest even, as the GPU does.
@@ -45,7 +47,7 @@ def _widen_bf16_dot() -> None:
     """Make the interpreter's ``tl.dot`` exact on bf16 operands.
 
     The interpreter stores bf16 as raw uint16 and multiplies the bit patterns (a bf16 dot is off by
-    ~1e10; ../shared/DESIGN.md, fact 2). Widening each operand to the fp32 it encodes (bits << 16)
+    ~1e10; docs/testing.md, "The bf16 trap"). Widening each operand to the fp32 it encodes (bits << 16)
     before the product is exactly what the tensor cores compute, so the GPU code stays unchanged and
     the CPU tests check the real maths.
     """
@@ -70,7 +72,7 @@ def _widen_bf16_dot() -> None:
     builder.create_dot = create_dot
 
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+if interpreting():
     _round_bf16_to_nearest()
     _widen_bf16_dot()
 

@@ -1,6 +1,6 @@
 """Tolerances by the error-ratio rule, and input builders shared by the test modules.
 
-The rule (flash-attention's, ../shared/STYLE.md): against a reference computed in float64 from the
+The rule (flash-attention's; docs/testing.md, "The accuracy rule"): against a reference computed in float64 from the
 same inputs (more precise than any dtype under test, fp32 included), the kernel's error may be at
 most RATIO times the error of eager PyTorch computing the same thing in the same dtype, plus a
 floor: one unit in the last place of the dtype at the scale of the values, plus one fp32 unit

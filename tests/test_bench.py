@@ -13,6 +13,7 @@ import torch
 from bench import formulas, ops as ops_suite
 from bench.traffic import traffic
 from llama_fast import extension
+from llama_fast.backend import interpreting
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +45,7 @@ def _bench(tmp_path, *args):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("suite,extra", [("ops", ["--quick"]), ("attention", []), ("e2e", ["--no-smollm2"])])
 def test_suites_on_cpu_are_labelled_cpu(tmp_path, suite, extra):
     if torch.cuda.is_available():
@@ -175,20 +177,30 @@ def _ops_cases():
     tokens = [16] if device.type == "cpu" else [4096]
     for case in ops_suite.cases(device, torch.float32, ["smollm2-135m"], tokens, ["fwd", "bwd"], compile_too=False):
         for provider, setup in case.providers.items():
-            yield pytest.param(setup, id=f"{case.op}-{case.mode}-{case.shape}-{provider}".replace(" ", "_"))
+            yield pytest.param(setup, case.providers["eager"], id=f"{case.op}-{case.mode}-{case.shape}-{provider}".replace(" ", "_"))
 
 
-@pytest.mark.parametrize("setup", list(_ops_cases()))
-def test_ops_cases_through_pytest_benchmark(benchmark, setup):
+def _seeded(setup):
+    torch.manual_seed(0)  # the same inputs (and output gradients) for every provider of a case
+    return setup()
+
+
+@pytest.mark.parametrize("setup,eager", list(_ops_cases()))
+def test_ops_cases_through_pytest_benchmark(benchmark, setup, eager):
     """The bench's own ops cases under pytest-benchmark (timed with ``--benchmark-enable``; CI runs each once).
-    On the CPU the Triton kernels run in the interpreter: a few rounds check the path, not speed."""
-    fn = setup()
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        benchmark.pedantic(fn, rounds=3, iterations=1)
-    else:
-        benchmark(fn)
+    On the CPU the Triton kernels run in the interpreter: a few rounds check the path, not speed. What a
+    provider's timed call returns is what eager PyTorch's returns for the same inputs (fp32)."""
+    fn = _seeded(setup)
+    got = benchmark.pedantic(fn, rounds=3, iterations=1) if interpreting() else benchmark(fn)
+    want = _seeded(eager)()
+    got, want = (t if isinstance(t, tuple) else (t,) for t in (got, want))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.system
 def test_overhead_bench(tmp_path):
     """`python -m bench overhead`: each op's host path with launches stubbed (no kernel compiled, none
     interpreted: a call takes well under a millisecond) beside eager, and a decoder layer's decode step."""
@@ -205,6 +217,7 @@ def test_overhead_bench(tmp_path):
     assert "Host time, not GPU time." in proc.stdout
 
 
+@pytest.mark.system
 def test_loss_bench(tmp_path):
     """`python -m bench loss`: the loss step's peak, counted on meta tensors, fused against unfused;
     then its speed per provider, labelled CPU."""

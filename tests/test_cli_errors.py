@@ -11,6 +11,8 @@ import pytest
 
 from helpers import user_env
 
+pytestmark = pytest.mark.system  # the CLI, as subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

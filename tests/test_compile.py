@@ -124,6 +124,7 @@ def test_fullgraph_training_step_fused_loss(compiler, backend):
     torch.testing.assert_close(evaluated.loss, expected.loss)
 
 
+@pytest.mark.system
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the real model's files are not carried to a lent GPU")
 def test_real_model_fullgraph():
     """SmolLM2-135M-Instruct, patched (the C++ CPU kernels, attention through its custom op): compiles

@@ -20,6 +20,8 @@ import distributed_run as runs
 import llama_fast
 from helpers import assert_error_ratio, user_env
 
+pytestmark = pytest.mark.system  # several processes (torchrun)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The interpreter runs one scenario (~25 s): FSDP2 with lm_head its own unit, which goes through every
 # Triton kernel (attention and the fused loss's included), patched after sharding.

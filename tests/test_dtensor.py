@@ -394,6 +394,7 @@ def run():
         yield dict(ranks=[torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)], model_dir=model_dir)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("case", SUPPORTED, ids=[c[0] for c in SUPPORTED])
 def test_supported_placements_match_one_process(run, case):
     from llama_fast import ops, references
@@ -436,6 +437,7 @@ def test_supported_placements_match_one_process(run, case):
         assert_error_ratio(a, e, r, name=f"{name} grad of {n}", floor_scale=8)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
 def test_refused_placements_raise(run, case):
     import re
@@ -448,6 +450,7 @@ def test_refused_placements_raise(run, case):
         assert re.search(pattern, got["message"]), f"rank {rank}: {got['message']!r} does not match {pattern!r}"
 
 
+@pytest.mark.system
 def test_tensor_parallel_model_patched_matches_one_process(run):
     """from_pretrained(tp_plan="auto") over 2 ranks, patched (and unpatched), against the unpatched
     model in one process (fp32) and in float64: logits, loss, every parameter's gradient; greedy tokens."""

@@ -148,6 +148,7 @@ def test_swiglu_cpu_16bit_specials(dtype):
         err = (o - x)[finite].abs()
         assert (err <= torch.finfo(dtype).eps * x[finite].abs() + 1e-35).all(), (name, err.max())
 
+@pytest.mark.system
 @built
 def test_swiglu_portable_path_without_avx2():
     """On an AVX2 CPU SwiGLU runs intrinsics; LLAMA_FAST_NO_AVX2=1 makes it take the portable path
@@ -274,6 +275,7 @@ def test_patch_on_the_cpu_kernels():
         llama_fast.patch(clone(base), backend="gpu")
 
 
+@pytest.mark.system
 @built
 def test_library_holds_sm90a_machine_code():
     """The CUDA kernels are compiled to sm_90a (and sm_80) machine code, not only PTX."""

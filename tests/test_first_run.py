@@ -19,6 +19,8 @@ import torch
 
 from helpers import user_env
 
+pytestmark = pytest.mark.system  # the README's commands, as subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_JOB = "bash install.sh && python -m llama_fast"
 TEST_COMMAND = "bash install.sh && python -m pytest -q"

@@ -197,6 +197,7 @@ def test_pruner_on_a_gpu_compiles_each_candidate_for_the_device(monkeypatch):
     assert all(c["q_ptr"] is gpu_tensor and c["grid"] == (1,) and "warmup" not in c for c in compiled)
 
 
+@pytest.mark.system
 def test_decode_tile_fits_every_architecture():
     """The decode kernel is not autotuned: its (BLOCK_N, num_stages) is the first whose shared memory
     bound fits. fp32 at head_dim 256 with 64 rows needs 458,752 B with three stages of 64 keys."""

@@ -134,6 +134,7 @@ def _bench(*args, timeout=900):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.system
 def test_memory_kernel_reads_grid_and_occupancy():
     """Our RMSNorm forward at Liger's calibration shape (4096 rows of 1024) compiles for sm_90a: one
     program a row, and the SM slots its occupancy allows."""
@@ -146,6 +147,7 @@ def test_memory_kernel_reads_grid_and_occupancy():
     assert programs == 4096 and 1 <= per_sm <= 32 and nbytes == 4096 * 1024 * 4 + 1024 * 2 + 4 * 4096
 
 
+@pytest.mark.system
 def test_model_only_command(tmp_path):
     """`python -m bench attention --model-only --quick` (SmolLM2's shape only, the CI case) prints the model,
     labelled as one, with a JSON that says so and names its measured ceilings."""

@@ -14,6 +14,8 @@ import pytest
 
 from helpers import user_env
 
+pytestmark = pytest.mark.system  # pip installs into fresh environments
+
 ROOT = Path(__file__).resolve().parent.parent
 # What a fresh clone holds: no build outputs, no virtual environments, no git metadata.
 NOT_SOURCES = shutil.ignore_patterns(".git", ".ci", "build", "dist", "*.egg-info", "__pycache__", "*.so",

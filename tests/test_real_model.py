@@ -18,6 +18,8 @@ from helpers import assert_error_ratio, assert_gradients_error_ratio
 from models import clone
 from llama_fast import demo
 
+pytestmark = pytest.mark.system  # the real SmolLM2 model
+
 PROMPTS = ("What is the capital of France?", "Name three primary colours.")
 
 

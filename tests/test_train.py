@@ -22,6 +22,8 @@ import torch
 from helpers import user_env
 from llama_fast import train
 
+pytestmark = pytest.mark.system  # torchrun, as the README writes it
+
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["--steps", "3", "--max-length", "96", "--batch-size", "2"]
 DDP = ["--steps", "2", "--max-length", "96", "--batch-size", "2", "--packing", "--fused-loss"]
