@@ -21,7 +21,6 @@ import sys
 
 from setuptools import setup
 
-
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_fast")
 
 
@@ -46,7 +45,8 @@ def _extension_build():
     if cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         ext = cpp_extension.CUDAExtension("llama_fast._C", sources + ["csrc/kernels.cu"],
-                                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=["-fopenmp"])
+                                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                                          extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension("llama_fast._C", sources, extra_compile_args={"cxx": cxx},
                                          extra_link_args=["-fopenmp"])

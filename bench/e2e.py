@@ -31,8 +31,9 @@ def _tiny():
 
 def _builder(spec, device, dtype, patched: bool):
     def build():
-        import llama_fast
         from transformers import LlamaForCausalLM
+
+        import llama_fast
 
         if spec == "smollm2":
             from llama_fast import demo
@@ -148,7 +149,8 @@ def packing_case(label, spec, device, dtype, ours, *, count, mean, longest):
     lengths = packing_lengths(count, mean, longest)
     work = packing_work(lengths)
     shape = (f"{label} {count} examples, mean {sum(lengths) / count:.0f}, max {max(lengths)}: attention FLOPs "
-             f"packed/padded {work['attention_flops_packed_over_padded']:.2f}, tokens {work['tokens_packed_over_padded']:.2f}")
+             f"packed/padded {work['attention_flops_packed_over_padded']:.2f}, "
+             f"tokens {work['tokens_packed_over_padded']:.2f}")
     case = Case("e2e", "train_step", "padded vs packed", shape, work["real_tokens"], str(dtype).removeprefix("torch."),
                 tokens=work["real_tokens"])
     vocab = spec.vocab_size
@@ -172,7 +174,8 @@ def cases(device, dtype, *, layers=4, train_seq=4096, gen_new=128, include_smoll
     else:
         specs = [(f"llama3-8b-shaped x{layers} layers", _llama3_8b_shaped(layers), 1, train_seq, gen_new)]
     if include_smollm2:
-        specs.append(("smollm2-135m", "smollm2", 1, 1024 if device.type == "cuda" else 64, gen_new if device.type == "cuda" else 8))
+        on_gpu = device.type == "cuda"
+        specs.append(("smollm2-135m", "smollm2", 1, 1024 if on_gpu else 64, gen_new if on_gpu else 8))
     from llama_fast import ops
 
     # What the patched model runs: one backend on a GPU; on a CPU the C++ kernels and the reference attention.
@@ -188,7 +191,8 @@ def cases(device, dtype, *, layers=4, train_seq=4096, gen_new=128, include_smoll
         yield train
         if spec != "smollm2":
             # SFT-like lengths (mean 300, up to 2048) on a GPU; a scaled-down mix on a CPU.
-            size = dict(count=16, mean=300, longest=2048) if device.type == "cuda" else dict(count=6, mean=24, longest=64)
+            size = (dict(count=16, mean=300, longest=2048) if device.type == "cuda"
+                    else dict(count=6, mean=24, longest=64))
             yield packing_case(label, spec, device, dtype, ours, **size)
         # Decoding at batch 1 and 16 (2 on a CPU): eager and patched, each with the default dynamic
         # cache and with a static cache; on a GPU also with the forward compiled for CUDA graphs

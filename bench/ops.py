@@ -32,7 +32,7 @@ def _liger():
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(fn):
     return compile_static(fn)
 

@@ -16,8 +16,9 @@ that require grad, through the custom op and its autograd node (ops/_dispatch.py
 The layer rows time a whole ``LlamaDecoderLayer`` decode step (one token on a 128-token
 DynamicCache) patched with the kernels stubbed, and unpatched (transformers' SDPA attention, run
 for real), with the seven projections replaced by fixed outputs in both (``_FixedProjection``):
-the same GEMMs either way, whose CPU time would bury the host time compared. The callables of a row are timed in turn, one call
-each per round (``bench.device.measure_cpu``), so a slow spell of a shared CPU slows them alike.
+the same GEMMs either way, whose CPU time would bury the host time compared. The callables of a row
+are timed in turn, one call each per round (``bench.device.measure_cpu``), so a slow spell of a
+shared CPU slows them alike.
 """
 
 import contextlib

@@ -66,16 +66,19 @@ def traffic(models=None, tokens: int = 4096, dtype=torch.bfloat16) -> list[dict]
         g = torch.empty(tokens, m.intermediate, device=meta, dtype=dtype, requires_grad=True)
         u = torch.empty(tokens, m.intermediate, device=meta, dtype=dtype, requires_grad=True)
         specs = [
-            ("rms_norm", references.rms_norm, (x, w), (x, w), lambda mode: formulas.rms_norm_bytes(tokens, m.hidden, e, e, mode)),
+            ("rms_norm", references.rms_norm, (x, w), (x, w),
+             lambda mode: formulas.rms_norm_bytes(tokens, m.hidden, e, e, mode)),
             ("apply_rotary_pos_emb", references.apply_rotary_pos_emb, (q, k, cos, cos), (q, k),
              lambda mode: formulas.rope_bytes(1, tokens, m.q_heads, m.kv_heads, m.head_dim, e, mode)),
-            ("swiglu", references.swiglu, (g, u), (g, u), lambda mode: formulas.swiglu_bytes(tokens, m.intermediate, e, mode)),
+            ("swiglu", references.swiglu, (g, u), (g, u),
+             lambda mode: formulas.swiglu_bytes(tokens, m.intermediate, e, mode)),
         ]
         for op, fn, inputs, wrt, fused in specs:
             for mode in ("fwd", "bwd"):
                 counter = _count(fn, inputs, wrt, mode)
                 ours = fused(mode)
-                rows.append(dict(op=op, mode=mode, shape=f"{name} tokens={tokens}", dtype=str(dtype).removeprefix("torch."),
+                rows.append(dict(op=op, mode=mode, shape=f"{name} tokens={tokens}",
+                                 dtype=str(dtype).removeprefix("torch."),
                                  eager_bytes=counter.bytes, eager_kernels=counter.kernels, fused_bytes=ours,
                                  ratio=counter.bytes / ours))
     return rows

@@ -10,7 +10,7 @@ import torch
 _CPU_PROGRAMS = 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -60,7 +60,8 @@ def grid_of(*programs: int) -> tuple[int, ...]:
     for axis, (count, limit) in enumerate(zip(programs, GRID_LIMITS)):
         if count > limit:
             raise ValueError(f"llama_fast: a launch needs {count:,} programs along grid axis {axis}, over the "
-                             f"hardware's {limit:,} (shapes too large for one kernel call: split the batch or the sequence)")
+                             f"hardware's {limit:,} (shapes too large for one kernel call: split the batch or the "
+                             "sequence)")
     return programs
 
 

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import next_power_of_2, on_tensor_device
 from ..backend import interpreting
+from ._launch import next_power_of_2, on_tensor_device
 
 _INTERPRET = interpreting()
 # Columns per loop step: 4096 fp32 values over 8 warps on a GPU; small under the interpreter, so

@@ -87,7 +87,8 @@ def _rope_kernel(
 
 
 @on_tensor_device
-def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, Hq, S, D) and k (B, Hk, S, D) by cos, sin (B or broadcast, S, D), in
     ``promote(q, k, cos)``. Outputs keep their input's memory layout (``empty_like``), so a
     transposed view of a projection stays one."""

@@ -69,7 +69,8 @@ def backend_for(tensor: torch.Tensor, backend: str | None = None, *, extension_o
         if not extension.available():
             raise ValueError("llama_fast: the C++ extension llama_fast._C is not built (pip install -e . builds it)")
         if backend == "cuda" and not extension.has_cuda_kernels():
-            raise ValueError("llama_fast: the C++ extension was built without CUDA kernels (no CUDA toolkit at build time)")
+            raise ValueError("llama_fast: the C++ extension was built without CUDA kernels (no CUDA toolkit at build "
+                             "time)")
     return backend
 
 

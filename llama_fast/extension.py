@@ -48,7 +48,7 @@ def _build_record() -> tuple[str | None, str | None]:
     return _build_info.TORCH_VERSION, None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     """(the loaded extension module or None, the reason it is None)."""
     if importlib.util.find_spec(f"{__package__}._C") is None:

@@ -283,8 +283,9 @@ def train_run(base, examples: list[dict], pad_id: int, options: Options, process
               label: str) -> dict:
     """Train a LoRA adapter on ``base`` (which it modifies: pass a copy to keep it) for ``options.steps``
     steps; the per-step losses and the run's figures."""
-    import llama_fast
     from tqdm import tqdm
+
+    import llama_fast
 
     device = processes.device
     model = lora_model(base.to(device), options).train()

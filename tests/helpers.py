@@ -95,7 +95,8 @@ def check_op(fn, ref_fn, inputs, dtype, *, names, backward=True, floor_scale=1.0
     dys = [torch.randn_like(r) for r in outs_ref]
     want = [i for i, (_, rg) in enumerate(inputs) if rg]
     g = torch.autograd.grad(outs, [low[i] for i in want], [d.to(a.dtype) for d, a in zip(dys, outs)])
-    g_eager = torch.autograd.grad(outs_eager, [eager[i] for i in want], [d.to(a.dtype) for d, a in zip(dys, outs_eager)])
+    g_eager = torch.autograd.grad(outs_eager, [eager[i] for i in want],
+                                  [d.to(a.dtype) for d, a in zip(dys, outs_eager)])
     g_ref = torch.autograd.grad(outs_ref, [fp64[i] for i in want], dys)
     for j, i in enumerate(want):
         assert_error_ratio(g[j], g_eager[j], g_ref[j], name=f"{names[0]} grad of {names[1][i]}", dtype=dtype,

@@ -328,7 +328,8 @@ def test_backward_is_deterministic_when_asked(device, deterministic_algorithms, 
     atomics) and repeats bit for bit."""
     modes = []
     backward = kernel.attention_bwd
-    monkeypatch.setattr(kernel, "attention_bwd", lambda *a, **kw: modes.append(kw["deterministic"]) or backward(*a, **kw))
+    monkeypatch.setattr(kernel, "attention_bwd",
+                        lambda *a, **kw: modes.append(kw["deterministic"]) or backward(*a, **kw))
     q, k, v = (t.requires_grad_() for t in _qkv(device, 1, 4, 1, 33, 47, 64))
     dout = torch.randn(1, 4, 33, 64, device=device)
     first = torch.autograd.grad(ops.flash_attention(q, k, v), [q, k, v], dout)
@@ -366,7 +367,8 @@ def test_output_layout_makes_transformers_transpose_free(device):
 @pytest.mark.parametrize("call,error,match", [
     (lambda q, k, v: ops.flash_attention(q, k[:, :1].expand(2, 3, 7, 64), v[:, :1].expand(2, 3, 7, 64)),
      ValueError, r"q_heads \(4\) must be a multiple of kv_heads \(3\)"),
-    (lambda q, k, v: ops.flash_attention(q, k[..., :32], v[..., :32]), ValueError, "head_dim 64 but k and v have head_dim 32"),
+    (lambda q, k, v: ops.flash_attention(q, k[..., :32], v[..., :32]), ValueError,
+     "head_dim 64 but k and v have head_dim 32"),
     (lambda q, k, v: ops.flash_attention(q, k, v[:, :, :5]), ValueError, "must have one shape"),
     (lambda q, k, v: ops.flash_attention(q, k.half(), v), TypeError, "share one dtype"),
     (lambda q, k, v: ops.flash_attention(q.double(), k.double(), v.double()), TypeError, "float64"),

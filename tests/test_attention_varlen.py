@@ -110,7 +110,8 @@ def test_varlen_through_tensor_descriptors(device, dtype):
     views = [t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)]
     packed = kernel.Packed(cu_q, cu_k, 50, 50)
     out, lse = kernel.attention_fwd(*views, causal=True, softmax_scale=0.125, pad=None, packed=packed, tma=True)
-    plain, plain_lse = kernel.attention_fwd(*views, causal=True, softmax_scale=0.125, pad=None, packed=packed, tma=False)
+    plain, plain_lse = kernel.attention_fwd(*views, causal=True, softmax_scale=0.125, pad=None, packed=packed,
+                                            tma=False)
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     torch.testing.assert_close(lse, plain_lse, rtol=0, atol=0)
     dout = torch.randn_like(out)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import formulas, ops as ops_suite
+from bench import formulas
+from bench import ops as ops_suite
 from bench.traffic import traffic
 from llama_fast import extension
 from llama_fast.backend import interpreting
@@ -41,7 +42,8 @@ def test_traffic_count_shows_what_fusion_saves():
 
 def _bench(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(tmp_path), "--no-progress", "--rep-ms", "20"],
+    command = [sys.executable, "-m", "bench", *args, "--out", str(tmp_path), "--no-progress", "--rep-ms", "20"]
+    return subprocess.run(command,
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -177,7 +179,8 @@ def _ops_cases():
     tokens = [16] if device.type == "cpu" else [4096]
     for case in ops_suite.cases(device, torch.float32, ["smollm2-135m"], tokens, ["fwd", "bwd"], compile_too=False):
         for provider, setup in case.providers.items():
-            yield pytest.param(setup, case.providers["eager"], id=f"{case.op}-{case.mode}-{case.shape}-{provider}".replace(" ", "_"))
+            name = f"{case.op}-{case.mode}-{case.shape}-{provider}".replace(" ", "_")
+            yield pytest.param(setup, case.providers["eager"], id=name)
 
 
 def _seeded(setup):

@@ -64,8 +64,9 @@ def test_triton_ops(device, dtype, index):
     if device.type == "cpu" and not llama_fast.backend.interpreting():
         pytest.skip("the Triton ops run on CPU tensors only under the interpreter")
     name, op, args = _cases(device, dtype)[index]
-    grads = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and name.endswith(("fwd", "nopad"))
-             else a for a in args]
+    differentiable = name.endswith(("fwd", "nopad"))
+    grads = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and differentiable else a
+             for a in args]
     torch.library.opcheck(op, tuple(grads))
 
 
@@ -134,7 +135,8 @@ def test_eager_inference_skips_the_custom_op(device, monkeypatch, requires_grad)
         monkeypatch.setattr(kernels, "forward", lambda *a, op=custom_op: used.append(1) or op(*a))
         got = call()
         assert used == ([1] if requires_grad else []), custom_op
-        for e, g in zip(expected if isinstance(expected, tuple) else (expected,), got if isinstance(got, tuple) else (got,)):
+        as_tuple = lambda t: t if isinstance(t, tuple) else (t,)  # noqa: E731
+        for e, g in zip(as_tuple(expected), as_tuple(got)):
             assert torch.equal(e, g) and g.requires_grad == requires_grad
         with torch.no_grad():  # no graph to record: direct even for inputs that require grad
             used.clear()

@@ -13,10 +13,10 @@ import os
 import subprocess
 import sys
 
+import distributed_run as runs
 import pytest
 import torch
 
-import distributed_run as runs
 import llama_fast
 from helpers import assert_error_ratio, user_env
 

@@ -202,7 +202,8 @@ def _op_samples(device):
 
 @built
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("index", range(6), ids=["rms_fwd", "rms_bwd", "rope_fwd", "rope_bwd", "swiglu_fwd", "swiglu_bwd"])
+@pytest.mark.parametrize("index", range(6),
+                         ids=["rms_fwd", "rms_bwd", "rope_fwd", "rope_bwd", "swiglu_fwd", "swiglu_bwd"])
 def test_opcheck(device, index):
     """Schema, fake (meta) implementation, autograd registration and dispatch are consistent."""
     op, args = _op_samples(device)[index]
@@ -291,6 +292,7 @@ def test_library_holds_sm90a_machine_code():
     assert ("sm_90a" in listing or old_cuobjdump) and "sm_90" in listing and "sm_80" in listing, listing
     sass = subprocess.run([str(cuobjdump), "--dump-sass", "--gpu-architecture", "sm_90a", library],
                           capture_output=True, text=True, check=True).stdout
-    for kernel in ("rms_norm_fwd_kernel", "rms_norm_dx_kernel", "rope_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel"):
+    kernels = ("rms_norm_fwd_kernel", "rms_norm_dx_kernel", "rope_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel")
+    for kernel in kernels:
         assert kernel in sass, kernel
     assert "LDG.E.128" in sass, "the vectorised paths issue 128-bit loads"

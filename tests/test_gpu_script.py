@@ -128,7 +128,8 @@ def test_dry_run_of_every_step(tmp_path):
     assert time.monotonic() - start < 900
 
     stage = tmp_path / "run" / "stage"
-    code = "import llama_fast, llama_fast.kernels.attention as a, bench; print(llama_fast.__file__, a.__file__, bench.__file__)"
+    code = ("import llama_fast, llama_fast.kernels.attention as a, bench; "
+            "print(llama_fast.__file__, a.__file__, bench.__file__)")
     files = subprocess.run([sys.executable, "-c", code], cwd=stage, env=_env(tmp_path), capture_output=True, text=True,
                            check=True).stdout.split()
     assert len(files) == 3 and all(f.startswith(str(stage)) for f in files), files
@@ -167,5 +168,6 @@ def test_within_skips_what_cannot_fit_and_restores_autotuning_results(tmp_path):
     assert (cache / "ABCDEF" / "_attn_fwd_kernel.autotune.json").exists()
     assert not (cache / "ABCDEF" / "_attn_fwd_kernel.cubin").exists()
     with tarfile.open(out / "autotune.tar.gz") as tar:
-        assert [n.lstrip("./") for n in tar.getnames() if n.endswith(".json")] == ["ABCDEF/_attn_fwd_kernel.autotune.json"]
+        names = [n.lstrip("./") for n in tar.getnames() if n.endswith(".json")]
+        assert names == ["ABCDEF/_attn_fwd_kernel.autotune.json"]
     assert f"autotuning results restored from {saved}" in (out / "rest.log").read_text()

@@ -111,7 +111,8 @@ def _launches(module, fn) -> bool:
 def test_every_launcher_runs_under_its_tensors_device():
     launchers = dict(_launchers())
     assert {"llama_fast.kernels.attention.attention_fwd", "llama_fast.kernels.rms_norm.rms_norm_bwd",
-            "llama_fast.kernels.rope.rope_fwd", "llama_fast.kernels.rope.rope_bwd", "llama_fast.kernels.swiglu.swiglu_fwd",
+            "llama_fast.kernels.rope.rope_fwd", "llama_fast.kernels.rope.rope_bwd",
+            "llama_fast.kernels.swiglu.swiglu_fwd",
             "llama_fast.kernels.cross_entropy.grad_in_place"} <= set(launchers)
     unguarded = [name for name, fn in launchers.items() if getattr(fn, "__wrapped__", None) is None
                  or fn.__code__ is not _launch.on_tensor_device(lambda x: x).__code__]

@@ -256,8 +256,8 @@ def test_patched_training_curve_20_steps():
     ids = tokens(4, 12)
     curves = {}
     loss_only = dict(rms_norm=False, rope=False, swiglu=False, attention=False)  # fast in the interpreter
-    for name, model in (("patched", llama_fast.patch(clone(base), cross_entropy=True, **loss_only)), ("eager", clone(base)),
-                        ("ref", clone(base, torch.float64))):
+    for name, model in (("patched", llama_fast.patch(clone(base), cross_entropy=True, **loss_only)),
+                        ("eager", clone(base)), ("ref", clone(base, torch.float64))):
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         losses = []
@@ -273,9 +273,10 @@ def test_patched_training_curve_20_steps():
 
 
 def test_patch_refuses_cross_entropy_without_a_head():
+    from transformers import LlamaModel
+
     import llama_fast
     from models import tiny_model
-    from transformers import LlamaModel
 
     with pytest.raises(ValueError, match="cross_entropy=True needs a causal LM"):
         llama_fast.patch(tiny_model(cls=LlamaModel), cross_entropy=True)

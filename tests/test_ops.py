@@ -62,8 +62,8 @@ def _rope_inputs(device, batch, seq, n_q, n_k, head_dim, cos_batch=None):
 )
 def test_rope(device, dtype, batch, seq, n_q, n_k, head_dim):
     q, k, cos, sin = _rope_inputs(device, batch, seq, n_q, n_k, head_dim)
-    check_op(ops.apply_rotary_pos_emb, references.apply_rotary_pos_emb, [(q, True), (k, True), (cos, False), (sin, False)],
-             dtype, names=("rope", ("q", "k", "cos", "sin")))
+    check_op(ops.apply_rotary_pos_emb, references.apply_rotary_pos_emb,
+             [(q, True), (k, True), (cos, False), (sin, False)], dtype, names=("rope", ("q", "k", "cos", "sin")))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -78,7 +78,8 @@ def test_rope_layouts(device, dtype):
     def ref(q, k, cos, sin):
         return references.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
-    check_op(op, ref, [(q, True), (k, True), (cos, False), (sin, False)], dtype, names=("rope", ("q", "k", "cos", "sin")))
+    check_op(op, ref, [(q, True), (k, True), (cos, False), (sin, False)], dtype,
+             names=("rope", ("q", "k", "cos", "sin")))
     # Contiguous (B, H, S, D) inputs keep their layout; transposed ones keep theirs.
     q, k, cos, sin = _rope_inputs(device, 2, 5, 4, 2, 64)
     qe, ke = ops.apply_rotary_pos_emb(q.contiguous().to(dtype), k.to(dtype), cos.to(dtype), sin.to(dtype))

@@ -116,7 +116,8 @@ def test_packed_with_gradient_checkpointing():
 def test_packed_with_peft_lora():
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
     torch.manual_seed(7)
     lora = peft.get_peft_model(tiny_model(), config)
     examples = _examples()

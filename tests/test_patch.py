@@ -48,7 +48,8 @@ def test_every_kernel_runs():
     model = llama_fast.patch(tiny_model())
     spies = {name: mock.patch.object(module, fn, wraps=getattr(module, fn)) for name, module, fn in [
         ("rms_norm", rms_norm_kernel, "rms_norm_fwd"), ("rms_norm_bwd", rms_norm_kernel, "rms_norm_bwd"),
-        ("rope", rope_kernel, "rope_fwd"), ("rope_bwd", rope_kernel, "rope_bwd"), ("swiglu", swiglu_kernel, "swiglu_fwd"),
+        ("rope", rope_kernel, "rope_fwd"), ("rope_bwd", rope_kernel, "rope_bwd"),
+        ("swiglu", swiglu_kernel, "swiglu_fwd"),
         ("swiglu_bwd", swiglu_kernel, "swiglu_bwd"), ("attention", attention_kernel, "attention_fwd"),
         ("attention_bwd", attention_kernel, "attention_bwd"),
     ]}
@@ -145,7 +146,8 @@ def test_peft_lora_gradients_match():
     """Point 6: a PEFT LoRA model trains on the kernels; its LoRA gradients match unpatched LoRA."""
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
     base = tiny_model()
     torch.manual_seed(7)
     lora = peft.get_peft_model(base, config)

@@ -15,8 +15,8 @@ import torch
 
 import llama_fast
 from helpers import assert_error_ratio, assert_gradients_error_ratio
-from models import clone
 from llama_fast import demo
+from models import clone
 
 pytestmark = pytest.mark.system  # the real SmolLM2 model
 

@@ -4,8 +4,8 @@ Two commands, as subprocesses in a new shell's environment (no TRITON_INTERPRET)
 ``--compare`` (unpatched, then patched, from the same seed and data), and two processes under
 torchrun (DDP over gloo) with packed batches and the fused loss. Both start at once: loading the
 model is single-threaded Python (about 40 s when the GGUF file is converted, a few seconds from the
-copy demo.load_model keeps), which side by side costs the module less on two cores. Then the data functions on their own:
-that the labels mask the prompt and the padding, packing, and each rank's share of the data.
+copy demo.load_model keeps), which side by side costs the module less on two cores. Then the data
+functions on their own: that the labels mask the prompt and the padding, packing, and each rank's share of the data.
 """
 
 import json

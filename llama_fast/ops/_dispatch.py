@@ -13,7 +13,6 @@ host time is the step's time, so eager inference calls the same implementation d
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-
 # A model's weights are Parameters: a subclass, but one with no dispatch of its own.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 

@@ -164,4 +164,5 @@ def _on_dtensors(q, k, cos, sin, unsqueeze_dim, backend):
                                                     f"seq, head_dim) must be {want!r}",
                                   "Distribute cos and sin to match q's split of the batch and positions")
     q_embed, k_embed = _rope(q.to_local(), k.to_local(), cos.to_local(), sin.to_local(), unsqueeze_dim, backend)
-    return _dtensor.wrap(q_embed, mesh, placements["q"], q.shape), _dtensor.wrap(k_embed, mesh, placements["k"], k.shape)
+    return (_dtensor.wrap(q_embed, mesh, placements["q"], q.shape),
+            _dtensor.wrap(k_embed, mesh, placements["k"], k.shape))

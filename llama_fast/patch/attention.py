@@ -130,7 +130,8 @@ def _packed_sequences(query, key, attention_mask, kwargs):
     if any(value is not None for value in given.values()):
         missing = [name for name, value in given.items() if value is None]
         if missing:
-            raise NotImplementedError(f"llama_fast attention: packed sequences need all of {', '.join(_PACKED_KWARGS)}; "
+            raise NotImplementedError("llama_fast attention: packed sequences need all of "
+                                      f"{', '.join(_PACKED_KWARGS)}; "
                                       f"{', '.join(missing)} missing")
         if attention_mask is not None and not marker:
             raise NotImplementedError("llama_fast attention: packed sequences (cu_seq_lens_*) come without a padding "

@@ -66,7 +66,8 @@ def make_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fun
                                   f"{q_offset} + {q_length}): the cache lost tokens the queries must see")
     if not static and kv_length == q_offset + q_length:  # the cache holds exactly the tokens seen so far
         return None if attention_mask is None else attention_mask[:, -kv_length:].bool()
-    device = q_offset.device if static else attention_mask.device if attention_mask is not None else kwargs.get("device")
+    device = (q_offset.device if static else attention_mask.device if attention_mask is not None
+              else kwargs.get("device"))
     if device is None:
         raise NotImplementedError("llama_fast attention: a static cache's mask needs its device, and transformers "
                                   "passed none (no attention_mask, no device argument)")
