@@ -28,6 +28,14 @@ def test_rms_norm_leading_dims_and_non_contiguous(device, dtype):
              names=("rms_norm", ("x", "weight")))
 
 
+def test_rms_norm_strided_weight(device):
+    """A weight that is a strided view (every other element of a buffer) is read as its values, not
+    its storage (the kernels take a unit-stride weight: the op makes it one)."""
+    x = torch.randn(6, 576, device=device)
+    w = torch.randn(2 * 576, device=device)[::2]
+    torch.testing.assert_close(ops.rms_norm(x, w), references.rms_norm(x, w))
+
+
 def test_rms_norm_weight_promotion(device):
     """A bf16 activation with an fp32 weight gives an fp32 result, as LlamaRMSNorm does."""
     x = torch.randn(7, 760, device=device, dtype=torch.bfloat16)
