@@ -491,6 +491,8 @@ def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[int], object], s
     rstd = torch.empty(tokens, dtype=torch.float32)
     yield "rms_norm fwd", lambda arch: rms_norm.rms_norm_fwd(x, w, 1e-5), "memory"
     yield "rms_norm bwd", lambda arch: rms_norm.rms_norm_bwd(x, x, w, rstd), "memory"
+    yield "add_rms_norm fwd", lambda arch: rms_norm.add_rms_norm_fwd(x, x, w, 1e-5), "memory"
+    yield "add_rms_norm bwd", lambda arch: rms_norm.add_rms_norm_bwd(x, x, x, w, rstd), "memory"
     q = torch.empty(batch, seq, model.q_heads, model.head_dim, dtype=bf16).transpose(1, 2)
     k = torch.empty(batch, seq, model.kv_heads, model.head_dim, dtype=bf16).transpose(1, 2)
     cos = torch.empty(batch, seq, model.head_dim, dtype=bf16)

@@ -20,6 +20,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return weight * h.to(input_dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``LlamaDecoderLayer``'s ``hidden = residual + attn_out`` then ``post_attention_layernorm(hidden)``:
+    (the norm of the sum, the sum), the sum rounded to its dtype before the norm reads it, as in eager."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -23,6 +23,8 @@ def _cases(device, dtype):
     ops = torch.ops.llama_fast
     x, w = torch.randn(6, 32, device=device, dtype=dtype), torch.randn(32, device=device, dtype=dtype)
     _, rstd = ops.triton_rms_norm_fwd.default(x, w, 1e-6)
+    residual = torch.randn(6, 32, device=device, dtype=dtype)
+    _, summed, summed_rstd = ops.triton_add_rms_norm_fwd.default(x, residual, w, 1e-6)
     gate, up = torch.randn(6, 40, device=device, dtype=dtype), torch.randn(6, 40, device=device, dtype=dtype)
     q, k, cos, sin = _rope_inputs(device, dtype)
     qa = torch.randn(2, 9, 4, 16, device=device, dtype=dtype).transpose(1, 2)
@@ -39,6 +41,9 @@ def _cases(device, dtype):
     return [
         ("rms_norm_fwd", ops.triton_rms_norm_fwd.default, (x, w, 1e-6)),
         ("rms_norm_bwd", ops.triton_rms_norm_bwd.default, (torch.randn_like(x), x, w, rstd)),
+        ("add_rms_norm_fwd", ops.triton_add_rms_norm_fwd.default, (x, residual, w, 1e-6)),
+        ("add_rms_norm_bwd", ops.triton_add_rms_norm_bwd.default,
+         (torch.randn_like(x), torch.randn_like(x), summed, w, summed_rstd)),
         ("swiglu_fwd", ops.triton_swiglu_fwd.default, (gate, up)),
         ("swiglu_bwd", ops.triton_swiglu_bwd.default, (torch.randn_like(gate), gate, up)),
         ("rope_fwd", ops.triton_rope_fwd.default, (q, k, cos, sin)),
@@ -59,7 +64,7 @@ def _cases(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(15))
 def test_triton_ops(device, dtype, index):
     if device.type == "cpu" and not llama_fast.backend.interpreting():
         pytest.skip("the Triton ops run on CPU tensors only under the interpreter")
@@ -114,6 +119,7 @@ def _op_calls(device, requires_grad):
     module = lambda name: importlib.import_module(f"llama_fast.ops.{name}")  # noqa: E731
     return [
         (module("rms_norm")._KERNELS, lambda: llama_fast.ops.rms_norm(x, w)),
+        (module("add_rms_norm")._KERNELS, lambda: llama_fast.ops.add_rms_norm(x, x, w)),
         (module("swiglu")._KERNELS, lambda: llama_fast.ops.swiglu(gate, up)),
         (module("rope")._KERNELS, lambda: llama_fast.ops.apply_rotary_pos_emb(q, k, cos, sin)),
         (module("attention")._KERNELS, lambda: llama_fast.ops.flash_attention(q, kv, kv)),

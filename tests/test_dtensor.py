@@ -93,7 +93,12 @@ def _loss(**options):
     return run, ref
 
 
+def _add_rms_norm(ops, t):  # no C++ kernel: Triton in the interpreter
+    return ops.add_rms_norm(t["x"], t["residual"], t["weight"], EPS)
+
+
 OPS = {"rms_norm": (_rms_norm, lambda refs, t: refs.rms_norm(t["x"], t["weight"], EPS)),
+       "add_rms_norm": (_add_rms_norm, lambda refs, t: refs.add_rms_norm(t["x"], t["residual"], t["weight"], EPS)),
        "swiglu": (_swiglu, lambda refs, t: refs.swiglu(t["gate"], t["up"])),
        "rope": _rope(1), "rope_bshd": _rope(2), "attention": (_attention, _attention_ref),
        "varlen": (_varlen, _varlen_ref), "loss_mean": _loss(), "loss_sum": _loss(reduction="sum"),
@@ -114,6 +119,8 @@ def _inputs(op: str, shapes: str = "") -> dict:
 
     if op == "rms_norm":
         return dict(x=randn(2, 7, 40), weight=1 + 0.1 * randn(40))
+    if op == "add_rms_norm":
+        return dict(x=randn(2, 7, 40), residual=randn(2, 7, 40), weight=1 + 0.1 * randn(40))
     if op == "swiglu":
         return dict(gate=randn(2, 7, 47), up=randn(2, 7, 47))
     if op in ("rope", "rope_bshd"):
@@ -157,6 +164,9 @@ SUPPORTED = [
     ("rms_norm_seq_bf16", "rms_norm", "", dict(x="S1"), torch.bfloat16, True),
     ("rms_norm_batch_inference", "rms_norm", "", dict(x="S0"), torch.float32, True),
     ("rms_norm_2d_mesh", "rms_norm", "", dict(x="R,S1"), torch.float32, True),
+    ("add_rms_norm_replicated", "add_rms_norm", "", {}, torch.float32, True),
+    ("add_rms_norm_seq", "add_rms_norm", "", dict(x="S1", residual="S1"), torch.float32, True),
+    ("add_rms_norm_batch_bf16", "add_rms_norm", "", dict(x="S0", residual="S0"), torch.bfloat16, True),
     ("swiglu_replicated", "swiglu", "", {}, torch.float32, True),
     ("swiglu_seq", "swiglu", "", dict(gate="S1", up="S1"), torch.float32, True),
     ("swiglu_last_dim", "swiglu", "", dict(gate="S2", up="S2"), torch.float32, True),
@@ -189,7 +199,7 @@ SUPPORTED = [
 ]
 
 # Which inputs are differentiated (the others are tables, masks, offsets, labels).
-GRAD = {"x", "weight", "gate", "up", "q", "k", "v", "hidden", "bias"}
+GRAD = {"x", "residual", "weight", "gate", "up", "q", "k", "v", "hidden", "bias"}
 NO_BACKWARD = {"attention_batch_kv_lens",  # kv_lens is forward only
                "rms_norm_batch_inference"}  # no autograd: the launcher called directly on each shard
 
@@ -203,6 +213,12 @@ REFUSED = [
     ("rms_norm_plain_weight", "rms_norm", "", dict(weight="plain"),
      r"rms_norm: x is a DTensor but weight is a plain tensor; pass all of them as DTensors"),
     ("rms_norm_partial", "rms_norm", "", dict(x="P"), r"rms_norm: x is a DTensor with placements \(Partial\(sum\),\)"),
+    ("add_rms_norm_last_dim", "add_rms_norm", "", dict(x="S2", residual="S2"),
+     r"add_rms_norm: x is a DTensor .* its last dim, which RMSNorm reduces over, is sharded"),
+    ("add_rms_norm_split_unlike", "add_rms_norm", "", dict(x="S0", residual="S1"),
+     r"add_rms_norm: x and residual must be split alike \(the add is elementwise\)"),
+    ("add_rms_norm_sharded_weight", "add_rms_norm", "", dict(weight="S0"),
+     r"add_rms_norm: weight is a DTensor .* must be replicated"),
     ("swiglu_split_unlike", "swiglu", "", dict(gate="S0", up="S1"), r"swiglu: gate and up must be split alike"),
     ("rope_head_dim", "rope", "", dict(q="S3", k="S3"), r"apply_rotary_pos_emb: q is a DTensor .* head_dim is sharded"),
     ("rope_tables_not_split", "rope", "per_batch_tables", dict(q="S0", k="S0"),
@@ -312,7 +328,8 @@ def _run_model(model_dir: str, ids: torch.Tensor) -> dict:
 
         return spy
 
-    originals = {n: getattr(ops, n) for n in ("rms_norm", "swiglu", "apply_rotary_pos_emb", "flash_attention")}
+    originals = {n: getattr(ops, n) for n in ("rms_norm", "add_rms_norm", "swiglu", "apply_rotary_pos_emb",
+                                              "flash_attention")}
     for n, fn in originals.items():
         setattr(ops, n, record(n, fn))
     if hasattr(transformers, "DistributedConfig"):
@@ -463,7 +480,8 @@ def test_tensor_parallel_model_patched_matches_one_process(run):
     tp, tp_eager = model_results["patched"], model_results["unpatched"]
     assert "model.layers.0.self_attn.q_proj.weight" in tp["sharded"], "the plan did not apply"
     # transformers' plan hands each layer's output on as a local tensor: our ops get plain tensors
-    assert set(model_results["seen"]) == {"rms_norm", "swiglu", "apply_rotary_pos_emb", "flash_attention"}
+    assert set(model_results["seen"]) == {"rms_norm", "add_rms_norm", "swiglu", "apply_rotary_pos_emb",
+                                          "flash_attention"}
     assert all(kinds in (["Tensor"], ["Parameter", "Tensor"]) for kinds in model_results["seen"].values())
     single = transformers.LlamaForCausalLM.from_pretrained(run["model_dir"], dtype=torch.float32)
     ids = torch.load(run["model_dir"] / "ids.pt")

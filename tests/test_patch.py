@@ -48,6 +48,8 @@ def test_every_kernel_runs():
     model = llama_fast.patch(tiny_model())
     spies = {name: mock.patch.object(module, fn, wraps=getattr(module, fn)) for name, module, fn in [
         ("rms_norm", rms_norm_kernel, "rms_norm_fwd"), ("rms_norm_bwd", rms_norm_kernel, "rms_norm_bwd"),
+        ("add_rms_norm", rms_norm_kernel, "add_rms_norm_fwd"),
+        ("add_rms_norm_bwd", rms_norm_kernel, "add_rms_norm_bwd"),
         ("rope", rope_kernel, "rope_fwd"), ("rope_bwd", rope_kernel, "rope_bwd"),
         ("swiglu", swiglu_kernel, "swiglu_fwd"),
         ("swiglu_bwd", swiglu_kernel, "swiglu_bwd"), ("attention", attention_kernel, "attention_fwd"),
@@ -61,8 +63,9 @@ def test_every_kernel_runs():
         for spy in spies.values():
             spy.stop()
     layers = 2
-    assert mocks["rms_norm"].call_count == 2 * layers + 1
-    assert mocks["rms_norm_bwd"].call_count == 2 * layers + 1
+    # each layer's input norm and the final norm; the post-attention norms run fused with the residual add
+    assert mocks["rms_norm"].call_count == mocks["rms_norm_bwd"].call_count == layers + 1
+    assert mocks["add_rms_norm"].call_count == mocks["add_rms_norm_bwd"].call_count == layers
     assert mocks["rope"].call_count == mocks["rope_bwd"].call_count == layers
     assert mocks["swiglu"].call_count == mocks["swiglu_bwd"].call_count == layers
     assert mocks["attention"].call_count == mocks["attention_bwd"].call_count == layers
@@ -104,15 +107,25 @@ def test_left_padded_batch_generation_matches_each_prompt_alone():
 
 
 def test_gradient_checkpointing():
-    """Point 5: with gradient checkpointing, training gradients match the unpatched model's."""
+    """Point 5: with gradient checkpointing, training gradients match the unpatched model's, and
+    transformers' checkpointing really runs on the patched layers (their fused forward hands it the call)."""
     base = tiny_model()
     models = {"patched": llama_fast.patch(clone(base)), "eager": clone(base), "ref": clone(base, torch.float64)}
     grads = {}
     for name, model in models.items():
         model.gradient_checkpointing_enable()
         model.train()
-        _, loss = _forward_loss(model, tokens(2, 10))
-        loss.backward()
+        layers = model.model.layers
+        spies = [mock.patch.object(layer, "_gradient_checkpointing_func", wraps=layer._gradient_checkpointing_func)
+                 for layer in layers]
+        checkpoints = [spy.start() for spy in spies]
+        try:
+            _, loss = _forward_loss(model, tokens(2, 10))
+            loss.backward()
+        finally:
+            for spy in spies:
+                spy.stop()
+        assert [c.call_count for c in checkpoints] == [1] * len(layers), name
         grads[name] = {n: p.grad for n, p in model.named_parameters()}
     for n in grads["ref"]:
         assert_error_ratio(grads["patched"][n], grads["eager"][n], grads["ref"][n], name=f"grad {n}", floor_scale=8)
@@ -368,3 +381,104 @@ def test_cpu_attention_takes_any_head_dim(monkeypatch):
     patched = llama_fast.patch(clone(base))
     ids = tokens(2, 7)
     assert torch.equal(_generate(patched, ids, new=8), _generate(base, ids, new=8))
+
+
+def _fused_calls():
+    return mock.patch.object(rms_norm_kernel, "add_rms_norm_fwd", wraps=rms_norm_kernel.add_rms_norm_fwd)
+
+
+def test_decoder_layer_keeps_transformers_signature_and_submodule_calls():
+    """The fused layer forward takes transformers' keywords (the deprecated past_key_values too) and calls
+    input_layernorm, self_attn and mlp as modules: their forward hooks fire, once per layer."""
+    import inspect
+
+    from transformers import DynamicCache
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    base = tiny_model()
+    patched = llama_fast.patch(clone(base))
+    layer = patched.model.layers[0]
+    assert "forward" in vars(layer)
+    assert list(inspect.signature(layer.forward).parameters) == list(
+        inspect.signature(LlamaDecoderLayer.forward).parameters)[1:]
+    seen = []
+    for each in patched.model.layers:
+        for module in (each.input_layernorm, each.self_attn, each.mlp):
+            module.register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    ids = tokens(1, 7)
+    with torch.no_grad(), _fused_calls() as fused:
+        caches = {name: DynamicCache(config=m.config) for name, m in (("patched", patched), ("eager", base))}
+        got = patched(input_ids=ids, cache=caches["patched"], use_cache=True).logits
+        want = base(input_ids=ids, cache=caches["eager"], use_cache=True).logits
+        assert fused.call_count == 2
+        # a layer called directly with the deprecated keyword, as transformers' own layer accepts it
+        hidden = torch.randn(1, 3, 64, device=DEVICE)
+        cos_sin = patched.model.rotary_emb(hidden, torch.arange(3, device=DEVICE)[None])
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            out = layer(hidden, position_embeddings=cos_sin, past_key_values=None)
+        assert out.shape == hidden.shape
+    # two layers in the model's call, then the first layer called alone
+    assert seen == ["LlamaRMSNorm", "LlamaAttention", "LlamaMLP"] * 3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_on_the_post_attention_norm_run_unfused():
+    """A hook on post_attention_layernorm (which the fused op does not call) sends the layer through
+    transformers' forward, so the hook sees every call; without hooks the layer fuses again."""
+    model = llama_fast.patch(tiny_model())
+    calls = []
+    handle = model.model.layers[1].post_attention_layernorm.register_forward_hook(lambda *a: calls.append(1))
+    ids = tokens(1, 5)
+    with torch.no_grad(), _fused_calls() as fused:
+        model(ids)
+        assert calls == [1] and fused.call_count == 1  # layer 0 still fused
+        handle.remove()
+        model(ids)
+        assert fused.call_count == 3
+
+
+def test_decoder_layer_fusion_only_where_it_applies():
+    """Not fused: with rms_norm=False, on the extension's or the reference backend (no fused kernel), and a
+    layer already given an instance forward by someone else (left as it is). unpatch restores all."""
+    from llama_fast.patch.layer import fused_layer_forward
+
+    for options in (dict(rms_norm=False), dict(backend="reference")):
+        model = llama_fast.patch(tiny_model(), **options)
+        assert not any("forward" in vars(layer) for layer in model.model.layers), options
+    model = tiny_model()
+    theirs = fused_layer_forward(None).__get__(model.model.layers[0])  # any instance forward not ours
+    model.model.layers[0].forward = theirs
+    llama_fast.patch(model)
+    assert model.model.layers[0].forward is theirs and "forward" in vars(model.model.layers[1])
+    llama_fast.unpatch(model)
+    assert model.model.layers[0].forward is theirs and "forward" not in vars(model.model.layers[1])
+
+
+def test_changed_decoder_source_falls_back_unfused(monkeypatch):
+    """A transformers whose LlamaDecoderLayer.forward is not the source layer.py replaces: a warning naming the
+    version, the layers keep transformers' forward, every norm still runs our rms_norm kernel."""
+    import transformers
+
+    from llama_fast.patch import layer
+
+    monkeypatch.setattr(layer, "VERIFIED_SOURCES", {"0" * 64: "5.24.0"})
+    base = tiny_model()
+    with pytest.warns(UserWarning, match=f"LlamaDecoderLayer.forward in transformers {transformers.__version__} is "
+                                         "not the code llama_fast's fused decoder layer replaces"):
+        patched = llama_fast.patch(clone(base))
+    assert not any("forward" in vars(m) for m in patched.model.layers)
+    ids = tokens(1, 6)
+    with torch.no_grad(), mock.patch.object(rms_norm_kernel, "rms_norm_fwd", wraps=rms_norm_kernel.rms_norm_fwd) as rms:
+        got = patched(ids).logits
+    assert rms.call_count == 5
+    torch.testing.assert_close(got, base(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_verified_decoder_source_is_the_installed_one():
+    """The hash layer.py pins is this transformers' (a bump that changes the layer must be re-verified)."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from llama_fast.patch import layer
+
+    assert layer.VERIFIED_SOURCES.get(layer.source_hash(LlamaDecoderLayer)) == transformers.__version__

@@ -3,11 +3,12 @@ Triton kernels or the C++ extension's through ``torch.library`` custom ops (fake
 and autograd registered, so ``torch.compile`` traces them whole), or the eager reference."""
 
 from ..backend import BACKENDS, available_backends, backend_for, backend_on
+from .add_rms_norm import add_rms_norm
 from .attention import flash_attention, flash_attention_varlen
 from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
 from .rope import apply_rotary_pos_emb
 from .swiglu import swiglu
 
-__all__ = ["BACKENDS", "apply_rotary_pos_emb", "available_backends", "backend_for", "backend_on", "flash_attention",
-           "flash_attention_varlen", "linear_cross_entropy", "rms_norm", "swiglu"]
+__all__ = ["BACKENDS", "add_rms_norm", "apply_rotary_pos_emb", "available_backends", "backend_for", "backend_on",
+           "flash_attention", "flash_attention_varlen", "linear_cross_entropy", "rms_norm", "swiglu"]

@@ -4,6 +4,8 @@ Per instance, reversible, and through transformers' own extension points, one co
 
 - RMSNorm and the MLP (here): each ``LlamaRMSNorm`` / ``LlamaMLP`` *instance* gets a ``forward``
   attribute that shadows the class method (deleting it restores the class's).
+- The decoder layer (layer.py, with rms_norm): each plain ``LlamaDecoderLayer`` instance gets transformers'
+  forward with the post-attention residual add fused into ``post_attention_layernorm`` (``ops.add_rms_norm``).
 - RoPE (rope.py): each attention instance gets a copy of transformers' own forward that resolves
   ``apply_rotary_pos_emb`` to ours. cos and sin still come from the model's rotary module, so every
   rope type works unchanged.
@@ -27,10 +29,11 @@ import types
 
 import torch
 
+from . import layer
 from .attention import ATTENTION_NAME, register, set_implementation
 from .loss import fused_loss_forwards
 from .rope import forward_with_our_rope
-from .validate import llama_classes, validate
+from .validate import fuses_post_attention_add, llama_classes, validate
 
 _RECORD = "_llama_fast_patch"
 
@@ -120,6 +123,9 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
         unpatch(backbone)
     llama = llama_classes()
     record = _Record(options=options)
+    # decided before any forward changes: a layer or norm with an instance forward of its own is left unfused
+    fused_layers = {id(m) for m in backbone.modules() if isinstance(m, llama.LlamaDecoderLayer)
+                    and layer.is_plain(m, llama)} if fuses_post_attention_add(options) else set()
 
     def give_forward(module, forward):
         record.forwards.append((module, vars(module).get("forward")))
@@ -136,6 +142,8 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
             give_forward(module, _mlp_forward(backend))
         elif rope and isinstance(module, llama.LlamaAttention):
             give_forward(module, forward_with_our_rope(module, backend))
+        elif id(module) in fused_layers:
+            give_forward(module, layer.fused_layer_forward(backend))
     if attention:
         register()
         record.config = backbone.config

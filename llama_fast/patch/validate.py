@@ -1,8 +1,11 @@
 """What ``patch()`` requires of a model: each unsupported configuration is refused with a ``ValueError``
 naming it, before anything is changed."""
 
+import warnings
+
 import torch
 
+from . import layer
 from .loss import fsdp2_shards, head_linear
 from .rope import check_rebinding
 
@@ -95,3 +98,29 @@ def _check_backend_serves(model: torch.nn.Module, backend: str) -> None:
         except ValueError as exc:
             raise ValueError(f"llama_fast.patch: backend {backend!r} cannot run this model, whose parameters are on "
                              f"{device}: {str(exc).removeprefix('llama_fast: ')}") from None
+
+
+def fuses_post_attention_add(options: dict) -> bool:
+    """Whether ``patch()`` gives the plain decoder layers layer.py's forward, the post-attention residual
+    add fused into their norm: with rms_norm on, on the default or the Triton backend (the C++ extension
+    has no fused kernel, and the reference would gain nothing), and only when the installed
+    ``LlamaDecoderLayer.forward`` is the source layer.py replaces (its hash, verified per version).
+
+    A different source is not refused: it falls back to the unfused layer, each norm patched on its own,
+    with a warning naming the version. Refusing would cost users every RMSNorm kernel (rms_norm=False)
+    for want of one fused add per layer, while the per-norm patch relies only on the norm module's
+    forward, which does not depend on the layer's code; running layer.py's forward over a changed layer
+    would silently drop whatever transformers changed."""
+    if not options["rms_norm"] or options["backend"] not in (None, "triton"):
+        return False
+    decoder = llama_classes().LlamaDecoderLayer
+    if layer.source_hash(decoder) in layer.VERIFIED_SOURCES:
+        return True
+    import transformers
+
+    verified = ", ".join(sorted(set(layer.VERIFIED_SOURCES.values())))
+    warnings.warn(f"llama_fast.patch: LlamaDecoderLayer.forward in transformers {transformers.__version__} is not "
+                  f"the code llama_fast's fused decoder layer replaces (verified for transformers {verified}); the "
+                  "post-attention residual add stays unfused, each RMSNorm still runs llama_fast's kernel",
+                  stacklevel=3)
+    return False

@@ -1,0 +1,103 @@
+"""The decoder layer: its post-attention residual add fused into ``post_attention_layernorm``.
+
+transformers 5.24's ``LlamaDecoderLayer.forward`` (models/llama/modeling_llama.py) ends its attention
+block with these lines, which this file replaces:
+
+        hidden_states = residual + hidden_states
+
+        # Fully Connected
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+
+an add kernel, then the norm's kernel reading back the sum the add wrote (Inductor cannot fuse through the
+norm's opaque custom op; at batch-1 decode each launch costs). They become one
+``ops.add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon)``, which returns the norm
+and the sum (the next residual), rounded as eager rounds them. Every other line is transformers' own, in
+its order; the signature is transformers' (its keywords, the deprecated ``past_key_values``), and
+``input_layernorm``, ``self_attn`` and ``mlp`` are called as submodules as transformers calls them, so
+their hooks, PEFT's adapters inside them and tensor-parallel plans on their linears work unchanged.
+validate.py checks, by a hash of its source, that the installed forward is the one written out here.
+
+Per call, the layer runs transformers' own forward instead (its norms still patched, each its own
+kernel) when fusing would change more than the two launches:
+
+- gradient checkpointing in training: transformers checkpoints the layer by wrapping the class's
+  ``forward`` (``GradientCheckpointingLayer.__init_subclass__``, also for the subclass FSDP2 makes),
+  which an instance forward shadows. Rather than copy that wrapper's cache handling, the call goes to
+  the class's forward, which checkpoints transformers' body;
+- ``post_attention_layernorm`` has hooks of its own, which the fused op, not calling the module, would skip;
+- the op would not run its kernel (a CPU tensor without Triton's interpreter: it would run the eager
+  reference where the unfused norm runs the C++ extension's kernel).
+"""
+
+import hashlib
+import inspect
+
+from transformers.utils.deprecation import deprecate_kwarg
+
+from ..backend import interpreting
+
+# sha256 of the source of LlamaDecoderLayer.forward (unwrapped: transformers' checkpointing wrapper and
+# deprecate_kwarg aside, its decorator line included) that the forward below was written against and
+# tested with, and the transformers version that has it.
+VERIFIED_SOURCES = {"2b52523b7afe2a371de1384a5c81b6f64e9a32b7490388160afea6edb28ff5c2": "5.24.0"}
+
+
+def source_hash(layer_class) -> str:
+    return hashlib.sha256(inspect.getsource(inspect.unwrap(layer_class.forward)).encode()).hexdigest()
+
+
+def is_plain(layer, llama) -> bool:
+    """Whether ``layer`` runs transformers' ``LlamaDecoderLayer.forward`` itself: its class's forward is
+    that one (subclasses may wrap it, as FSDP2's does, but not replace it), neither it nor its
+    post-attention norm, a ``LlamaRMSNorm``, has an instance forward of its own (accelerate's device
+    hooks, another library's patch), which the fused forward would bypass."""
+    norm = getattr(layer, "post_attention_layernorm", None)
+    return (inspect.unwrap(type(layer).forward) is inspect.unwrap(llama.LlamaDecoderLayer.forward)
+            and "forward" not in vars(layer) and isinstance(norm, llama.LlamaRMSNorm) and "forward" not in vars(norm))
+
+
+def _fuses(layer, norm, hidden_states, backend) -> bool:
+    """Whether this call runs the fused forward (the module docstring's three exceptions); a few attribute
+    reads, on every layer's every call."""
+    if layer.gradient_checkpointing and layer.training:
+        return False
+    if norm._forward_pre_hooks or norm._forward_hooks or norm._backward_pre_hooks or norm._backward_hooks:
+        return False
+    return backend == "triton" or hidden_states.is_cuda or interpreting()
+
+
+def fused_layer_forward(backend):
+    """The forward patched ``LlamaDecoderLayer`` instances get (``backend``: None or "triton")."""
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        from .. import ops
+
+        norm = self.post_attention_layernorm
+        if not _fuses(self, norm, hidden_states, backend):
+            return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                      cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
+                                      **kwargs)
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        # Self Attention
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        # The residual add, its sum kept as the next residual, and the post-attention norm of it: one kernel.
+        hidden_states, residual = ops.add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon,
+                                                   backend=backend)
+        # Fully Connected
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+    return forward
