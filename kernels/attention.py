@@ -112,7 +112,8 @@ _SM90_DKDV_SPILLS = {(32, 128, 8, 2), (32, 64, 4, 2)}
 # strides break TMA's 16-byte rule) has its own spills, counted by the audit's "pointer" cases
 # (python -m bench audit; Llama-3-8B / 70B shapes at head_dim 128, SmolLM2's at 64; bf16 "unaligned"
 # is a view whose base pointer is one element off 16 bytes; 2026-12-03, Triton 3.8). A key with a
-# fifth element, "fp32" or "16-bit", applies to those inputs only (_Pruner). Registers, stack bytes, STL+LDL:
+# fifth element, "fp32" or "16-bit", applies to those inputs only and, like _BWD_DKDV_POINTER_TILES, up to
+# head_dim 128 (_Pruner; wider heads keep their choice). Registers, stack bytes, STL+LDL:
 #   forward 128 x 128 / 8 warps / 2 stages: 255, 32 B, 15 with unaligned bf16 at head_dim 128 (16 B, 7
 #       with packed sequences; 8 B, 2 for aligned bf16 forced onto the pointer path); the other
 #       forward tiles are clean (128 x 64 / 8 / 3: 246 registers, no spill), so the pointer path on
@@ -134,10 +135,10 @@ _DKDV_VARIANT_SPILLS = {(90, False, False, False): _SM90_DKDV_SPILLS, (90, False
                         (90, False, False, False, "fp32"): {(16, 64, 4, 1)},
                         (90, False, False, False, "16-bit"): {(16, 128, 8, 2)},
                         (90, False, False, True, "fp32"): {(16, 64, 4, 1)},
+                        (90, False, False, True, "16-bit"): {(16, 64, 4, 1)},
                         (90, False, True, False, "fp32"): {(32, 128, 8, 2), (32, 64, 4, 2), (16, 128, 8, 2)},
                         (90, False, True, True, "fp32"): {(32, 128, 8, 2), (32, 64, 4, 2), (16, 128, 8, 2)},
                         (80, False, True, False): {(16, 64, 4, 1)}, (80, False, True, True): {(16, 64, 4, 1)}}
-_DKDV_VARIANT_SPILLS[90, False, False, True] = _SM90_DKDV_SPILLS | {(16, 64, 4, 1)}
 _FWD_VARIANT_SPILLS = {(90, False, False, False): {(128, 128, 8, 2)}, (90, False, False, True): {(128, 128, 8, 2)}}
 _DQ_VARIANT_SPILLS = {(90, False, False, False, "fp32"): {(64, 64, 4, 3)},
                       (90, False, False, True, "fp32"): {(64, 64, 4, 3)}}
@@ -225,9 +226,14 @@ class _Pruner:
             target_arch = _arch(device.index or 0)
         variant = (target_arch, bool(arg("USE_TMA")), bool(arg("ATOMIC_DQ")), bool(arg("VARLEN")))
         spilling = set(self.variant_spills.get(variant, ()))
-        element = "fp32" if named_args["q_ptr"].dtype == torch.float32 else "16-bit"
-        spilling |= self.variant_spills.get((*variant, element), set())
-        tiles = self.tiles if arg("USE_TMA") or target_arch not in self.pointer_tiles else self.pointer_tiles
+        # The pointer path's own lists and spills (5-tuple keys) were counted at head_dim 64 and 128; wider
+        # heads keep the choice they had (step 1's small tiles).
+        counted = (arg("BLOCK_D") or 0) <= 128
+        if counted:
+            element = "fp32" if named_args["q_ptr"].dtype == torch.float32 else "16-bit"
+            spilling |= self.variant_spills.get((*variant, element), set())
+        pointer = not arg("USE_TMA") and counted and target_arch in self.pointer_tiles
+        tiles = self.pointer_tiles if pointer else self.tiles
         allowed = [t for t in tiles.get(target_arch, self.tiles[80]) if t not in spilling]
         fallback = [c for c in configs if _tile(c) in self.fallback and _tile(c) not in allowed]
         kept = [c for c in configs if _tile(c) in allowed] or configs[:1]
@@ -955,15 +961,15 @@ def _decode_tile(block_r: int, block_d: int, element_bytes: int, limit: int, wid
     least what Triton allocates (the audit compiles every tile this picks and checks both); fp32 at
     head_dim 256 with 64 rows needs 458,752 B with three stages of 64 keys, twice Hopper's limit.
 
-    Without ``wide_loads`` (fp32 inputs, or 16-bit ones not 16-byte aligned: ``_vector_aligned``) the
-    64-row tile at head_dim 128 takes 32 keys: 64 keys spilled there on sm_90a (a 32-token chunk of
+    Without ``wide_loads`` (on Hopper: fp32 inputs, or 16-bit ones not 16-byte aligned, ``_vector_aligned``)
+    the 64-row tile at head_dim 128 takes 32 keys: 64 keys spilled there on sm_90a (a 32-token chunk of
     Llama-3-8B on the cache, the audit's "pointer" cases, Triton 3.8, 2026-12-03: fp32 255 registers,
     8 B, 2 STL/LDL with 3 stages or 2; unaligned bf16 255, 16 B, 6), 32 keys did not (fp32 202, bf16
     245 registers, 2 stages)."""
     if _INTERPRET:
         return _DECODE_BLOCK_N, 1
     for block_n, stages in _DECODE_TILES:
-        if not wide_loads and block_n > 32 and block_r * block_d >= 64 * 128:
+        if not wide_loads and block_n > 32 and block_r >= 64 and block_d == 128:
             continue
         if decode_shared_bound(block_r, block_n, block_d, element_bytes, stages) <= limit:
             return block_n, stages
@@ -1104,7 +1110,9 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         lse_part = torch.empty((batch, q_heads, q_len, splits), dtype=torch.float32, device=q.device)
         block_r = min(_DECODE_MAX_ROWS, max(16, next_power_of_2(group * q_len)))
         limit = _device_shared_limit(q.get_device()) if q.is_cuda else SHARED_MEMORY_LIMIT[arch or 80]
-        block_n, stages = _decode_tile(block_r, block_d, q.element_size(), limit, _vector_aligned(q, k, v))
+        hopper = (_arch(q.device.index or 0) if q.is_cuda else arch or 80) == 90  # where the narrow tile was counted
+        block_n, stages = _decode_tile(block_r, block_d, q.element_size(), limit,
+                                       not hopper or _vector_aligned(q, k, v))
         _attn_decode_kernel[grid_of(batch * kv_heads, splits, cdiv(group * q_len, block_r))](
             q, k, v, o_part, lse_part, pad_arg, kv_lens_arg,
             kv_heads, group, q_len, kv_len, split_len, splits,
