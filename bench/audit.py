@@ -571,7 +571,7 @@ def _pointer_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
 
     batch, seq, decode_kv = 1, 4096, 8192
     packed = attention.Packed(torch.zeros(9, dtype=torch.int32), torch.zeros(9, dtype=torch.int32), 512, 512)
-    for tag, dtype, offset in (("fp32", torch.float32, 0), ("bf16 unaligned", torch.bfloat16, 1)):
+    for tag, dtype, offset in (("pointer fp32", torch.float32, 0), ("pointer bf16 unaligned", torch.bfloat16, 1)):
         def bshd(heads, length, dtype=dtype, offset=offset):  # (B, S, H, D) viewed as (B, H, S, D)
             size = batch * length * heads * model.head_dim
             flat = torch.empty(size + offset, dtype=dtype)[offset:]
