@@ -390,7 +390,7 @@ _OPTIONS = {
     "arch": lambda p: p.add_argument("--arch", action="append", type=int,
                                      help="compute capability, 90 or 80 (default both)"),
     "group": lambda p: p.add_argument("--group", action="append",
-                                      help="kernel group (memory, attention, shared-memory; default all)"),
+                                      help="kernel group (memory, attention, pointer, shared-memory; default all)"),
     "json": lambda p: p.add_argument("--json", help="write the reports to this JSON file"),
     "model_only": lambda p: p.add_argument("--model-only", action="store_true",
                                            help="print the static performance model of the attention kernels "

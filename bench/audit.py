@@ -355,6 +355,11 @@ def _uses_dot(kernel, depth: int = 2) -> bool:
                              for name in set(re.findall(r"\b(\w+)\(", kernel.src)))
 
 
+def _aligned(launch: Launch) -> bool:
+    """Whether every tensor argument of a launch starts 16-byte aligned."""
+    return all(v.data_ptr() % 16 == 0 for v in launch.args.values() if isinstance(v, torch.Tensor))
+
+
 def _compile(launch: Launch, arch: int):
     """``triton.compile`` of one launch for ``arch`` (Triton caches the result on disk)."""
     import triton
@@ -413,7 +418,11 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
                             f"iteration (HGMMA {loop['hgmma_shapes']}): duplicated work")
     if kind == "matrix" and arch == 90 and launch.args.get("USE_TMA") and utmaldg == 0:
         problems.append("no TMA loads (UTMALDG) on sm_90a")
-    if kind == "memory" and ldg128 == 0:
+    if launch.args.get("USE_TMA") is False and utmaldg:
+        problems.append(f"{utmaldg} TMA loads (UTMALDG) on the pointer path (USE_TMA=False)")
+    # A kernel handed a tensor that is not 16-byte aligned (the pointer cases' unaligned 16-bit inputs)
+    # cannot read it 16 bytes at a time: Triton gets no tt.divisibility for it, as on a GPU.
+    if kind == "memory" and ldg128 == 0 and _aligned(launch):
         problems.append("no 128-bit global loads")
     tile = tuple(v for k, v in launch.args.items() if k.startswith("BLOCK_") and k not in ("BLOCK_D",))
     return Report(case, launch.kernel.__name__, arch, tile, launch.num_warps, launch.num_stages, registers, spill,
@@ -552,6 +561,51 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]
                                                              splits=16, arch=arch), "memory"
 
 
+def _pointer_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
+    """The attention kernels' pointer path on sm_90a (USE_TMA=False) at the model's shapes: what
+    Hopper runs for fp32 inputs and for 16-bit ones that are not ``tma_ready``, here bf16 views whose
+    base pointer is one element (2 bytes) off 16-byte alignment. The launches choose as on an H100:
+    ``tma`` is ``tma_ready`` of the inputs (False, asserted), so the pruner keeps the pointer path's
+    tiles. Checked like the attention cases (spills fail, HGMMA on sm_90a; no UTMALDG, which the
+    pointer path never issues; 128-bit loads only where the inputs are aligned), on sm_90a only:
+    on sm_80 the attention cases are the pointer path already. fp32 products are wgmma too on
+    sm_90a: Triton lowers an fp32 tl.dot to tf32 HGMMA (HGMMA.64xNx8.F32.TF32, 8-deep k-steps, half
+    the 16-bit ones' 16), so the HGMMA expectation holds for both dtypes."""
+    from llama_fast.kernels import attention
+
+    batch, seq, decode_kv = 1, 4096, 8192
+    packed = attention.Packed(torch.zeros(9, dtype=torch.int32), torch.zeros(9, dtype=torch.int32), 512, 512)
+    for tag, dtype, offset in (("pointer fp32", torch.float32, 0), ("pointer bf16 unaligned", torch.bfloat16, 1)):
+        def bshd(heads, length, dtype=dtype, offset=offset):  # (B, S, H, D) viewed as (B, H, S, D)
+            size = batch * length * heads * model.head_dim
+            flat = torch.empty(size + offset, dtype=dtype)[offset:]
+            return flat.view(batch, length, heads, model.head_dim).transpose(1, 2)
+
+        q, k, v, out = bshd(model.q_heads, seq), bshd(model.kv_heads, seq), bshd(model.kv_heads, seq), bshd(model.q_heads, seq)
+        tma = attention.tma_ready(q, k, v, out)
+        assert not tma, "the pointer cases must be inputs Hopper reads through pointers"
+        lse = torch.empty(batch, model.q_heads, seq, dtype=torch.float32)
+        q1, k1, v1 = bshd(model.q_heads, 1), bshd(model.kv_heads, decode_kv), bshd(model.kv_heads, decode_kv)
+        q32 = bshd(model.q_heads, 32)
+        common = dict(causal=True, softmax_scale=model.head_dim ** -0.5, pad=None)
+
+        def on_sm90(launch):  # a launcher that runs for sm_90a only
+            return lambda arch: launch(arch) if arch == 90 else None
+
+        fwd = functools.partial(attention.attention_fwd, tma=tma, **common)
+        bwd = functools.partial(attention.attention_bwd, out, q, k, v, out, lse, tma=tma, **common)
+        yield f"{tag} attention fwd", on_sm90(lambda arch, fwd=fwd, q=q, k=k, v=v: fwd(q, k, v, splits=0)), "matrix"
+        yield f"{tag} attention bwd", on_sm90(lambda arch, bwd=bwd: bwd(arch=arch)), "matrix"
+        yield f"{tag} attention bwd determ.", on_sm90(lambda arch, bwd=bwd: bwd(arch=arch, deterministic=True)), "matrix"
+        yield f"{tag} attention varlen fwd", on_sm90(
+            lambda arch, fwd=fwd, q=q, k=k, v=v: fwd(q, k, v, splits=0, packed=packed)), "matrix"
+        yield f"{tag} attention varlen bwd", on_sm90(lambda arch, bwd=bwd: bwd(arch=arch, packed=packed)), "matrix"
+        yield f"{tag} attention decode", on_sm90(
+            lambda arch, q1=q1, k1=k1, v1=v1: attention.attention_fwd(q1, k1, v1, splits=32, arch=arch, **common)), "memory"
+        yield f"{tag} attention chunk", on_sm90(
+            lambda arch, q32=q32, k1=k1, v1=v1: attention.attention_fwd(q32, k1, v1, splits=16, arch=arch, **common)), "memory"
+
+
 def _shared_memory_cases() -> Iterator[tuple[str, Callable[[int], object], str]]:
     """The attention passes where shared memory runs out first, whatever the model: the widest heads
     (head_dim 128 and 256, the largest blocks), in fp32 (4-byte tiles through pointer loads) and bf16
@@ -585,7 +639,7 @@ def _shared_memory_cases() -> Iterator[tuple[str, Callable[[int], object], str]]
                 q=q16, k=k, v=v), "shared-memory"
 
 
-CASE_GROUPS = {"memory": _memory_bound_cases, "attention": _attention_cases}
+CASE_GROUPS = {"memory": _memory_bound_cases, "attention": _attention_cases, "pointer": _pointer_cases}
 # Cases that do not depend on the model's shape: run once, named "shared-memory ...".
 SHAPE_FREE_GROUPS = {"shared-memory": _shared_memory_cases}
 

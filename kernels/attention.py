@@ -108,9 +108,45 @@ _BWD_DQ_TILES = {90: _DQ_TILES, 80: _DQ_TILES}
 # (VARLEN: per-sequence offsets and lengths) through descriptors; on sm_80, (16, 64, 4, 1) spills 16 B
 # with the atomic dQ.
 _SM90_DKDV_SPILLS = {(32, 128, 8, 2), (32, 64, 4, 2)}
+#
+# The pointer path on sm_90a (USE_TMA=False: fp32 inputs, and 16-bit ones whose base pointer or
+# strides break TMA's 16-byte rule) has its own spills, counted by the audit's "pointer" cases
+# (python -m bench audit; Llama-3-8B / 70B shapes at head_dim 128, SmolLM2's at 64; bf16 "unaligned"
+# is a view whose base pointer is one element off 16 bytes; 2026-12-03, Triton 3.8). A key with a
+# fifth element, "fp32" or "16-bit", applies to those inputs only and, like _BWD_DKDV_POINTER_TILES, up to
+# head_dim 128 (_Pruner; wider heads keep their choice). Registers, stack bytes, STL+LDL:
+#   forward 128 x 128 / 8 warps / 2 stages: 255, 32 B, 15 with unaligned bf16 at head_dim 128 (16 B, 7
+#       with packed sequences; 8 B, 2 for aligned bf16 forced onto the pointer path); the other
+#       forward tiles are clean (128 x 64 / 8 / 3: 246 registers, no spill), so the pointer path on
+#       sm_90a drops it (_FWD_VARIANT_SPILLS). At head_dim 64 it was clean (187) but is dropped too:
+#       the lists are per variant, not per head size.
+#   dK/dV 16 x 64 / 4 / 1, the one tile the pointer path had left at head_dim 128: 255, 408 B, 314 in
+#       fp32 (512 B, 243 packed) and 64 B, 45 for unaligned bf16 with packed sequences; at head_dim 64
+#       with the atomic dQ, 64 B, 30 in fp32 packed, and 32 x 128 / 8 / 2 56 B, 27 and 32 x 64 / 4 / 2
+#       128 B, 77 in fp32. The pointer path on sm_90a gains 16 x 128 / 8 / 2 (_BWD_DKDV_POINTER_TILES):
+#       as many keys per warp (16, so no duplicated Sᵀ/dPᵀ work, multiple 1.0) on twice the threads,
+#       clean where 16 x 64 spills (255 registers, no spill, fp32 at head_dim 128 dense and packed;
+#       unaligned bf16 packed: 255, none); unaligned bf16 dense keeps 16 x 64 (255, none), where
+#       16 x 128 spills 8 B, 3. With the atomic dQ in fp32 at head_dim 64 it spills too (16 B, 8), so
+#       fp32 packed sequences at head_dim 64 take the dQ kernel there (attention_bwd).
+#   dQ 64 x 64 / 4 / 3: 255, 40 B, 14 in fp32 at head_dim 128 (4 / 2 stages: 40 B, 16); its other
+#       tiles are clean (128 x 32 / 8 / 3: 178 registers).
 _DKDV_VARIANT_SPILLS = {(90, False, False, False): _SM90_DKDV_SPILLS, (90, False, False, True): _SM90_DKDV_SPILLS,
                         (90, True, False, True): _SM90_DKDV_SPILLS,
+                        (90, False, False, False, "fp32"): {(16, 64, 4, 1)},
+                        (90, False, False, False, "16-bit"): {(16, 128, 8, 2)},
+                        (90, False, False, True, "fp32"): {(16, 64, 4, 1)},
+                        (90, False, False, True, "16-bit"): {(16, 64, 4, 1)},
+                        (90, False, True, False, "fp32"): {(32, 128, 8, 2), (32, 64, 4, 2), (16, 128, 8, 2)},
+                        (90, False, True, True, "fp32"): {(32, 128, 8, 2), (32, 64, 4, 2), (16, 128, 8, 2)},
                         (80, False, True, False): {(16, 64, 4, 1)}, (80, False, True, True): {(16, 64, 4, 1)}}
+_FWD_VARIANT_SPILLS = {(90, False, False, False): {(128, 128, 8, 2)}, (90, False, False, True): {(128, 128, 8, 2)}}
+_DQ_VARIANT_SPILLS = {(90, False, False, False, "fp32"): {(64, 64, 4, 3)},
+                      (90, False, False, True, "fp32"): {(64, 64, 4, 3)}}
+# Tiles the pointer path (USE_TMA=False) chooses from instead of the architecture's list, where given:
+# the sm_90a dK/dV list and 16 x 128 / 8 / 2, last so that LLAMA_FAST_AUTOTUNE=0 keeps 16 x 64 where it
+# fits (unaligned 16-bit inputs, dense sequences).
+_BWD_DKDV_POINTER_TILES = {90: _BWD_DKDV_TILES[90] + [(16, 128, 8, 2)]}
 
 
 def _tile(config: triton.Config) -> tuple[int, int, int, int]:
@@ -177,8 +213,10 @@ class _Pruner:
     """
 
     def __init__(self, tiles: dict[int, list[tuple[int, int, int, int]]], variant_spills: dict | None = None,
-                 fallback: tuple[tuple[int, int, int, int], ...] = ()):
+                 fallback: tuple[tuple[int, int, int, int], ...] = (),
+                 pointer_tiles: dict[int, list[tuple[int, int, int, int]]] | None = None):
         self.tiles, self.variant_spills, self.fallback, self.kernel = tiles, variant_spills or {}, fallback, None
+        self.pointer_tiles = pointer_tiles or {}
 
     def __call__(self, configs, named_args, target_arch: int | None = None, shared_bytes=None, **kwargs):
         def arg(name):
@@ -188,8 +226,16 @@ class _Pruner:
         if target_arch is None:
             target_arch = _arch(device.index or 0)
         variant = (target_arch, bool(arg("USE_TMA")), bool(arg("ATOMIC_DQ")), bool(arg("VARLEN")))
-        spilling = self.variant_spills.get(variant, ())
-        allowed = [t for t in self.tiles.get(target_arch, self.tiles[80]) if t not in spilling]
+        spilling = set(self.variant_spills.get(variant, ()))
+        # The pointer path's own lists and spills (5-tuple keys) were counted at head_dim 64 and 128; wider
+        # heads keep the choice they had (step 1's small tiles).
+        counted = (arg("BLOCK_D") or 0) <= 128
+        if counted:
+            element = "fp32" if named_args["q_ptr"].dtype == torch.float32 else "16-bit"
+            spilling |= self.variant_spills.get((*variant, element), set())
+        pointer = not arg("USE_TMA") and counted and target_arch in self.pointer_tiles
+        tiles = self.pointer_tiles if pointer else self.tiles
+        allowed = [t for t in tiles.get(target_arch, self.tiles[80]) if t not in spilling]
         fallback = [c for c in configs if _tile(c) in self.fallback and _tile(c) not in allowed]
         kept = [c for c in configs if _tile(c) in allowed] or configs[:1]
         if (arg("BLOCK_D") or 0) > 128 and len(kept) > 1:
@@ -223,11 +269,12 @@ _FWD_FALLBACK = ((32, 32, 4, 1),)
 _BWD_DKDV_FALLBACK = ((16, 16, 4, 1),)
 _BWD_DQ_FALLBACK = ((32, 32, 4, 1), (16, 16, 4, 1))
 _FWD_CONFIGS = _configs(_FWD_TILES, (16, 16), _FWD_FALLBACK)
-_BWD_DKDV_CONFIGS = _configs(_BWD_DKDV_TILES, (16, 16), _BWD_DKDV_FALLBACK)
+_BWD_DKDV_CONFIGS = _configs({**_BWD_DKDV_TILES, "pointer": _BWD_DKDV_POINTER_TILES[90]}, (16, 16), _BWD_DKDV_FALLBACK)
 _BWD_DQ_CONFIGS = _configs(_BWD_DQ_TILES, (16, 16), _BWD_DQ_FALLBACK)
-_FWD_PRUNER = _Pruner(_FWD_TILES, fallback=_FWD_FALLBACK)
-_DKDV_PRUNER = _Pruner(_BWD_DKDV_TILES, _DKDV_VARIANT_SPILLS, fallback=_BWD_DKDV_FALLBACK)
-_DQ_PRUNER = _Pruner(_BWD_DQ_TILES, fallback=_BWD_DQ_FALLBACK)
+_FWD_PRUNER = _Pruner(_FWD_TILES, _FWD_VARIANT_SPILLS, fallback=_FWD_FALLBACK)
+_DKDV_PRUNER = _Pruner(_BWD_DKDV_TILES, _DKDV_VARIANT_SPILLS, fallback=_BWD_DKDV_FALLBACK,
+                       pointer_tiles=_BWD_DKDV_POINTER_TILES)
+_DQ_PRUNER = _Pruner(_BWD_DQ_TILES, _DQ_VARIANT_SPILLS, fallback=_BWD_DQ_FALLBACK)
 _BENCH = None if _AUTOTUNE else _no_benchmark  # None: Triton's own timing
 # cache_results=True on the autotuners: the timings of each tuning key are kept in Triton's disk cache
 # (keyed on Triton's version, the target, the kernel's source and the configs left), so a process
@@ -908,15 +955,23 @@ def _block_d(head_dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_tile(block_r: int, block_d: int, element_bytes: int, limit: int) -> tuple[int, int]:
+def _decode_tile(block_r: int, block_d: int, element_bytes: int, limit: int, wide_loads: bool = True) -> tuple[int, int]:
     """(BLOCK_N, num_stages) of the decode kernel: the first of ``_DECODE_TILES`` whose shared memory
     fits ``limit``. The kernel is not autotuned (it runs at every generated token), so its need is
     bounded from the tiles: num_stages buffers of a K and a V tile, and the Q tile. The bound is at
     least what Triton allocates (the audit compiles every tile this picks and checks both); fp32 at
-    head_dim 256 with 64 rows needs 458,752 B with three stages of 64 keys, twice Hopper's limit."""
+    head_dim 256 with 64 rows needs 458,752 B with three stages of 64 keys, twice Hopper's limit.
+
+    Without ``wide_loads`` (on Hopper: fp32 inputs, or 16-bit ones not 16-byte aligned, ``_vector_aligned``)
+    the 64-row tile at head_dim 128 takes 32 keys: 64 keys spilled there on sm_90a (a 32-token chunk of
+    Llama-3-8B on the cache, the audit's "pointer" cases, Triton 3.8, 2026-12-03: fp32 255 registers,
+    8 B, 2 STL/LDL with 3 stages or 2; unaligned bf16 255, 16 B, 6), 32 keys did not (fp32 202, bf16
+    245 registers, 2 stages)."""
     if _INTERPRET:
         return _DECODE_BLOCK_N, 1
     for block_n, stages in _DECODE_TILES:
+        if not wide_loads and block_n > 32 and block_r >= 64 and block_d == 128:
+            continue
         if decode_shared_bound(block_r, block_n, block_d, element_bytes, stages) <= limit:
             return block_n, stages
     raise RuntimeError(f"llama_fast: no decode tile fits {limit:,} bytes of shared memory at head_dim {block_d}")
@@ -956,6 +1011,13 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     not speed), a 16-byte aligned start and every stride but the last a multiple of 16 bytes."""
     return all(t.dtype in (torch.float16, torch.bfloat16) and t.data_ptr() % 16 == 0
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
+def _vector_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors' rows can be read 16 bytes at a time: 16-bit elements (fp32 counts as
+    not: its tiles hold twice the bytes), a 16-byte aligned start and every stride but the last a
+    multiple of 16 bytes. What ``tma_ready`` asks, for the kernels without tensor descriptors."""
+    return tma_ready(*tensors)
 
 
 def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -1049,7 +1111,9 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         lse_part = torch.empty((batch, q_heads, q_len, splits), dtype=torch.float32, device=q.device)
         block_r = min(_DECODE_MAX_ROWS, max(16, next_power_of_2(group * q_len)))
         limit = _device_shared_limit(q.get_device()) if q.is_cuda else SHARED_MEMORY_LIMIT[arch or 80]
-        block_n, stages = _decode_tile(block_r, block_d, q.element_size(), limit)
+        hopper = (_arch(q.device.index or 0) if q.is_cuda else arch or 80) == 90  # where the narrow tile was counted
+        block_n, stages = _decode_tile(block_r, block_d, q.element_size(), limit,
+                                       not hopper or _vector_aligned(q, k, v))
         _attn_decode_kernel[grid_of(batch * kv_heads, splits, cdiv(group * q_len, block_r))](
             q, k, v, o_part, lse_part, pad_arg, kv_lens_arg,
             kv_heads, group, q_len, kv_len, split_len, splits,
@@ -1107,7 +1171,10 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     group = q_heads // kv_heads
     if arch is None:
         arch = _arch(q.device.index or 0) if q.is_cuda else 80
-    atomic_dq = not deterministic and not (arch == 90 and _block_d(head_dim) > 64)
+    # fp32 packed sequences on Hopper too: every dK/dV tile spills there with the dQ tile (16 x 128 on 8
+    # warps 16 B, 16 x 64 on 4 64 B at head_dim 64; the tile lists, _DKDV_VARIANT_SPILLS).
+    atomic_dq = not deterministic and not (arch == 90 and (_block_d(head_dim) > 64
+                                                           or (packed is not None and q.dtype == torch.float32)))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -1125,9 +1192,13 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
 
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     delta_rows = 16 if _INTERPRET else 64
+    # 8 warps where O or dO is read 2 bytes at a time (16-bit, not 16-byte aligned): on 4 warps the
+    # 64-row tile spilled 24 B (10 STL/LDL, 96 registers) at head_dim 64 on sm_90a (Triton 3.8,
+    # 2026-12-03), on 8 it does not (64 registers). fp32 reads 16 bytes at a time and stays on 4.
+    narrow = out.element_size() == 2 and not _vector_aligned(out, do)
     _attn_bwd_delta_kernel[grid_of(batch * q_heads * cdiv(q_len, delta_rows))](
         out, do, delta, q_heads, q_len, *_strides(out), *_strides(do),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows, num_warps=8 if narrow else 4,
     )
     # (B, Hq, Sq, D) fp32, zeroed: the atomic dQ's accumulator (empty, never touched, when the dQ kernel runs).
     dq_acc = q.new_zeros((batch, q_heads, q_len, head_dim) if atomic_dq else (0,), dtype=torch.float32)

@@ -49,7 +49,7 @@ def test_sm90a_at_llama3_8b(full_audit):
     """Every kernel at Llama-3-8B shapes on sm_90a: no spills; attention's matrix kernels use HGMMA
     in every autotuning config; the memory-bound kernels issue 128-bit loads."""
     _, reports = full_audit
-    ours = [r for r in reports if r["arch"] == 90 and r["case"].startswith("llama3-8b")]
+    ours = [r for r in reports if r["arch"] == 90 and r["case"].startswith("llama3-8b") and " pointer " not in r["case"]]
     assert {r["kernel"] for r in ours} == MATRIX_KERNELS | MEMORY_KERNELS
     for r in ours:
         assert r["spill_bytes"] == 0 and r["spill_instructions"] == 0, r
@@ -297,10 +297,11 @@ def test_forward_overlaps_softmax_and_matrix_products(full_audit):
     """Issue 25: on sm_90a the attention forward's exponentials of one key block issue while a
     wgmma of another is in flight, in both its loops and every autotuning tile up to head_dim 128
     (the one-block-at-a-time loop read 0 on 2026-12-02); the baseline records the counts. The
-    fp32 and head_dim 256 paths of the shared-memory cases keep the one-block loop."""
+    fp32 and head_dim 256 paths of the shared-memory cases and the pointer cases (USE_TMA=False) keep the
+    one-block loop."""
     _, reports = full_audit
     forward = [r for r in reports if r["kernel"] == "_attn_fwd_kernel" and r["arch"] == 90
-               and not r["case"].startswith("shared-memory")]
+               and not r["case"].startswith("shared-memory") and " pointer " not in r["case"]]
     assert forward and all(len(r["ex2_under_hgmma"]) == len(r["matrix_loops"]) == 2 for r in forward)
     for r in forward:
         for loop, under in zip(r["matrix_loops"], r["ex2_under_hgmma"]):
@@ -359,3 +360,42 @@ def test_baseline_catches_a_lost_overlap(tmp_path):
     assert same.problems == []
     assert fewer.problems == ["regression: matrix loop 1 issues 40 EX2 under a wgmma (baseline 66)"]
     assert none.problems == [f"regression: matrix loop {i} issues 0 EX2 under a wgmma (baseline 66)" for i in (0, 1)]
+
+
+@pytest.mark.system
+def test_pointer_path_on_sm90a_compiles_without_spills(tmp_path):
+    """Issue 26: on Hopper fp32 inputs, and 16-bit ones that TMA cannot read (here bf16 one element
+    off 16-byte alignment), take the attention kernels' pointer path (USE_TMA=False). The audit's
+    "pointer" group compiles it on sm_90a at Llama-3-8B shapes (head_dim 128, where it spilled: the
+    forward's 128 x 128 / 8 warps / 2 stages tile 32 B, the dK/dV kernel's 16 x 64 408 B in fp32),
+    each config the launch keeps, as checked matrix cases: no spill (STACK, LOCAL or STL/LDL), HGMMA
+    in every matrix kernel (tf32, k = 8, for fp32), no UTMALDG. 48 compiles, about 1.5 minutes on
+    two cores with a cold Triton cache."""
+    from bench.audit import CASE_GROUPS
+
+    assert "pointer" in CASE_GROUPS  # part of every default audit run
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "audit.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "audit", "--group", "pointer", "--model", "llama3-8b",
+                           "--arch", "90", "--arch", "80", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    reports = json.loads(out.read_text())["results"] if out.exists() else []
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert reports and {r["arch"] for r in reports} == {90}  # the pointer cases are sm_90a's alone
+    for dtype in ("fp32", "bf16 unaligned"):
+        ours = [r for r in reports if r["case"].startswith(f"llama3-8b pointer {dtype} attention")]
+        cases = {r["case"].removeprefix(f"llama3-8b pointer {dtype} attention ") for r in ours}
+        assert cases == {"fwd", "bwd", "bwd determ.", "varlen fwd", "varlen bwd", "decode", "chunk"}, cases
+        assert {r["kernel"] for r in ours} >= MATRIX_KERNELS | {"_attn_bwd_delta_kernel", "_attn_decode_kernel"}
+        for r in ours:
+            assert r["spill_bytes"] == 0 and r["spill_instructions"] == 0 and not r["problems"], r
+            assert r["utmaldg"] == 0, r
+            if r["kernel"] in MATRIX_KERNELS:
+                assert r["hgmma"] > 0 and r["hmma"] == 0, r
+                k_steps = {shape.split("x")[2] for loop in r["matrix_loops"] for shape in loop["hgmma_shapes"]}
+                assert k_steps == ({"8"} if dtype == "fp32" else {"16"}), (r["case"], k_steps)
+        # the forward's 128 x 128 tile spilled on this path and is no longer chosen; the dK/dV kernel
+        # keeps a tile in every variant
+        forward = [tuple(r["tile"]) + (r["num_warps"], r["num_stages"]) for r in ours if r["kernel"] == "_attn_fwd_kernel"]
+        assert forward and (128, 128, 8, 2) not in forward, forward
+        assert any(r["kernel"] == "_attn_bwd_dkdv_kernel" and "varlen" in r["case"] for r in ours)
