@@ -37,7 +37,6 @@ import dataclasses
 import functools
 import inspect
 import json
-import os
 import re
 import subprocess
 import tempfile
@@ -263,7 +262,8 @@ def capture_launches(arch: int | None = None) -> Iterator[list]:
     launches: list[Launch] = []
 
     def jit_run(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, _bind(self, args, kwargs), kwargs.get("num_warps", 4), kwargs.get("num_stages", 3)))
+        launches.append(Launch(self, _bind(self, args, kwargs), kwargs.get("num_warps", 4),
+                               kwargs.get("num_stages", 3)))
 
     def autotune_run(self, *args, **kwargs):
         configs = self.configs
@@ -399,7 +399,8 @@ def compile_launch(case: str, launch: Launch, arch: int, kind: str) -> Report:
     ldg_all = len(re.findall(r"\bLDG\.E[.\w]*", sass))
     problems = []
     if shared > SHARED_MEMORY_LIMIT[arch]:
-        problems.append(f"needs {shared:,} bytes of shared memory, over sm_{arch}'s {SHARED_MEMORY_LIMIT[arch]:,} per block")
+        problems.append(f"needs {shared:,} bytes of shared memory, over sm_{arch}'s "
+                        f"{SHARED_MEMORY_LIMIT[arch]:,} per block")
     if (spill or spill_ops) and not fit_only:
         problems.append(f"spills registers: {spill} bytes of stack/local memory, {spill_ops} STL/LDL")
     if kind == "matrix" and arch == 90 and hgmma == 0:
@@ -482,7 +483,8 @@ def check_baseline(reports: list[Report], path: Path = BASELINE) -> str:
             if now < was:
                 r.problems.append(f"regression: matrix loop {i} issues {now} EX2 under a wgmma (baseline {was})")
         if len(new["loop_instructions"]) != len(old["loop_instructions"]):
-            r.problems.append(f"regression: matrix loops {new['loop_instructions']} (baseline {old['loop_instructions']})")
+            r.problems.append(f"regression: matrix loops {new['loop_instructions']} "
+                              f"(baseline {old['loop_instructions']})")
             continue
         for i, (now, was) in enumerate(zip(new["loop_instructions"], old["loop_instructions"])):
             if now > was * _LOOP_GROWTH:
@@ -546,19 +548,20 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]
                                                                         deterministic=True, tma=arch == 90,
                                                                         arch=arch), "matrix"
     q1, k1, v1 = bshd(model.q_heads, 1), bshd(model.kv_heads, decode_kv), bshd(model.kv_heads, decode_kv)
-    yield "attention decode", lambda arch: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale, pad=None,
-                                                              splits=32, arch=arch), "memory"
+    yield "attention decode", lambda arch: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale,
+                                                              pad=None, splits=32, arch=arch), "memory"
     # Packed sequences (flash_attention_varlen): the same kernels with VARLEN, over (1, H, total, D)
     # views of (total, H, D) tensors, here 8 sequences of up to 512 tokens in the same 4096.
     packed = attention.Packed(torch.zeros(9, dtype=torch.int32), torch.zeros(9, dtype=torch.int32), 512, 512)
     yield "attention varlen fwd", lambda arch: attention.attention_fwd(q, k, v, causal=True, softmax_scale=scale,
-                                                                       pad=None, tma=arch == 90, packed=packed), "matrix"
+                                                                       pad=None, tma=arch == 90,
+                                                                       packed=packed), "matrix"
     yield "attention varlen bwd", lambda arch: attention.attention_bwd(out, q, k, v, out, lse, causal=True,
                                                                        softmax_scale=scale, pad=None, tma=arch == 90,
                                                                        packed=packed, arch=arch), "matrix"
     q32 = bshd(model.q_heads, 32)  # a 32-token chunk on the cache: 64-row tiles of packed query rows
-    yield "attention chunk", lambda arch: attention.attention_fwd(q32, k1, v1, causal=True, softmax_scale=scale, pad=None,
-                                                             splits=16, arch=arch), "memory"
+    yield "attention chunk", lambda arch: attention.attention_fwd(q32, k1, v1, causal=True, softmax_scale=scale,
+                                                             pad=None, splits=16, arch=arch), "memory"
 
 
 def _pointer_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
@@ -581,7 +584,8 @@ def _pointer_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
             flat = torch.empty(size + offset, dtype=dtype)[offset:]
             return flat.view(batch, length, heads, model.head_dim).transpose(1, 2)
 
-        q, k, v, out = bshd(model.q_heads, seq), bshd(model.kv_heads, seq), bshd(model.kv_heads, seq), bshd(model.q_heads, seq)
+        q, out = bshd(model.q_heads, seq), bshd(model.q_heads, seq)
+        k, v = bshd(model.kv_heads, seq), bshd(model.kv_heads, seq)
         tma = attention.tma_ready(q, k, v, out)
         assert not tma, "the pointer cases must be inputs Hopper reads through pointers"
         lse = torch.empty(batch, model.q_heads, seq, dtype=torch.float32)
@@ -596,14 +600,17 @@ def _pointer_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
         bwd = functools.partial(attention.attention_bwd, out, q, k, v, out, lse, tma=tma, **common)
         yield f"{tag} attention fwd", on_sm90(lambda arch, fwd=fwd, q=q, k=k, v=v: fwd(q, k, v, splits=0)), "matrix"
         yield f"{tag} attention bwd", on_sm90(lambda arch, bwd=bwd: bwd(arch=arch)), "matrix"
-        yield f"{tag} attention bwd determ.", on_sm90(lambda arch, bwd=bwd: bwd(arch=arch, deterministic=True)), "matrix"
+        yield f"{tag} attention bwd determ.", on_sm90(lambda arch, bwd=bwd: bwd(arch=arch, deterministic=True)), \
+            "matrix"
         yield f"{tag} attention varlen fwd", on_sm90(
             lambda arch, fwd=fwd, q=q, k=k, v=v: fwd(q, k, v, splits=0, packed=packed)), "matrix"
         yield f"{tag} attention varlen bwd", on_sm90(lambda arch, bwd=bwd: bwd(arch=arch, packed=packed)), "matrix"
         yield f"{tag} attention decode", on_sm90(
-            lambda arch, q1=q1, k1=k1, v1=v1: attention.attention_fwd(q1, k1, v1, splits=32, arch=arch, **common)), "memory"
+            lambda arch, q1=q1, k1=k1, v1=v1: attention.attention_fwd(q1, k1, v1, splits=32, arch=arch, **common)), \
+            "memory"
         yield f"{tag} attention chunk", on_sm90(
-            lambda arch, q32=q32, k1=k1, v1=v1: attention.attention_fwd(q32, k1, v1, splits=16, arch=arch, **common)), "memory"
+            lambda arch, q32=q32, k1=k1, v1=v1: attention.attention_fwd(q32, k1, v1, splits=16, arch=arch,
+                                                                       **common)), "memory"
 
 
 def _shared_memory_cases() -> Iterator[tuple[str, Callable[[int], object], str]]:
@@ -619,7 +626,8 @@ def _shared_memory_cases() -> Iterator[tuple[str, Callable[[int], object], str]]
             def bshd(heads, length):
                 return torch.empty(1, length, heads, head_dim, dtype=dtype).transpose(1, 2)
 
-            q, k, v, out = bshd(kv_heads * group, seq), bshd(kv_heads, seq), bshd(kv_heads, seq), bshd(kv_heads * group, seq)
+            q, out = bshd(kv_heads * group, seq), bshd(kv_heads * group, seq)
+            k, v = bshd(kv_heads, seq), bshd(kv_heads, seq)
             lse = torch.empty(1, kv_heads * group, seq, dtype=torch.float32)
             q16 = bshd(kv_heads * group, 16)  # 64 packed rows per KV head: the decode kernel's largest row tile
             tma = attention.tma_ready(q, k, v)
@@ -666,9 +674,9 @@ def audit(models=None, archs=(90, 80), groups=None) -> list[Report]:
 def format_table(reports: list[Report]) -> str:
     """One line per compiled kernel; per matrix loop (``/``-separated): instructions, the work multiple
     (matrix FLOPs issued over the algorithm's, 1.00 = no duplicated work), BAR and ATOMG per iteration."""
-    header = f"{'case':<34} {'kernel':<28} {'sm':>3} {'tile':>9} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} {'stl/ldl':>7} " \
-             f"{'smem':>7} {'occ':>5} {'hgmma':>5} {'hmma':>4} {'tma':>4} {'ldg128':>6} {'ldg<128':>7} {'loop instr':>10} " \
-             f"{'work':>9} {'bar':>5} {'atomg':>5}  problems"
+    header = f"{'case':<34} {'kernel':<28} {'sm':>3} {'tile':>9} {'warps':>5} {'stg':>3} {'regs':>4} " \
+             f"{'spill':>5} {'stl/ldl':>7} {'smem':>7} {'occ':>5} {'hgmma':>5} {'hmma':>4} {'tma':>4} " \
+             f"{'ldg128':>6} {'ldg<128':>7} {'loop instr':>10} {'work':>9} {'bar':>5} {'atomg':>5}  problems"
     lines = [header, "-" * len(header)]
 
     def per_loop(r, what, fmt="{}"):
@@ -676,9 +684,10 @@ def format_table(reports: list[Report]) -> str:
 
     for r in reports:
         lines.append(
-            f"{r.case:<34} {r.kernel:<28} {r.arch:>3} {'x'.join(map(str, r.tile)):>9} {r.num_warps:>5} {r.num_stages:>3} {r.registers:>4} "
-            f"{r.spill_bytes:>5} {r.spill_instructions:>7} {r.shared_bytes:>7} {r.occupancy:>5.0%} {r.hgmma:>5} {r.hmma:>4} {r.utmaldg:>4} "
-            f"{r.ldg128:>6} {r.ldg_other:>7} {per_loop(r, 'instructions'):>10} {per_loop(r, 'work_multiple', '{:.2f}'):>9} "
+            f"{r.case:<34} {r.kernel:<28} {r.arch:>3} {'x'.join(map(str, r.tile)):>9} {r.num_warps:>5} "
+            f"{r.num_stages:>3} {r.registers:>4} {r.spill_bytes:>5} {r.spill_instructions:>7} {r.shared_bytes:>7} "
+            f"{r.occupancy:>5.0%} {r.hgmma:>5} {r.hmma:>4} {r.utmaldg:>4} {r.ldg128:>6} {r.ldg_other:>7} "
+            f"{per_loop(r, 'instructions'):>10} {per_loop(r, 'work_multiple', '{:.2f}'):>9} "
             f"{per_loop(r, 'bar'):>5} {per_loop(r, 'atomg'):>5}  {'; '.join(r.problems) or 'ok'}"
         )
     return "\n".join(lines)

@@ -49,7 +49,8 @@ def test_sm90a_at_llama3_8b(full_audit):
     """Every kernel at Llama-3-8B shapes on sm_90a: no spills; attention's matrix kernels use HGMMA
     in every autotuning config; the memory-bound kernels issue 128-bit loads."""
     _, reports = full_audit
-    ours = [r for r in reports if r["arch"] == 90 and r["case"].startswith("llama3-8b") and " pointer " not in r["case"]]
+    ours = [r for r in reports
+            if r["arch"] == 90 and r["case"].startswith("llama3-8b") and " pointer " not in r["case"]]
     assert {r["kernel"] for r in ours} == MATRIX_KERNELS | MEMORY_KERNELS
     for r in ours:
         assert r["spill_bytes"] == 0 and r["spill_instructions"] == 0, r
@@ -85,8 +86,8 @@ print(json.dumps(dataclasses.asdict(compile_launch("forward", launch, {arch}, "m
 def test_audit_fails_a_spilling_kernel():
     """The forward with (128, 64) tiles on 4 warps runs out of registers at head_dim 128 (a tile the
     library used to autotune over): ptxas on sm_90a reports the spill as STACK, with LOCAL, the one
-    count the audit used to read, at 0 (docs/testing.md, "Compiling for Hopper without a GPU"), and STL/LDL appear in the
-    SASS. The audit must call it a problem."""
+    count the audit used to read, at 0 (docs/testing.md, "Compiling for Hopper without a GPU"), and STL/LDL
+    appear in the SASS. The audit must call it a problem."""
     report = _compile_forward_with_tile((128, 64, 4, 3), 90)
     assert report["spill_bytes"] > 0 and report["spill_instructions"] > 0, report
     assert any("spills registers" in p for p in report["problems"]), report
@@ -327,7 +328,8 @@ def test_baseline_catches_a_regression(tmp_path):
 
     path = tmp_path / "baseline.json"
     write_baseline([report()], path)
-    same, fewer_tma, longer, slightly_longer = report(), report(utmaldg=0), report(loops=(330, 471)), report(loops=(346, 448))
+    same, fewer_tma = report(), report(utmaldg=0)
+    longer, slightly_longer = report(loops=(330, 471)), report(loops=(346, 448))
     line = check_baseline([same, fewer_tma, longer, slightly_longer], path)
     assert line.endswith("4 of 4 compiled kernels compared"), line
     assert same.problems == [] and slightly_longer.problems == []  # 346 <= 1.05 * 330
@@ -396,6 +398,7 @@ def test_pointer_path_on_sm90a_compiles_without_spills(tmp_path):
                 assert k_steps == ({"8"} if dtype == "fp32" else {"16"}), (r["case"], k_steps)
         # the forward's 128 x 128 tile spilled on this path and is no longer chosen; the dK/dV kernel
         # keeps a tile in every variant
-        forward = [tuple(r["tile"]) + (r["num_warps"], r["num_stages"]) for r in ours if r["kernel"] == "_attn_fwd_kernel"]
+        forward = [tuple(r["tile"]) + (r["num_warps"], r["num_stages"]) for r in ours
+                   if r["kernel"] == "_attn_fwd_kernel"]
         assert forward and (128, 128, 8, 2) not in forward, forward
         assert any(r["kernel"] == "_attn_bwd_dkdv_kernel" and "varlen" in r["case"] for r in ours)
