@@ -65,8 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, grid_of, next_power_of_2, on_tensor_device, persistent_programs
 from ..backend import interpreting
+from ._launch import cdiv, grid_of, next_power_of_2, on_tensor_device, persistent_programs
 
 _LOG2E = 1.4426950408889634
 # Read once, as triton.jit itself does when it decorates: the interpreter takes one autotuning
@@ -140,6 +140,13 @@ _DKDV_VARIANT_SPILLS = {(90, False, False, False): _SM90_DKDV_SPILLS, (90, False
                         (90, False, True, False, "fp32"): {(32, 128, 8, 2), (32, 64, 4, 2), (16, 128, 8, 2)},
                         (90, False, True, True, "fp32"): {(32, 128, 8, 2), (32, 64, 4, 2), (16, 128, 8, 2)},
                         (80, False, True, False): {(16, 64, 4, 1)}, (80, False, True, True): {(16, 64, 4, 1)}}
+# Triton 3.6 (the lent H200's) spills where 3.8 does not, in one place: the TMA path's 32 x 128 / 8 / 2
+# dK/dV tile without the atomic dQ (the kind Hopper runs at head_dim 128) takes 16 B of stack and 8
+# STL/LDL per thread (255 registers) at Llama-3-8B and 70B heads; 32 x 64 / 4 / 2 and 16 x 64 / 4 / 1 stay
+# clean (python -m bench audit under each Triton, 2026-12-02). Under 3.6 it is dropped for that variant,
+# so LLAMA_FAST_AUTOTUNE=0 starts at 32 x 64; the variant's head_dim 64 (deterministic mode) loses it too.
+if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8):
+    _DKDV_VARIANT_SPILLS[(90, True, False, False)] = {(32, 128, 8, 2)}
 _FWD_VARIANT_SPILLS = {(90, False, False, False): {(128, 128, 8, 2)}, (90, False, False, True): {(128, 128, 8, 2)}}
 _DQ_VARIANT_SPILLS = {(90, False, False, False, "fp32"): {(64, 64, 4, 3)},
                       (90, False, False, True, "fp32"): {(64, 64, 4, 3)}}
@@ -164,7 +171,7 @@ def _configs(tiles: dict[int, list[tuple[int, int, int, int]]], interpreted: tup
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in every]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _arch(device_index: int) -> int:
     """90 on Hopper (sm_90), 80 on every other GPU: the key of the tile lists."""
     return 90 if torch.cuda.get_device_capability(device_index) == (9, 0) else 80
@@ -177,7 +184,7 @@ def _arch(device_index: int) -> int:
 SHARED_MEMORY_LIMIT = {90: 232_448, 80: 166_912}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_shared_limit(device_index: int) -> int:
     """The most dynamic shared memory one block may use on this GPU: the opt-in limit Triton checks
     when it loads a kernel (raising OutOfResources above it)."""
@@ -954,8 +961,9 @@ def _block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-@functools.lru_cache(maxsize=None)
-def _decode_tile(block_r: int, block_d: int, element_bytes: int, limit: int, wide_loads: bool = True) -> tuple[int, int]:
+@functools.cache
+def _decode_tile(block_r: int, block_d: int, element_bytes: int, limit: int,
+                 wide_loads: bool = True) -> tuple[int, int]:
     """(BLOCK_N, num_stages) of the decode kernel: the first of ``_DECODE_TILES`` whose shared memory
     fits ``limit``. The kernel is not autotuned (it runs at every generated token), so its need is
     bounded from the tiles: num_stages buffers of a K and a V tile, and the Q tile. The bound is at
