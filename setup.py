@@ -112,7 +112,7 @@ setup(
     version="0.1.0",
     description="Fused Triton kernels (RMSNorm, RoPE, SwiGLU, flash attention) for Llama models in transformers",
     python_requires=">=3.10",
-    packages=["llama_fast", "llama_fast.ops", "llama_fast.kernels"],
+    packages=["llama_fast", "llama_fast.ops", "llama_fast.patch", "llama_fast.kernels"],
     package_dir={"llama_fast": "llama_fast", "llama_fast.kernels": "kernels"},
     # The instruction set of `python -m llama_fast train`, read with importlib.resources.
     package_data={"llama_fast": ["data/*.jsonl"]},

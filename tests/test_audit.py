@@ -31,9 +31,9 @@ def full_audit(tmp_path_factory):
 
 
 MATRIX_KERNELS = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
-MEMORY_KERNELS = {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_swiglu_fwd_kernel",
-                  "_swiglu_bwd_kernel", "_attn_bwd_delta_kernel", "_attn_decode_kernel", "_attn_decode_combine_kernel",
-                  "_loss_rows_kernel", "_grad_kernel"}
+MEMORY_KERNELS = {"_rms_norm_fwd_kernel", "_add_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel",
+                  "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_attn_bwd_delta_kernel", "_attn_decode_kernel",
+                  "_attn_decode_combine_kernel", "_loss_rows_kernel", "_grad_kernel"}
 
 
 def test_audit_passes_everywhere(full_audit):

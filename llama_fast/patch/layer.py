@@ -33,8 +33,6 @@ kernel) when fusing would change more than the two launches:
 import hashlib
 import inspect
 
-from transformers.utils.deprecation import deprecate_kwarg
-
 from ..backend import interpreting
 
 # sha256 of the source of LlamaDecoderLayer.forward (unwrapped: transformers' checkpointing wrapper and
@@ -69,6 +67,8 @@ def _fuses(layer, norm, hidden_states, backend) -> bool:
 
 def fused_layer_forward(backend):
     """The forward patched ``LlamaDecoderLayer`` instances get (``backend``: None or "triton")."""
+    # here, not at module level: `import llama_fast` imports no transformers (tests/test_first_run.py)
+    from transformers.utils.deprecation import deprecate_kwarg
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
