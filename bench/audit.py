@@ -550,6 +550,10 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]
     q1, k1, v1 = bshd(model.q_heads, 1), bshd(model.kv_heads, decode_kv), bshd(model.kv_heads, decode_kv)
     yield "attention decode", lambda arch: attention.attention_fwd(q1, k1, v1, causal=True, softmax_scale=scale,
                                                               pad=None, splits=32, arch=arch), "memory"
+    # One split (a large batch, a short cache): the decode kernel writes out and lse itself (FINAL).
+    yield "attention decode 1 split", lambda arch: attention.attention_fwd(q1, k1, v1, causal=True,
+                                                                      softmax_scale=scale, pad=None, splits=1,
+                                                                      arch=arch), "memory"
     # Packed sequences (flash_attention_varlen): the same kernels with VARLEN, over (1, H, total, D)
     # views of (total, H, D) tensors, here 8 sequences of up to 512 tokens in the same 4096.
     packed = attention.Packed(torch.zeros(9, dtype=torch.int32), torch.zeros(9, dtype=torch.int32), 512, 512)

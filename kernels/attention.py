@@ -576,23 +576,25 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_decode_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr, pad_ptr, kv_lens_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, pad_ptr, kv_lens_ptr,
     # sizes
     kv_heads, group, q_len, kv_len, split_len, n_splits,
     # strides (elements; unit stride along D)
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
+    stride_o_b, stride_o_h, stride_o_s,
     stride_pad_b,
     # parameters
     qk_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
 ):
     """One program per (batch x KV head, split, row tile): BLOCK_R of the G·Sq query rows of the KV
     head against keys [split·split_len, (split + 1)·split_len). Writes a partial out and lse per
-    row and split."""
+    row and split, (B, Hq, Sq, splits[, D]) fp32; FINAL (one split): the output itself, in o's dtype
+    and layout, and the lse (B, Hq, Sq), so no combine kernel runs."""
     b_kv = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = b_kv // kv_heads
@@ -620,12 +622,14 @@ def _attn_decode_kernel(
                                     HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, False)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    # A split a row sees nothing of weighs 2^(−∞) = 0 in the combine.
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    # Partials are (B, Hq, Sq, splits[, D]) fp32, contiguous.
+    # A split a row sees nothing of weighs 2^(−∞) = 0 in the combine; a final row that sees nothing
+    # has lse = +∞, as the combine and the ordinary forward write it (P = 0 in the backward).
+    lse = tl.where(empty, float("inf") if FINAL else float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    # A partial's split is its innermost index but D; a final output has one split.
+    o_rows = b * stride_o_b + h * stride_o_h + qi * stride_o_s + split * HEAD_DIM
+    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=tile)
     row = (b * kv_heads * group + h) * q_len + qi
-    tl.store(o_part_ptr + (row * n_splits + split)[:, None] * HEAD_DIM + offs_d[None, :], out, mask=tile)
-    tl.store(lse_part_ptr + row * n_splits + split, lse, mask=in_rows)
+    tl.store(lse_ptr + row * n_splits + split, lse, mask=in_rows)
 
 
 @triton.jit
@@ -1115,8 +1119,12 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     if splits:
         split_len = cdiv(cdiv(kv_len, splits), _DECODE_BLOCK_N) * _DECODE_BLOCK_N
         splits = cdiv(kv_len, split_len)
-        o_part = torch.empty((batch, q_heads, q_len, splits, head_dim), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((batch, q_heads, q_len, splits), dtype=torch.float32, device=q.device)
+        final = splits == 1  # one launch, not two: the decode kernel writes out and lse itself
+        if final:
+            o_part, lse_part = out, lse
+        else:
+            o_part = torch.empty((batch, q_heads, q_len, splits, head_dim), dtype=torch.float32, device=q.device)
+            lse_part = torch.empty((batch, q_heads, q_len, splits), dtype=torch.float32, device=q.device)
         block_r = min(_DECODE_MAX_ROWS, max(16, next_power_of_2(group * q_len)))
         limit = _device_shared_limit(q.get_device()) if q.is_cuda else SHARED_MEMORY_LIMIT[arch or 80]
         hopper = (_arch(q.device.index or 0) if q.is_cuda else arch or 80) == 90  # where the narrow tile was counted
@@ -1125,11 +1133,13 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         _attn_decode_kernel[grid_of(batch * kv_heads, splits, cdiv(group * q_len, block_r))](
             q, k, v, o_part, lse_part, pad_arg, kv_lens_arg,
             kv_heads, group, q_len, kv_len, split_len, splits,
-            *_strides(q), *_strides(k), *_strides(v), stride_pad,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o_part), stride_pad,
             qk_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, **lens,
-            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4, num_stages=stages,
+            BLOCK_R=block_r, BLOCK_N=block_n, FINAL=final, num_warps=4, num_stages=stages,
         )
+        if final:
+            return out, lse
         _attn_decode_combine_kernel[grid_of(batch * q_heads * q_len)](
             o_part, lse_part, out, lse,
             q_heads, q_len, splits,
