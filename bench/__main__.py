@@ -106,6 +106,24 @@ def _overhead(args) -> int:
     return 0
 
 
+def _kernels(args) -> int:
+    import torch
+
+    from . import device as dev
+    from .kernel_count import format_table, rows
+    from .report import write_json
+
+    table = rows()
+    print(format_table(table))
+    if args.out:
+        meta = dev.describe(torch.device("cpu"))
+        meta["what"] = ("non-GEMM kernels per decoder layer of one decoded token (ATen compute ops by a dispatch mode, "
+                        "plus Triton launches, stubbed), tiny Llama, 4-layer minus 2-layer count, halved")
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "kernel_count.json"), meta, table)
+    return 0
+
+
 def _partial_writer(path, meta, results=None, rows_as=None, **extra):
     """For report.run's on_rows: the JSON rewritten with the rows so far, marked incomplete; None without a path.
     ``rows_as`` names the key the rows go under when ``results`` holds something else (the loss's peaks)."""
@@ -323,7 +341,7 @@ def _suites(args, names) -> int:
     return 0
 
 
-COMMANDS = ("all", *SUITES, "audit", "traffic", "overhead", "loss", "headline")
+COMMANDS = ("all", *SUITES, "audit", "traffic", "overhead", "kernels", "loss", "headline")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -355,6 +373,8 @@ def _parser() -> argparse.ArgumentParser:
                     ("out", "model")),
         "overhead": ("host time per op call and per decoder-layer decode step, kernel launches stubbed, vs eager "
                      "(CPU; no GPU needed)", ("out", "rep_ms", "no_progress")),
+        "kernels": ("non-GEMM kernels per decoder layer of a decoded token, patched vs eager, dynamic and static cache "
+                    "(a dispatch-mode count on the CPU; no GPU needed)", ("out",)),
         "loss": ("peak memory of the fused linear + cross-entropy loss step vs the unfused loss, Llama-3-8B shapes "
                  "(meta tensors without a GPU), and its speed against eager, torch.compile (left out with --quick) and "
                  "Liger-Kernel",
@@ -418,6 +438,8 @@ def main(argv=None) -> int:
         return _traffic(args)
     if args.command == "overhead":
         return _overhead(args)
+    if args.command == "kernels":
+        return _kernels(args)
     if args.command == "loss":
         return _loss(args)
     if args.command == "attention" and args.model_only:

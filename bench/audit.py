@@ -509,6 +509,12 @@ def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[int], object], s
     cos = torch.empty(batch, seq, model.head_dim, dtype=bf16)
     yield "rope fwd", lambda arch: rope.rope_fwd(q, k, cos, cos), "memory"
     yield "rope bwd", lambda arch: rope.rope_bwd(q, k, cos, cos), "memory"
+    # decode: one token rotated, its k and v written into a static cache at a device-held fill count
+    q1, k1 = q[:, :, :1], k[:, :, :1]
+    cache = torch.empty(batch, model.kv_heads, 4096, model.head_dim, dtype=bf16)
+    filled = torch.zeros((), dtype=torch.long)
+    yield "rope into cache", lambda arch: rope.rope_into_cache(q1, k1, k1, cos[:, :1], cos[:, :1], cache, cache,
+                                                               filled), "memory"
     gate = torch.empty(tokens, model.intermediate, dtype=bf16)
     yield "swiglu fwd", lambda arch: swiglu.swiglu_fwd(gate, gate), "memory"
     yield "swiglu bwd", lambda arch: swiglu.swiglu_bwd(gate, gate, gate), "memory"

@@ -49,22 +49,33 @@ def _rotate_heads(
 @triton.jit
 def _rope_kernel(
     # pointers
-    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_ptr, v_out_ptr, start_ptr,
     # sizes
-    seq_len, n_q_heads, n_k_heads,
+    seq_len, n_q_heads, n_k_heads, kv_rows,
     # strides (elements; D has unit stride everywhere)
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
     stride_qo_b, stride_qo_h, stride_qo_s,
     stride_ko_b, stride_ko_h, stride_ko_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_vo_b, stride_vo_h, stride_vo_s,
     stride_cs_b, stride_cs_s,
     # meta-parameters
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BACKWARD: tl.constexpr,
+    HAS_V: tl.constexpr, HAS_START: tl.constexpr,
 ):
+    """HAS_V: also copy v to v_out (a KV cache's value rows, beside the rotated keys). HAS_START:
+    the k and v outputs start at the row held in start_ptr[0] (a static cache's fill count, read on
+    the device); q's output does not move."""
     token = tl.program_id(0).to(tl.int64)
     b = token // seq_len
     s = token % seq_len
+    s_kv = s
+    if HAS_START:
+        s_kv = s + tl.load(start_ptr).to(tl.int64)
+    # A row past the k and v outputs' end (a static cache already full) is not written.
+    n_kv_heads = tl.where(s_kv < kv_rows, n_k_heads, 0)
 
     d = tl.arange(0, BLOCK_HALF)
     d_mask = d < HALF
@@ -80,10 +91,17 @@ def _rope_kernel(
         HALF, BLOCK_HQ, BACKWARD,
     )
     _rotate_heads(
-        k_ptr + b * stride_k_b + s * stride_k_s, k_out_ptr + b * stride_ko_b + s * stride_ko_s,
-        n_k_heads, stride_k_h, stride_ko_h, c1, c2, s1, s2, d, d_mask,
+        k_ptr + b * stride_k_b + s * stride_k_s, k_out_ptr + b * stride_ko_b + s_kv * stride_ko_s,
+        n_kv_heads, stride_k_h, stride_ko_h, c1, c2, s1, s2, d, d_mask,
         HALF, BLOCK_HK, BACKWARD,
     )
+    if HAS_V:
+        h = tl.arange(0, BLOCK_HK)[:, None]
+        tile = (h < n_kv_heads) & d_mask[None, :]
+        v_in = v_ptr + b * stride_v_b + s * stride_v_s + h * stride_v_h + d[None, :]
+        v_out = v_out_ptr + b * stride_vo_b + s_kv * stride_vo_s + h * stride_vo_h + d[None, :]
+        tl.store(v_out, tl.load(v_in, mask=tile), mask=tile)
+        tl.store(v_out + HALF, tl.load(v_in + HALF, mask=tile), mask=tile)
 
 
 @on_tensor_device
@@ -103,25 +121,47 @@ def rope_bwd(dq_embed: torch.Tensor, dk_embed: torch.Tensor, cos: torch.Tensor,
     return _rotate(dq_embed, dk_embed, cos, sin, backward=True)
 
 
+@on_tensor_device
+def rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_dst: torch.Tensor, v_dst: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+    """The rotated q, returned, and the rotated k and v itself written into a KV cache's buffers in
+    the same launch: k_dst, v_dst (B, Hk, rows, D) in the cache's dtype (``promote(q, k, cos)``,
+    v's), written at rows [start, start + S) with ``start`` a one-element integer tensor on the
+    device (a static cache's fill count, never read on the host), or at [0, S) when None (k_dst and
+    v_dst are then views of the rows to fill). Rows past the buffer's end are not written."""
+    q_out = torch.empty_like(q, dtype=k_dst.dtype)
+    if q.numel() == 0 and k.numel() == 0:
+        return q_out
+    _launch(q, k, cos, sin, q_out, k_dst, v, v_dst, start, backward=False)
+    return q_out
+
+
 def _rotate(q, k, cos, sin, *, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, n_q_heads, seq_len, head_dim = q.shape
-    n_k_heads = k.shape[1]
     out_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), cos.dtype)
     q_out = torch.empty_like(q, dtype=q.dtype if backward else out_dtype)
     k_out = torch.empty_like(k, dtype=k.dtype if backward else out_dtype)
     if q.numel() == 0 and k.numel() == 0:
         return q_out, k_out
+    _launch(q, k, cos, sin, q_out, k_out, None, None, None, backward=backward)
+    return q_out, k_out
+
+
+def _launch(q, k, cos, sin, q_out, k_out, v, v_out, start, *, backward: bool) -> None:
+    batch, n_q_heads, seq_len, head_dim = q.shape
+    n_k_heads = k.shape[1]
     half = head_dim // 2
     block_hq = next_power_of_2(n_q_heads)
     block_hk = next_power_of_2(n_k_heads)
     block_half = next_power_of_2(half)
-    elements = (block_hq + block_hk) * block_half * 2
+    elements = (block_hq + block_hk * (1 if v is None else 2)) * block_half * 2
+    has_v = v is not None
     _rope_kernel[(batch * seq_len,)](
-        q, k, cos, sin, q_out, k_out,
-        seq_len, n_q_heads, n_k_heads,
-        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *cos.stride()[:2],
+        q, k, cos, sin, q_out, k_out, v if has_v else q, v_out if has_v else q_out, q if start is None else start,
+        seq_len, n_q_heads, n_k_heads, k_out.shape[2],
+        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
+        *(v.stride()[:3] if has_v else (0, 0, 0)), *(v_out.stride()[:3] if has_v else (0, 0, 0)), *cos.stride()[:2],
         HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BACKWARD=backward,
-        # About 16 values per thread: Llama-3-8B (32 + 8 heads, D 128) gets 8 warps.
-        num_warps=max(1, min(8, elements // (32 * 16))),
+        HAS_V=has_v, HAS_START=start is not None,
+        # About 16 values per thread, a power of two warps: Llama-3-8B (32 + 8 heads, D 128) gets 8.
+        num_warps=min(8, 1 << (max(1, elements // (32 * 16)).bit_length() - 1)),
     )
-    return q_out, k_out

@@ -48,6 +48,13 @@ def _cases(device, dtype):
         ("swiglu_bwd", ops.triton_swiglu_bwd.default, (torch.randn_like(gate), gate, up)),
         ("rope_fwd", ops.triton_rope_fwd.default, (q, k, cos, sin)),
         ("rope_bwd", ops.triton_rope_bwd.default, (torch.randn_like(q), torch.randn_like(k), cos, sin)),
+        # inference only (it writes a KV cache): at a static cache's device-held fill count, and into views
+        ("rope_into_cache", ops.triton_rope_into_cache.default,
+         (q, k, torch.randn_like(k), cos, sin, torch.zeros(2, 2, 9, 16, device=device, dtype=dtype),
+          torch.zeros(2, 2, 9, 16, device=device, dtype=dtype), torch.tensor(3, device=device))),
+        ("rope_into_cache views", ops.triton_rope_into_cache.default,
+         (q, k, torch.randn_like(k), cos, sin, torch.zeros(2, 2, 9, 16, device=device, dtype=dtype)[:, :, 2:7],
+          torch.zeros(2, 2, 9, 16, device=device, dtype=dtype)[:, :, 2:7], None)),
         ("flash_attention_fwd", ops.triton_flash_attention_fwd.default, (qa, ka, va, pad, None, True, 0.25)),
         ("flash_attention_fwd nopad", ops.triton_flash_attention_fwd.default, (qa, ka, va, None, None, True, 0.25)),
         # a static cache: inference only, so no gradients asked for
@@ -64,7 +71,7 @@ def _cases(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("index", range(15))
+@pytest.mark.parametrize("index", range(17))
 def test_triton_ops(device, dtype, index):
     if device.type == "cpu" and not llama_fast.backend.interpreting():
         pytest.skip("the Triton ops run on CPU tensors only under the interpreter")

@@ -26,6 +26,7 @@ BIN = Path(sys.executable).parent  # python, torchrun: the interpreter's own env
 # Commands run as written (argv through shlex, no shell), with a string their output must contain.
 RUN = {
     "python -m bench traffic": "eager/fused",
+    "python -m bench kernels": "kernels/layer",
     "bash bench/gpu.sh --help": "usage: bash bench/gpu.sh",
     "bash bench/gpu.sh --budgets": "part first headline",
 }

@@ -117,6 +117,73 @@ def test_rope_fp32_tables_with_half_inputs(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("start", [None, 0, 5, 9], ids=lambda s: f"start={s}")
+def test_rope_into_cache(device, dtype, start):
+    """The rotated q, and the rotated k and v written into a cache's rows [start, start + S): exactly
+    the rotation ``apply_rotary_pos_emb`` gives (the same arithmetic), the reference's within rounding;
+    every other row untouched, including rows past the buffer's end (start 9: 3 rows, 2 fit)."""
+    batch, seq, slots = 2, 3, 11
+    q, k, cos, sin = (t.to(dtype) for t in _rope_inputs(device, batch, seq, 9, 3, 64))
+    v = torch.randn(batch, seq, 3, 64, device=device, dtype=dtype).transpose(1, 2)
+    k_cache = torch.randn(batch, 3, slots, 64, device=device, dtype=dtype)
+    v_cache = torch.randn(batch, 3, slots, 64, device=device, dtype=dtype)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    if start is None:  # the rows to fill given as views (a DynamicLayer's spare room)
+        k_dst, v_dst, at = k_cache[:, :, 4:4 + seq], v_cache[:, :, 4:4 + seq], 4
+        got_q = ops.rope_into_cache(q, k, v, cos, sin, k_dst, v_dst)
+    else:
+        at = start
+        got_q = ops.rope_into_cache(q, k, v, cos, sin, k_cache, v_cache,
+                                    torch.tensor(start, device=device))
+    want_q, want_k = ops.apply_rotary_pos_emb(q, k, cos, sin)
+    ref_q, _ = references.apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(got_q, want_q, rtol=0, atol=0)
+    rounding = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_q.float(), ref_q.float(), **rounding)
+    fits = min(seq, slots - at)
+    torch.testing.assert_close(k_cache[:, :, at:at + fits], want_k[:, :, :fits], rtol=0, atol=0)
+    torch.testing.assert_close(v_cache[:, :, at:at + fits], v[:, :, :fits], rtol=0, atol=0)
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[at:at + fits] = False
+    assert torch.equal(k_cache[:, :, untouched], k_before[:, :, untouched])
+    assert torch.equal(v_cache[:, :, untouched], v_before[:, :, untouched])
+
+
+@pytest.mark.parametrize("start", [None, 9], ids=lambda s: f"start={s}")
+def test_rope_into_cache_reference_backend(device, start):
+    """The op's composition on the reference backend (the rotation, then index copies) writes what the
+    kernel writes: the same rows, rows past the end dropped."""
+    q, k, cos, sin = _rope_inputs(device, 2, 3, 4, 2, 64)
+    v = torch.randn_like(k)
+    where = None if start is None else torch.tensor(start, device=device)
+    out = {}
+    for backend in ("triton", "reference"):
+        caches = torch.zeros(2, 2, 2, 11, 64, device=device)
+        dst = (caches[0], caches[1]) if start is not None else (caches[0][:, :, :3], caches[1][:, :, :3])
+        out[backend] = ops.rope_into_cache(q, k, v, cos, sin, *dst, where, backend=backend), caches
+    torch.testing.assert_close(out["reference"][0], out["triton"][0])
+    torch.testing.assert_close(out["reference"][1], out["triton"][1])
+
+
+def test_rope_into_cache_refuses_what_it_cannot_write(device):
+    q, k, cos, sin = _rope_inputs(device, 2, 3, 4, 2, 64)
+    v = torch.randn_like(k)
+    cache = torch.zeros(2, 2, 8, 64, device=device)
+    with pytest.raises(TypeError, match="cache's buffers must hold"):
+        ops.rope_into_cache(q, k, v, cos, sin, cache.half(), cache)
+    with pytest.raises(ValueError, match="k_dst, v_dst be"):
+        ops.rope_into_cache(q, k, v, cos, sin, torch.zeros(2, 3, 8, 64, device=device), cache)
+    with pytest.raises(ValueError, match="unit stride"):
+        ops.rope_into_cache(q, k, v, cos, sin, cache.transpose(2, 3).contiguous().transpose(2, 3), cache)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.rope_into_cache(q, k, v, cos, sin, cache[:, :, :2], cache[:, :, :2])
+    with pytest.raises(ValueError, match="one-element integer"):
+        ops.rope_into_cache(q, k, v, cos, sin, cache, cache, torch.tensor([1.0], device=device))
+    with pytest.raises(ValueError, match="no gradient"):
+        ops.rope_into_cache(q.requires_grad_(), k, v, cos, sin, cache, cache, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 576), (127, 760), (3, 1128), (2, 14336), (2, 3, 1536)])
 def test_swiglu(device, dtype, shape):
     gate = 2 * torch.randn(*shape, device=device)

@@ -87,6 +87,56 @@ def test_greedy_generation_matches():
     assert torch.equal(got, want)
 
 
+def _decode(model, cache, ids, steps):
+    """Greedy steps on ``cache`` from the last token of ``ids``: (tokens, each step's logits)."""
+    out, logits = [], []
+    step = ids[:, -1:]
+    for _ in range(steps):
+        position = torch.full((ids.shape[0], 1), cache.get_seq_length(), device=ids.device)
+        logit = model(input_ids=step, past_key_values=cache, use_cache=True, position_ids=position).logits[:, -1]
+        step = logit.argmax(-1, keepdim=True)
+        out.append(step)
+        logits.append(logit)
+    return torch.cat(out, 1), logits
+
+
+def test_cache_written_in_place_matches_through_crop_and_reorder(monkeypatch):
+    """Decoding with a DynamicCache writes the rotated keys and the values straight into the cache
+    (``ops.rope_into_cache``, once per layer and token), into buffers with spare room; a crop (what
+    assisted generation does) and a beam reorder replace the layer's tensors, and decoding after them
+    gives eager's logits: rows another tensor may still show are never overwritten."""
+    from transformers import DynamicCache
+
+    from llama_fast import ops
+
+    writes = []
+    write = ops.rope_into_cache
+    monkeypatch.setattr(ops, "rope_into_cache", lambda *a, **kw: writes.append(1) or write(*a, **kw))
+    base = tiny_model()
+    patched = llama_fast.patch(clone(base))
+    ids = tokens(2, 7)
+    logits, caches = {}, {}
+    with torch.no_grad():
+        for name, model in (("eager", base), ("patched", patched)):
+            cache = caches[name] = DynamicCache(config=model.config)
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            first, a = _decode(model, cache, ids, 4)
+            kept = cache.layers[0].keys
+            kept_values = kept.clone()
+            cache.crop(-2)
+            second, b = _decode(model, cache, first[:, :2], 3)
+            cache.reorder_cache(torch.tensor([1, 0], device=DEVICE))
+            _, c = _decode(model, cache, second.flip(0), 3)
+            logits[name] = a + b + c
+            assert torch.equal(kept, kept_values), name  # the keys handed out before the crop are unchanged
+    assert len(writes) == 10 * len(patched.model.layers)
+    for step, (got, want) in enumerate(zip(logits["patched"], logits["eager"])):
+        torch.testing.assert_close(got, want, msg=lambda m, step=step: f"step {step}: {m}")
+    for got, want in zip(caches["patched"].layers, caches["eager"].layers):
+        torch.testing.assert_close(got.keys, want.keys)
+        torch.testing.assert_close(got.values, want.values)
+
+
 def test_left_padded_batch_generation_matches_each_prompt_alone():
     """Point 4: a left-padded batch gives, row by row, the tokens of each prompt generated alone."""
     base = tiny_model()

@@ -7,8 +7,8 @@ from .add_rms_norm import add_rms_norm
 from .attention import flash_attention, flash_attention_varlen
 from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm
-from .rope import apply_rotary_pos_emb
+from .rope import apply_rotary_pos_emb, rope_into_cache
 from .swiglu import swiglu
 
 __all__ = ["BACKENDS", "add_rms_norm", "apply_rotary_pos_emb", "available_backends", "backend_for", "backend_on",
-           "flash_attention", "flash_attention_varlen", "linear_cross_entropy", "rms_norm", "swiglu"]
+           "flash_attention", "flash_attention_varlen", "linear_cross_entropy", "rms_norm", "rope_into_cache", "swiglu"]

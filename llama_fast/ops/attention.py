@@ -12,7 +12,7 @@ _MAX_HEAD_DIM = 256
 
 
 # The Triton kernels as custom ops, registered by KernelOp (ops/_dispatch.py); eager inference calls the
-# launcher itself. pad: a (B, Skv) uint8 view of the key padding mask, or None.
+# launcher itself. pad: the (B, Skv) key padding mask as uint8 (a view of the bool one) or int32, or None.
 def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None,
                 kv_lens: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention
@@ -106,8 +106,9 @@ def _check(q, k, v, key_padding_mask, kv_lens) -> None:
         raise ValueError(f"{op}: q has batch {batch} but k and v have batch {k.shape[0]}")
     _check_heads(op, q_heads, k.shape[1], head_dim, k.shape[-1])
     if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"{op}: key_padding_mask must be bool (True for real keys), got {key_padding_mask.dtype}")
+        if key_padding_mask.dtype not in (torch.bool, torch.int32):
+            raise TypeError(f"{op}: key_padding_mask must be bool (True for real keys) or int32 (nonzero for real "
+                            f"keys), got {key_padding_mask.dtype}")
         if tuple(key_padding_mask.shape) != (batch, k.shape[2]):
             raise ValueError(f"{op}: key_padding_mask must have shape (batch, kv_len) = {(batch, k.shape[2])}, "
                              f"got {tuple(key_padding_mask.shape)}")
@@ -130,7 +131,9 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
 
     causal: query i sees keys 0 .. i + kv_len - q_len (bottom-right aligned, as after a KV cache).
     softmax_scale: positive; defaults to head_dim ** -0.5.
-    key_padding_mask: bool (batch, kv_len), True where a key is real (left padding in generate()).
+    key_padding_mask: bool (batch, kv_len), True where a key is real (left padding in generate()); or
+    int32, nonzero where a key is real, read by the kernels as it is (a static cache's mask holds it so:
+    no conversion per layer).
     kv_lens: integer (batch,) on the device, for a static KV cache: row b uses only the first
     kv_lens[b] keys of the buffer, and kv_lens[b] replaces kv_len in the causal rule. Read by the
     kernel, never on the host (no sync; CUDA graphs can replay it). Forward only.
@@ -161,7 +164,8 @@ def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, backend):
         # The kernels read the mask as bytes: a free view in eager. Under torch.compile a converting
         # copy instead (B·kv_len bytes, fused by Inductor), since torch 2.11's Inductor fails to
         # lower a bool -> uint8 view ("torch.bool is not supported by torch.iinfo"); 2.14's lowers it.
-        pad = pad.to(torch.uint8) if torch.compiler.is_compiling() else pad.view(torch.uint8)
+        if pad.dtype == torch.bool:
+            pad = pad.to(torch.uint8) if torch.compiler.is_compiling() else pad.view(torch.uint8)
     if kv_lens is not None:
         kv_lens = kv_lens.to(torch.int32).contiguous()
     out, _ = _KERNELS.run("triton", direct_call_ok(q, k, v), unit_stride_last(q), unit_stride_last(k),

@@ -133,6 +133,69 @@ def _rope(q, k, cos, sin, unsqueeze_dim, backend):
     return q_embed, k_embed
 
 
+def _launch_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       k_dst: torch.Tensor, v_dst: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+    from ..kernels import rope
+
+    return rope.rope_into_cache(q, k, v, cos, sin, k_dst, v_dst, start)
+
+
+# Inference only (a KV cache is written under no_grad): a custom op for torch.compile, which must
+# see the writes into the cache's buffers, with no autograd.
+_INTO_CACHE = torch.library.custom_op("llama_fast::triton_rope_into_cache", _launch_into_cache,
+                                      mutates_args=("k_dst", "v_dst"))
+_INTO_CACHE.register_fake(lambda q, k, v, cos, sin, k_dst, v_dst, start: torch.empty_like(q, dtype=k_dst.dtype))
+
+
+def rope_into_cache(q, k, v, cos, sin, k_dst, v_dst, start=None, *, backend: str | None = None) -> torch.Tensor:
+    """``apply_rotary_pos_emb(q, k, cos, sin)`` with the rotated keys, and the values, written straight
+    into a KV cache: one kernel where a rotation, then the cache's two copies, were three.
+
+    q (B, Hq, S, D), k and v (B, Hk, S, D), cos and sin (B or 1, S, D) as for ``apply_rotary_pos_emb``;
+    k_dst and v_dst (B, Hk, rows, D) with unit stride along D, of the dtype the rotation gives
+    (``promote(q, k, cos)``) and v's. Rows [start, start + S) are written, ``start`` a one-element
+    integer tensor on the device (a static cache's fill count: never read on the host), or rows
+    [0, S) when None. Rows past ``rows`` are not written. Returns the rotated q. No gradient: for
+    inference, where the cache is filled; the caller takes the unfused path when one is needed.
+    """
+    op = "rope_into_cache"
+    _check(q, k, cos, sin, 1)
+    check_dtype(op, v=v, k_dst=k_dst, v_dst=v_dst)
+    check_same_device(op, q=q, k_dst=k_dst, v_dst=v_dst, v=v)
+    if any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled():
+        raise ValueError(f"{op}: no gradient flows through a KV cache write; call it under torch.no_grad()")
+    rotated = torch.promote_types(q.dtype, cos.dtype)
+    if k_dst.dtype != rotated or v_dst.dtype != v.dtype:
+        raise TypeError(f"{op}: the cache's buffers must hold the rotated keys' dtype {rotated} and v's {v.dtype}, "
+                        f"got {k_dst.dtype} and {v_dst.dtype}")
+    rows = (k.shape[0], k.shape[1], k_dst.shape[2], k.shape[3])
+    if v.shape != k.shape or k_dst.shape != rows or v_dst.shape != rows:
+        raise ValueError(f"{op}: k and v {tuple(k.shape)} must share one shape and k_dst, v_dst be (batch, kv_heads, "
+                         f"rows, head_dim) = {rows}, got {tuple(v.shape)}, {tuple(k_dst.shape)}, {tuple(v_dst.shape)}")
+    if k_dst.stride(-1) != 1 or v_dst.stride(-1) != 1:
+        raise ValueError(f"{op}: k_dst and v_dst must have unit stride along head_dim (they are written in place)")
+    if start is None and k_dst.shape[2] < k.shape[2]:
+        raise ValueError(f"{op}: {k.shape[2]} new rows do not fit the {k_dst.shape[2]} rows of k_dst")
+    if start is not None and (start.numel() != 1 or start.dtype.is_floating_point or start.device != q.device):
+        raise ValueError(f"{op}: start must be a one-element integer tensor on {q.device}, got {start.dtype} "
+                         f"{tuple(start.shape)} on {start.device}")
+    if _dtensor.has_dtensor(q, k, v, cos, sin, k_dst, v_dst):
+        raise NotImplementedError(f"{op}: DTensor inputs are not supported; use apply_rotary_pos_emb and the "
+                                  "cache's own update")
+    chosen = backend_for(q, backend)
+    shape = (q.shape[0], q.shape[2], q.shape[3])
+    cos, sin = unit_stride_last(cos.expand(shape)), unit_stride_last(sin.expand(shape))
+    if chosen != "triton":  # the op's composition: the rotation (on that backend), then the two copies
+        q_embed, k_embed = _rope(q, k, cos, sin, 1, chosen)
+        at = torch.arange(k.shape[2], device=q.device) + (0 if start is None else start.reshape(()))
+        at = at[at < k_dst.shape[2]]
+        k_dst.index_copy_(2, at, k_embed[:, :, : at.numel()])
+        v_dst.index_copy_(2, at, v[:, :, : at.numel()])
+        return q_embed
+    args = (unit_stride_last(q), unit_stride_last(k), unit_stride_last(v), cos, sin, k_dst, v_dst, start)
+    return _launch_into_cache(*args) if direct_call_ok(q, k, v, k_dst, v_dst) else _INTO_CACHE(*args)
+
+
 def _on_dtensors(q, k, cos, sin, unsqueeze_dim, backend):
     """DTensor inputs: q and k may be split along batch, heads or positions, never head_dim (the rotation
     pairs its two halves); cos and sin, one row per (batch, position), follow a batch or position split

@@ -85,11 +85,18 @@ def _rms_norm_forward(backend):
 
 
 def _mlp_forward(backend):
-    def forward(self, x):
+    """The forward patched LlamaMLP instances get. ``residual`` (the fused decoder layer passes it):
+    return ``residual + mlp(x)``, the add done by the down projection's GEMM (``layer.down_with_residual``)."""
+
+    def forward(self, x, residual=None):
         from .. import ops
 
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
+        act = ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend)
+        if residual is None:
+            return self.down_proj(act)
+        return layer.down_with_residual(self.down_proj, act, residual)
 
+    forward.takes_residual = True
     return forward
 
 

@@ -17,6 +17,8 @@ its order; the signature is transformers' (its keywords, the deprecated ``past_k
 ``input_layernorm``, ``self_attn`` and ``mlp`` are called as submodules as transformers calls them, so
 their hooks, PEFT's adapters inside them and tensor-parallel plans on their linears work unchanged.
 validate.py checks, by a hash of its source, that the installed forward is the one written out here.
+When ``mlp`` is patched too (its forward takes the residual), the MLP's residual add goes into the
+down projection's GEMM (``down_with_residual``): the layer's last two lines become one call.
 
 Per call, the layer runs transformers' own forward instead (its norms still patched, each its own
 kernel) when fusing would change more than the two launches:
@@ -32,6 +34,8 @@ kernel) when fusing would change more than the two launches:
 
 import hashlib
 import inspect
+
+import torch
 
 from ..backend import interpreting
 
@@ -65,6 +69,25 @@ def _fuses(layer, norm, hidden_states, backend) -> bool:
     return backend == "triton" or hidden_states.is_cuda or interpreting()
 
 
+def down_with_residual(down_proj, act, residual):
+    """``residual + down_proj(act)``: one ``addmm`` (cuBLAS adds the residual in the GEMM's epilogue,
+    rounding once where eager rounds the product, then the sum) for a plain ``nn.Linear`` without bias,
+    hooks, an instance forward or a distributed weight; else the projection, then the add. One kernel
+    fewer per layer, where Inductor cannot fuse that add across the opaque SwiGLU op before it. Not
+    under autocast, where the product would be low precision and eager's sum the residual's dtype."""
+    weight = down_proj.weight
+    plain = (type(down_proj) is torch.nn.Linear and down_proj.bias is None and "forward" not in vars(down_proj)
+             and not (down_proj._forward_pre_hooks or down_proj._forward_hooks or down_proj._backward_pre_hooks
+                      or down_proj._backward_hooks)
+             and type(weight) in (torch.Tensor, torch.nn.Parameter) and type(act) is torch.Tensor
+             and type(residual) is torch.Tensor and act.dtype == weight.dtype == residual.dtype
+             and not torch.is_autocast_enabled(act.device.type))
+    if not plain:
+        return residual + down_proj(act)
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), act.reshape(-1, act.shape[-1]), weight.t())
+    return out.view(residual.shape)
+
+
 def fused_layer_forward(backend):
     """The forward patched ``LlamaDecoderLayer`` instances get (``backend``: None or "triton")."""
     # here, not at module level: `import llama_fast` imports no transformers (tests/test_first_run.py)
@@ -96,6 +119,8 @@ def fused_layer_forward(backend):
         hidden_states, residual = ops.add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon,
                                                    backend=backend)
         # Fully Connected
+        if getattr(getattr(vars(self.mlp).get("forward"), "__func__", None), "takes_residual", False):
+            return self.mlp(hidden_states, residual=residual)  # the residual add inside down_proj's GEMM
         hidden_states = self.mlp(hidden_states)
         hidden_states = residual + hidden_states
         return hidden_states

@@ -92,11 +92,12 @@ def encode_static_cache(batch_size, slots, filled, attention_mask, device) -> to
 
 
 def decode_static_cache(mask: torch.Tensor, kv_len: int):
-    """(key_padding_mask (B, kv_len) bool, kv_lens (B,) int32) from ``encode_static_cache``'s tensor,
-    or None when ``mask`` is not one."""
+    """(key_padding_mask (B, kv_len) int32, kv_lens (B,) int32) from ``encode_static_cache``'s tensor,
+    or None when ``mask`` is not one. Views, no kernel: the attention kernels read an int32 padding
+    mask as it is (nonzero: a real key), so no layer converts it."""
     if mask.dim() != 4 or mask.dtype != torch.int32 or mask.shape[1:] != (1, 1, kv_len + 1):
         return None
-    return mask[:, 0, 0, :kv_len].bool(), mask[:, 0, 0, kv_len]
+    return mask[:, 0, 0, :kv_len], mask[:, 0, 0, kv_len]
 
 
 def packed_marker(batch_size: int, device) -> torch.Tensor:

@@ -1,11 +1,22 @@
 """RoPE: ``LlamaAttention.forward`` calls the module-level ``apply_rotary_pos_emb`` of its modeling file.
-Each patched attention instance gets a copy of transformers' own forward whose global namespace maps
-that one name to ``llama_fast.ops.apply_rotary_pos_emb``: the code that runs, the cache update included,
-is transformers' own, and the modeling module itself is left untouched."""
+
+Where that forward is the one verified here (``VERIFIED_SOURCES``, by a hash of its source), each patched
+attention instance gets ``_forward_with_cache_write``: transformers' lines, written out, with the rotation
+and the KV-cache update one kernel at inference (kv_cache.py), and otherwise transformers' own two calls
+(``ops.apply_rotary_pos_emb``, then ``cache.update``). Elsewhere (another transformers, a subclass with
+its own forward) it gets a copy of transformers' own forward whose global namespace maps that one name
+to ``ops.apply_rotary_pos_emb``: the code that runs, the cache update included, is transformers' own.
+The modeling module itself is left untouched either way."""
 
 import dis
 import functools
+import hashlib
+import inspect
 import types
+
+# sha256 of LlamaAttention.forward's source (unwrapped, its deprecate_kwarg line included) that
+# _forward_with_cache_write was written against and tested with, and the transformers that has it.
+VERIFIED_SOURCES = {"e080b5cc468cd0a507951a329a0b79aa69d8ec0cc2a6c0861f46f96ae00be531": "5.24.0"}
 
 _NAME = "apply_rotary_pos_emb"
 
@@ -64,4 +75,61 @@ def forward_with_our_rope(attention_module, backend):
     from .. import ops
 
     forward = type(attention_module).forward
+    if hashlib.sha256(inspect.getsource(inspect.unwrap(forward)).encode()).hexdigest() in VERIFIED_SOURCES:
+        return _forward_with_cache_write(backend)
     return _with_globals(forward, {_NAME: functools.partial(ops.apply_rotary_pos_emb, backend=backend)})
+
+
+def _forward_with_cache_write(backend):
+    """transformers 5.24's ``LlamaAttention.forward``, its rotation and cache update fused where
+    ``kv_cache.rope_and_write`` applies; every other line is transformers' own, in its order."""
+    # here, not at module level: `import llama_fast` imports no transformers (tests/test_first_run.py)
+    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    from .. import ops
+    from .kv_cache import rope_and_write, verified_layers
+
+    verified = verified_layers()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        written = None
+        if cache is not None:
+            written = rope_and_write(cache, self.layer_idx, query_states, key_states, value_states, cos, sin, backend,
+                                     verified)
+        if written is not None:
+            query_states, key_states, value_states = written
+        else:
+            query_states, key_states = ops.apply_rotary_pos_emb(query_states, key_states, cos, sin, backend=backend)
+            if cache is not None:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+    return forward
