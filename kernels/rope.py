@@ -110,7 +110,10 @@ def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     """Rotate q (B, Hq, S, D) and k (B, Hk, S, D) by cos, sin (B or broadcast, S, D), in
     ``promote(q, k, cos)``. Outputs keep their input's memory layout (``empty_like``), so a
     transposed view of a projection stays one."""
-    return _rotate(q, k, cos, sin, backward=False)
+    q_out, k_out = _outputs(q, k, cos, backward=False)
+    if q.numel() or k.numel():
+        _launch(q, k, cos, sin, q_out, k_out, None, None, None, backward=False)
+    return q_out, k_out
 
 
 @on_tensor_device
@@ -118,7 +121,10 @@ def rope_bwd(dq_embed: torch.Tensor, dk_embed: torch.Tensor, cos: torch.Tensor,
              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of q and k from those of ``rope_fwd``'s outputs: the transposed rotation, in
     the gradients' own dtypes and layouts."""
-    return _rotate(dq_embed, dk_embed, cos, sin, backward=True)
+    dq, dk = _outputs(dq_embed, dk_embed, cos, backward=True)
+    if dq_embed.numel() or dk_embed.numel():
+        _launch(dq_embed, dk_embed, cos, sin, dq, dk, None, None, None, backward=True)
+    return dq, dk
 
 
 @on_tensor_device
@@ -136,14 +142,10 @@ def rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     return q_out
 
 
-def _rotate(q, k, cos, sin, *, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _outputs(q, k, cos, *, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     out_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), cos.dtype)
-    q_out = torch.empty_like(q, dtype=q.dtype if backward else out_dtype)
-    k_out = torch.empty_like(k, dtype=k.dtype if backward else out_dtype)
-    if q.numel() == 0 and k.numel() == 0:
-        return q_out, k_out
-    _launch(q, k, cos, sin, q_out, k_out, None, None, None, backward=backward)
-    return q_out, k_out
+    return (torch.empty_like(q, dtype=q.dtype if backward else out_dtype),
+            torch.empty_like(k, dtype=k.dtype if backward else out_dtype))
 
 
 def _launch(q, k, cos, sin, q_out, k_out, v, v_out, start, *, backward: bool) -> None:

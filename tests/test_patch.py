@@ -532,3 +532,35 @@ def test_verified_decoder_source_is_the_installed_one():
     from llama_fast.patch import layer
 
     assert layer.VERIFIED_SOURCES.get(layer.source_hash(LlamaDecoderLayer)) == transformers.__version__
+
+
+def test_verified_attention_and_cache_sources_are_the_installed_ones():
+    """The attention forward rope.py writes out and the cache updates kv_cache.py reproduces are this
+    transformers' own (a bump that changes them must be re-verified)."""
+    import transformers
+    from transformers import cache_utils
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from llama_fast.patch import kv_cache, layer, rope
+
+    assert rope.VERIFIED_SOURCES.get(layer.source_hash(LlamaAttention)) == transformers.__version__
+    assert kv_cache.verified_layers() == {cache_utils.DynamicLayer, cache_utils.StaticLayer}
+
+
+def test_changed_attention_or_cache_source_keeps_transformers_cache_update(monkeypatch):
+    """An attention forward or a cache update that is not the verified source: transformers' own forward
+    (its name apply_rotary_pos_emb rebound to ours) or its own cache update runs, never the fused write,
+    and generation still gives eager's tokens."""
+    from llama_fast import ops
+    from llama_fast.patch import kv_cache, rope
+
+    base = tiny_model()
+    ids = tokens(2, 7)
+    want = _generate(base, ids, new=6)
+    for target, name in ((rope, "VERIFIED_SOURCES"), (kv_cache, "VERIFIED_UPDATES")):
+        with monkeypatch.context() as m:
+            m.setattr(target, name, {"Cache": set(), "DynamicLayer": set(), "StaticLayer": set()}
+                      if name == "VERIFIED_UPDATES" else {})
+            m.setattr(ops, "rope_into_cache", mock.Mock(side_effect=AssertionError("fused write")))
+            patched = llama_fast.patch(clone(base))
+            assert torch.equal(_generate(patched, ids, new=6), want), name

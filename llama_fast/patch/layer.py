@@ -42,7 +42,9 @@ from ..backend import interpreting
 # sha256 of the source of LlamaDecoderLayer.forward (unwrapped: transformers' checkpointing wrapper and
 # deprecate_kwarg aside, its decorator line included) that the forward below was written against and
 # tested with, and the transformers version that has it.
-VERIFIED_SOURCES = {"2b52523b7afe2a371de1384a5c81b6f64e9a32b7490388160afea6edb28ff5c2": "5.24.0"}
+VERIFIED_SOURCES = {"2b52523b7afe2a371de1384a5c81b6f64e9a32b7490388160afea6edb28ff5c2": "5.24.0",
+                    # 5.17 differs only in its cache keyword, past_key_values (the lent H200 runs 5.17)
+                    "75d1d62e173e8c574b8a61338d1fa5052774d13b848eecd282cde88cd6690b8e": "5.17.0"}
 
 
 def source_hash(layer_class) -> str:
@@ -88,21 +90,30 @@ def down_with_residual(down_proj, act, residual):
     return out.view(residual.shape)
 
 
+def cache_keyword(forward) -> str:
+    """The name a transformers forward takes the KV cache by: ``cache`` from 5.24 (``past_key_values``
+    deprecated), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(inspect.unwrap(forward)).parameters else "past_key_values"
+
+
 def fused_layer_forward(backend):
-    """The forward patched ``LlamaDecoderLayer`` instances get (``backend``: None or "triton")."""
+    """The forward patched ``LlamaDecoderLayer`` instances get (``backend``: None or "triton"), with the
+    installed transformers' signature: the cache keyword ``cache`` (5.24) or ``past_key_values`` (5.17),
+    passed on to the attention module under that name."""
     # here, not at module level: `import llama_fast` imports no transformers (tests/test_first_run.py)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.utils.deprecation import deprecate_kwarg
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
-                position_embeddings=None, **kwargs):
+    keyword = cache_keyword(LlamaDecoderLayer.forward)
+
+    def body(self, hidden_states, attention_mask, position_ids, cache, use_cache, position_embeddings, kwargs):
         from .. import ops
 
         norm = self.post_attention_layernorm
         if not _fuses(self, norm, hidden_states, backend):
             return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                      cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
-                                      **kwargs)
+                                      use_cache=use_cache, position_embeddings=position_embeddings,
+                                      **{keyword: cache}, **kwargs)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         # Self Attention
@@ -110,9 +121,9 @@ def fused_layer_forward(backend):
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
+            **{keyword: cache},
             **kwargs,
         )
         # The residual add, its sum kept as the next residual, and the post-attention norm of it: one kernel.
@@ -124,5 +135,18 @@ def fused_layer_forward(backend):
         hidden_states = self.mlp(hidden_states)
         hidden_states = residual + hidden_states
         return hidden_states
+
+    if keyword == "past_key_values":  # transformers 5.17
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=False, position_embeddings=None, **kwargs):
+            return body(self, hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                        position_embeddings, kwargs)
+
+        return forward
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        return body(self, hidden_states, attention_mask, position_ids, cache, use_cache, position_embeddings, kwargs)
 
     return forward

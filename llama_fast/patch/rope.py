@@ -1,8 +1,8 @@
 """RoPE: ``LlamaAttention.forward`` calls the module-level ``apply_rotary_pos_emb`` of its modeling file.
 
-Where that forward is the one verified here (``VERIFIED_SOURCES``, by a hash of its source), each patched
-attention instance gets ``_forward_with_cache_write``: transformers' lines, written out, with the rotation
-and the KV-cache update one kernel at inference (kv_cache.py), and otherwise transformers' own two calls
+Where that forward is one verified here (``VERIFIED_SOURCES``, by a hash of its source: 5.24's, 5.17's),
+each patched attention instance gets ``_forward_with_cache_write``: transformers' lines, written out, with
+the rotation and the KV-cache update one kernel at inference (kv_cache.py), and otherwise transformers' two calls
 (``ops.apply_rotary_pos_emb``, then ``cache.update``). Elsewhere (another transformers, a subclass with
 its own forward) it gets a copy of transformers' own forward whose global namespace maps that one name
 to ``ops.apply_rotary_pos_emb``: the code that runs, the cache update included, is transformers' own.
@@ -16,7 +16,9 @@ import types
 
 # sha256 of LlamaAttention.forward's source (unwrapped, its deprecate_kwarg line included) that
 # _forward_with_cache_write was written against and tested with, and the transformers that has it.
-VERIFIED_SOURCES = {"e080b5cc468cd0a507951a329a0b79aa69d8ec0cc2a6c0861f46f96ae00be531": "5.24.0"}
+VERIFIED_SOURCES = {"e080b5cc468cd0a507951a329a0b79aa69d8ec0cc2a6c0861f46f96ae00be531": "5.24.0",
+                    # 5.17 differs only in its cache keyword (past_key_values) and update call (no kwargs)
+                    "dc6807936ef6103d2675e82361b9c82359d43356a331140bbb1a974595522bff": "5.17.0"}
 
 _NAME = "apply_rotary_pos_emb"
 
@@ -81,19 +83,25 @@ def forward_with_our_rope(attention_module, backend):
 
 
 def _forward_with_cache_write(backend):
-    """transformers 5.24's ``LlamaAttention.forward``, its rotation and cache update fused where
-    ``kv_cache.rope_and_write`` applies; every other line is transformers' own, in its order."""
+    """transformers' ``LlamaAttention.forward`` (5.24's, or 5.17's with its cache keyword), its rotation
+    and cache update fused where ``kv_cache.rope_and_write`` applies; every other line is transformers'
+    own, in its order."""
     # here, not at module level: `import llama_fast` imports no transformers (tests/test_first_run.py)
-    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
+    from transformers.models.llama.modeling_llama import (
+        ALL_ATTENTION_FUNCTIONS,
+        LlamaAttention,
+        eager_attention_forward,
+    )
     from transformers.utils.deprecation import deprecate_kwarg
 
     from .. import ops
     from .kv_cache import rope_and_write, verified_layers
+    from .layer import cache_keyword
 
     verified = verified_layers()
+    since_5_24 = cache_keyword(LlamaAttention.forward) == "cache"
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    def body(self, hidden_states, position_embeddings, attention_mask, cache, kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -110,8 +118,10 @@ def _forward_with_cache_write(backend):
             query_states, key_states, value_states = written
         else:
             query_states, key_states = ops.apply_rotary_pos_emb(query_states, key_states, cos, sin, backend=backend)
-            if cache is not None:
+            if cache is not None and since_5_24:
                 key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+            elif cache is not None:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -131,5 +141,16 @@ def _forward_with_cache_write(backend):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output, attn_weights
+
+    if not since_5_24:  # transformers 5.17
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                    **kwargs):
+            return body(self, hidden_states, position_embeddings, attention_mask, past_key_values, kwargs)
+
+        return forward
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        return body(self, hidden_states, position_embeddings, attention_mask, cache, kwargs)
 
     return forward
