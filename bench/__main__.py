@@ -113,7 +113,7 @@ def _kernels(args) -> int:
     from .kernel_count import format_table, rows
     from .report import write_json
 
-    table = rows()
+    table = rows(compiled=args.compile)
     print(format_table(table))
     if args.out:
         meta = dev.describe(torch.device("cpu"))
@@ -374,7 +374,8 @@ def _parser() -> argparse.ArgumentParser:
         "overhead": ("host time per op call and per decoder-layer decode step, kernel launches stubbed, vs eager "
                      "(CPU; no GPU needed)", ("out", "rep_ms", "no_progress")),
         "kernels": ("non-GEMM kernels per decoder layer of a decoded token, patched vs eager, dynamic and static cache "
-                    "(a dispatch-mode count on the CPU; no GPU needed)", ("out",)),
+                    "(a dispatch-mode count on the CPU; no GPU needed); --compile: also the static-cache forward "
+                    "compiled by Inductor (its CPU code generation)", ("out", "compile")),
         "loss": ("peak memory of the fused linear + cross-entropy loss step vs the unfused loss, Llama-3-8B shapes "
                  "(meta tensors without a GPU), and its speed against eager, torch.compile (left out with --quick) and "
                  "Liger-Kernel",

@@ -121,19 +121,59 @@ def per_layer(patched: bool, static: bool) -> tuple[float, dict]:
     return sum(by_name.values()), by_name
 
 
-def rows() -> list[dict]:
+def _compiled_step_kernels(layers: int, patched: bool) -> collections.Counter:
+    """Kernels of one decoded token through the forward compiled by Inductor (fullgraph, a StaticCache:
+    the CUDA-graph recipe's graph), by name: the kernels Inductor generated for the graph (its own
+    count, ``generated_kernel_count``; each runs once per call) and the Triton launches of our ops."""
+    from torch._inductor import metrics
+    from transformers import StaticCache
+
+    model = _model(layers, patched)
+    cache_arg = _cache_arg()
+    prompt = torch.randint(3, 128, (1, 8))
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    counts = collections.Counter()
+    torch._dynamo.reset()
+    forward = torch.compile(model.forward, fullgraph=True)
+    with torch.no_grad(), _counted_launches(counts) if patched else contextlib.nullcontext():
+        model(input_ids=prompt, **{cache_arg: cache}, use_cache=True)
+        metrics.reset()
+        for position in (8, 9):  # compiled on the first token, counted on the second
+            counts.clear()
+            forward(input_ids=prompt[:, -1:], **{cache_arg: cache}, use_cache=True,
+                    position_ids=torch.tensor([[position]]), cache_position=torch.tensor([position]))
+    counts["inductor generated"] = metrics.generated_kernel_count
+    return counts
+
+
+def per_layer(patched: bool, static: bool, compiled: bool = False) -> tuple[float, dict]:
+    """(kernels per decode layer, that count by kernel name) for one configuration."""
+    if compiled:
+        four, two = _compiled_step_kernels(4, patched), _compiled_step_kernels(2, patched)
+    else:
+        four, two = _decode_step_ops(4, patched, static), _decode_step_ops(2, patched, static)
+    names = sorted(set(four) | set(two))
+    by_name = {n: (four[n] - two[n]) / 2 for n in names if four[n] != two[n]}
+    return sum(by_name.values()), by_name
+
+
+def rows(compiled: bool = False) -> list[dict]:
+    """Eager forwards with both caches; with ``compiled``, also the StaticCache forward compiled by
+    Inductor, counted on the CPU: Inductor's CPU code generation stands in for its GPU one (both fuse
+    the same pointwise and reduction ops, and neither fuses through an opaque custom op)."""
     out = []
-    for static in (False, True):
+    configs = [("dynamic", False), ("static", False)] + ([("static, compiled", True)] if compiled else [])
+    for cache, is_compiled in configs:
         for patched in (True, False):
-            total, by_name = per_layer(patched, static)
-            out.append(dict(cache="static" if static else "dynamic", model="patched" if patched else "eager",
-                            kernels_per_layer=total, by_kernel=by_name))
+            total, by_name = per_layer(patched, cache != "dynamic", is_compiled)
+            out.append(dict(cache=cache, model="patched" if patched else "eager", kernels_per_layer=total,
+                            by_kernel=by_name))
     return out
 
 
 def format_table(table: list[dict]) -> str:
-    lines = [f"{'cache':8} {'model':8} {'kernels/layer':>13}  by kernel"]
+    lines = [f"{'cache':16} {'model':8} {'kernels/layer':>13}  by kernel"]
     for r in table:
         detail = ", ".join(f"{n} {c:g}" for n, c in r["by_kernel"].items())
-        lines.append(f"{r['cache']:8} {r['model']:8} {r['kernels_per_layer']:>13g}  {detail}")
+        lines.append(f"{r['cache']:16} {r['model']:8} {r['kernels_per_layer']:>13g}  {detail}")
     return "\n".join(lines)

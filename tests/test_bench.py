@@ -223,10 +223,11 @@ def test_overhead_bench(tmp_path):
 def test_decode_kernels_per_layer(tmp_path):
     """`python -m bench kernels`: a patched decoder layer decodes a token in at most 6 non-GEMM kernels
     with a DynamicCache and with a StaticCache (RMSNorm, RoPE fused with the cache write, attention in one
-    split-KV launch, add + RMSNorm, SwiGLU; the static cache's fill-count add), eager in 29 and 35."""
+    split-KV launch, add + RMSNorm, SwiGLU; the static cache's fill-count add), eager in 29 and 35; and
+    compiled by Inductor, fewer than eager compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "bench", "kernels", "--out", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "bench", "kernels", "--compile", "--out", str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((tmp_path / "kernel_count.json").read_text())
     counts = {(r["cache"], r["model"]): r for r in data["results"]}
@@ -237,6 +238,9 @@ def test_decode_kernels_per_layer(tmp_path):
         triton = {n for n in patched["by_kernel"] if n.startswith("triton.")}
         assert triton == {"triton._rms_norm_fwd_kernel", "triton._rope_kernel", "triton._attn_decode_kernel",
                           "triton._add_rms_norm_fwd_kernel", "triton._swiglu_fwd_kernel"}, patched
+    # Compiled by Inductor (fullgraph, StaticCache): fewer kernels patched than eager's fused graph.
+    patched, eager = counts["static, compiled", "patched"], counts["static, compiled", "eager"]
+    assert 0 < patched["kernels_per_layer"] < eager["kernels_per_layer"], (patched, eager)
 
 
 @pytest.mark.system
