@@ -113,14 +113,6 @@ def _decode_step_ops(layers: int, patched: bool, static: bool) -> collections.Co
     return counts
 
 
-def per_layer(patched: bool, static: bool) -> tuple[float, dict]:
-    """(kernels per decode layer, that count by kernel name) for one configuration."""
-    four, two = _decode_step_ops(4, patched, static), _decode_step_ops(2, patched, static)
-    names = sorted(set(four) | set(two))
-    by_name = {n: (four[n] - two[n]) / 2 for n in names if four[n] != two[n]}
-    return sum(by_name.values()), by_name
-
-
 def _compiled_step_kernels(layers: int, patched: bool) -> collections.Counter:
     """Kernels of one decoded token through the forward compiled by Inductor (fullgraph, a StaticCache:
     the CUDA-graph recipe's graph), by name: the kernels Inductor generated for the graph (its own

@@ -544,7 +544,7 @@ def test_verified_attention_and_cache_sources_are_the_installed_ones():
     from llama_fast.patch import kv_cache, layer, rope
 
     assert rope.VERIFIED_SOURCES.get(layer.source_hash(LlamaAttention)) == transformers.__version__
-    assert kv_cache.verified_layers() == {cache_utils.DynamicLayer, cache_utils.StaticLayer}
+    assert kv_cache.verified_layers().static == {cache_utils.DynamicLayer: False, cache_utils.StaticLayer: True}
 
 
 def test_changed_attention_or_cache_source_keeps_transformers_cache_update(monkeypatch):

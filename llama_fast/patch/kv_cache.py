@@ -25,6 +25,7 @@ caller runs transformers' lines.
 
 import hashlib
 import inspect
+import typing
 
 import torch
 
@@ -45,24 +46,29 @@ def _source_hash(fn) -> str:
     return hashlib.sha256(inspect.getsource(inspect.unwrap(fn)).encode()).hexdigest()
 
 
-def verified_layers() -> frozenset:
-    """The cache layer classes whose ``update``, and ``Cache.update``, are the sources verified here:
-    the ones the fused write serves. Hashed when the patch builds a forward, never in one (torch.compile
-    cannot trace ``inspect``)."""
+class Verified(typing.NamedTuple):
+    """What the fused write serves, resolved when the patch builds a forward, never in one: torch.compile
+    cannot trace ``inspect``, and torch 2.11's breaks its graph on an import of transformers' lazy module."""
+
+    static: dict  # cache layer class -> whether it is transformers' StaticLayer
+    cache_update: object  # Cache.update, which the cache's class must not override
+
+
+def verified_layers() -> Verified:
+    """The cache layer classes whose ``update``, and ``Cache.update``, are the sources verified here."""
     from transformers import cache_utils
 
-    if _source_hash(cache_utils.Cache.update) not in VERIFIED_UPDATES["Cache"]:
-        return frozenset()
-    return frozenset(cls for cls in (cache_utils.DynamicLayer, cache_utils.StaticLayer)
-                     if _source_hash(cls.update) in VERIFIED_UPDATES[cls.__name__])
+    static = {}
+    if _source_hash(cache_utils.Cache.update) in VERIFIED_UPDATES["Cache"]:
+        static = {cls: cls is cache_utils.StaticLayer for cls in (cache_utils.DynamicLayer, cache_utils.StaticLayer)
+                  if _source_hash(cls.update) in VERIFIED_UPDATES[cls.__name__]}
+    return Verified(static, cache_utils.Cache.update)
 
 
-def rope_and_write(cache, layer_idx: int, q, k, v, cos, sin, backend, verified: frozenset):
+def rope_and_write(cache, layer_idx: int, q, k, v, cos, sin, backend, verified: Verified):
     """(rotated q, the layer's keys, its values) after writing the rotated k and v into ``cache``'s
     layer ``layer_idx``; or None when the fused write does not apply (the module docstring).
     ``verified``: ``verified_layers()``."""
-    from transformers import cache_utils
-
     from .. import ops
 
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -72,9 +78,9 @@ def rope_and_write(cache, layer_idx: int, q, k, v, cos, sin, backend, verified: 
     if ops.backend_for(q, backend) != "triton" or getattr(cache, "offloading", True):
         return None
     layers = getattr(cache, "layers", ())
-    if layer_idx is None or layer_idx >= len(layers) or type(layers[layer_idx]) not in verified:
+    if layer_idx is None or layer_idx >= len(layers) or type(layers[layer_idx]) not in verified.static:
         return None
-    if type(cache).update is not cache_utils.Cache.update:
+    if type(cache).update is not verified.cache_update:
         return None
     layer = layers[layer_idx]
     if not layer.is_initialized or cos.dtype != q.dtype or v.dtype != q.dtype:
@@ -82,7 +88,7 @@ def rope_and_write(cache, layer_idx: int, q, k, v, cos, sin, backend, verified: 
     if (layer.keys.dim() != 4 or layer.keys.dtype != q.dtype or layer.values.dtype != q.dtype
             or layer.keys.shape[:2] != k.shape[:2] or layer.values.shape[:2] != k.shape[:2]):
         return None
-    if type(layer) is cache_utils.StaticLayer:
+    if verified.static[type(layer)]:
         q_embed = ops.rope_into_cache(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
                                       backend=backend)
         layer.cumulative_length.add_(k.shape[2])
