@@ -2,6 +2,7 @@
 every parameter's gradient, greedy generation with the KV cache, left-padded batches, gradient
 checkpointing, PEFT LoRA, a short training run, unpatch, isolation, and refusals."""
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -445,6 +446,8 @@ def test_decoder_layer_keeps_transformers_signature_and_submodule_calls():
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    from llama_fast.patch.layer import cache_keyword
+
     base = tiny_model()
     patched = llama_fast.patch(clone(base))
     layer = patched.model.layers[0]
@@ -456,15 +459,16 @@ def test_decoder_layer_keeps_transformers_signature_and_submodule_calls():
         for module in (each.input_layernorm, each.self_attn, each.mlp):
             module.register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
     ids = tokens(1, 7)
+    keyword = cache_keyword(LlamaDecoderLayer.forward)  # "cache" from transformers 5.24, "past_key_values" in 5.17
     with torch.no_grad(), _fused_calls() as fused:
         caches = {name: DynamicCache(config=m.config) for name, m in (("patched", patched), ("eager", base))}
-        got = patched(input_ids=ids, cache=caches["patched"], use_cache=True).logits
-        want = base(input_ids=ids, cache=caches["eager"], use_cache=True).logits
+        got = patched(input_ids=ids, **{keyword: caches["patched"]}, use_cache=True).logits
+        want = base(input_ids=ids, **{keyword: caches["eager"]}, use_cache=True).logits
         assert fused.call_count == 2
-        # a layer called directly with the deprecated keyword, as transformers' own layer accepts it
+        # a layer called directly with past_key_values, deprecated from 5.24, as transformers' own layer accepts it
         hidden = torch.randn(1, 3, 64, device=DEVICE)
         cos_sin = patched.model.rotary_emb(hidden, torch.arange(3, device=DEVICE)[None])
-        with pytest.warns(FutureWarning, match="past_key_values"):
+        with pytest.warns(FutureWarning, match="past_key_values") if keyword == "cache" else contextlib.nullcontext():
             out = layer(hidden, position_embeddings=cos_sin, past_key_values=None)
         assert out.shape == hidden.shape
     # two layers in the model's call, then the first layer called alone
