@@ -568,3 +568,40 @@ def test_changed_attention_or_cache_source_keeps_transformers_cache_update(monke
             m.setattr(ops, "rope_into_cache", mock.Mock(side_effect=AssertionError("fused write")))
             patched = llama_fast.patch(clone(base))
             assert torch.equal(_generate(patched, ids, new=6), want), name
+
+
+def test_down_projection_adds_the_residual_in_its_gemm_only_for_a_plain_linear():
+    """``layer.down_with_residual``: a plain bias-free nn.Linear adds the residual in one addmm (with its
+    gradients); anything else (a stand-in module without a weight, a linear with a hook or a bias, autocast)
+    is called as a module, then added, as eager does."""
+    from llama_fast.patch import layer
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 8, bias=False)
+    act, residual = torch.randn(2, 3, 12, requires_grad=True), torch.randn(2, 3, 8, requires_grad=True)
+    with mock.patch.object(torch, "addmm", wraps=torch.addmm) as addmm:
+        out = layer.down_with_residual(linear, act, residual)
+    assert addmm.call_count == 1 and out.shape == residual.shape
+    want = residual + linear(act)
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out.square().sum(), [act, residual, linear.weight])
+    want_grads = torch.autograd.grad(want.square().sum(), [act, residual, linear.weight])
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected)
+
+    class StandIn(torch.nn.Module):  # no weight at all, as bench/overhead.py's fixed projections
+        def forward(self, x):
+            return torch.ones(*x.shape[:-1], 8)
+
+    hooked = torch.nn.Linear(12, 8, bias=False)
+    calls = []
+    hooked.register_forward_hook(lambda *a: calls.append(1))
+    biased = torch.nn.Linear(12, 8)
+    with mock.patch.object(torch, "addmm", wraps=torch.addmm) as addmm:
+        torch.testing.assert_close(layer.down_with_residual(StandIn(), act, residual), residual + 1)
+        layer.down_with_residual(hooked, act, residual)
+        torch.testing.assert_close(layer.down_with_residual(biased, act, residual), residual + biased(act))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.down_with_residual(linear, act, residual).dtype == torch.float32
+    assert calls == [1]
+    assert addmm.call_count == 0  # each went through the module (F.linear), then an add

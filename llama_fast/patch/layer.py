@@ -77,16 +77,15 @@ def down_with_residual(down_proj, act, residual):
     hooks, an instance forward or a distributed weight; else the projection, then the add. One kernel
     fewer per layer, where Inductor cannot fuse that add across the opaque SwiGLU op before it. Not
     under autocast, where the product would be low precision and eager's sum the residual's dtype."""
-    weight = down_proj.weight
     plain = (type(down_proj) is torch.nn.Linear and down_proj.bias is None and "forward" not in vars(down_proj)
              and not (down_proj._forward_pre_hooks or down_proj._forward_hooks or down_proj._backward_pre_hooks
                       or down_proj._backward_hooks)
-             and type(weight) in (torch.Tensor, torch.nn.Parameter) and type(act) is torch.Tensor
-             and type(residual) is torch.Tensor and act.dtype == weight.dtype == residual.dtype
+             and type(down_proj.weight) in (torch.Tensor, torch.nn.Parameter) and type(act) is torch.Tensor
+             and type(residual) is torch.Tensor and act.dtype == down_proj.weight.dtype == residual.dtype
              and not torch.is_autocast_enabled(act.device.type))
-    if not plain:
+    if not plain:  # any other module (LoRA, a quantised or tensor-parallel linear, a stand-in): as eager
         return residual + down_proj(act)
-    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), act.reshape(-1, act.shape[-1]), weight.t())
+    out = torch.addmm(residual.reshape(-1, residual.shape[-1]), act.reshape(-1, act.shape[-1]), down_proj.weight.t())
     return out.view(residual.shape)
 
 
