@@ -154,6 +154,20 @@ def test_decode_split_kv(device, dtype, splits, q_len, heads):
     assert_error_ratio(out, eager, ref, name=f"decode splits={splits}", floor_scale=4 * heads[0] // heads[1] * 8)
 
 
+def test_int32_padding_mask_is_the_bool_one(device):
+    """An int32 key_padding_mask (nonzero: a real key; how a static cache's mask reaches the kernels, with
+    no conversion) gives the bool mask's output and gradients."""
+    q, k, v = (t.requires_grad_() for t in _qkv(device, 2, 4, 2, 9, 9, 64))
+    mask = torch.ones(2, 9, dtype=torch.bool, device=device)
+    mask[1, :4] = False
+    results = []
+    for m in (mask, mask.to(torch.int32) * 7):
+        out = ops.flash_attention(q, k, v, key_padding_mask=m)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [q, k, v])))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_out_and_lse_match_the_forward(device, splits):
     """One split writes out and lse from the decode kernel itself (no combine kernel), several go

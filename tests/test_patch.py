@@ -605,3 +605,18 @@ def test_down_projection_adds_the_residual_in_its_gemm_only_for_a_plain_linear()
             assert layer.down_with_residual(linear, act, residual).dtype == torch.float32
     assert calls == [1]
     assert addmm.call_count == 0  # each went through the module (F.linear), then an add
+
+
+def test_a_hook_on_the_mlp_sees_the_mlp_output_not_the_residual_sum():
+    """With a forward hook on ``mlp`` the layer calls it without the residual (the add stays outside),
+    so the hook sees what transformers' MLP returns; the logits are eager's either way."""
+    base = tiny_model()
+    patched = llama_fast.patch(clone(base))
+    seen = {}
+    for name, model in (("patched", patched), ("eager", base)):
+        model.model.layers[0].mlp.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, out))
+    ids = tokens(1, 6)
+    with torch.no_grad():
+        got, want = patched(ids).logits, base(ids).logits
+    torch.testing.assert_close(seen["patched"], seen["eager"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

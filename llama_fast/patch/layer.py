@@ -129,8 +129,11 @@ def fused_layer_forward(backend):
         hidden_states, residual = ops.add_rms_norm(hidden_states, residual, norm.weight, norm.variance_epsilon,
                                                    backend=backend)
         # Fully Connected
-        if getattr(getattr(vars(self.mlp).get("forward"), "__func__", None), "takes_residual", False):
-            return self.mlp(hidden_states, residual=residual)  # the residual add inside down_proj's GEMM
+        mlp = self.mlp
+        if (getattr(getattr(vars(mlp).get("forward"), "__func__", None), "takes_residual", False)
+                and not (mlp._forward_hooks or mlp._forward_pre_hooks)):
+            # the residual add inside down_proj's GEMM; not with hooks on mlp, which must see its own output
+            return mlp(hidden_states, residual=residual)
         hidden_states = self.mlp(hidden_states)
         hidden_states = residual + hidden_states
         return hidden_states
