@@ -89,38 +89,39 @@ def _attention_model(args) -> int:
 
 
 def _overhead(args) -> int:
-    import torch
-
-    from . import device as dev
     from .overhead import format_table, layer_rows, op_rows
-    from .report import write_json
 
     rows = op_rows(rep_ms=args.rep_ms) + layer_rows(rep_ms=args.rep_ms)
     print(format_table(rows))
-    if args.out:
-        meta = dev.describe(torch.device("cpu"))
-        meta["what"] = ("host time: the Python path of each op with kernel launches stubbed, on CPU tensors; eager ops "
-                        "run for real on the same tiny decode tensors")
-        os.makedirs(args.out, exist_ok=True)
-        write_json(os.path.join(args.out, "overhead.json"), meta, rows)
+    _write_cpu_rows(args.out, "overhead.json", rows,
+                    "host time: the Python path of each op with kernel launches stubbed, on CPU tensors; eager ops "
+                    "run for real on the same tiny decode tensors")
     return 0
 
 
-def _kernels(args) -> int:
+def _write_cpu_rows(out, name: str, rows, what: str) -> None:
+    """Rows measured or counted on this machine's CPU, as ``out/name`` with what they are (nothing without --out)."""
+    if not out:
+        return
     import torch
 
     from . import device as dev
-    from .kernel_count import format_table, rows
     from .report import write_json
+
+    meta = dev.describe(torch.device("cpu"))
+    meta["what"] = what
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, name), meta, rows)
+
+
+def _kernels(args) -> int:
+    from .kernel_count import format_table, rows
 
     table = rows(compiled=args.compile)
     print(format_table(table))
-    if args.out:
-        meta = dev.describe(torch.device("cpu"))
-        meta["what"] = ("non-GEMM kernels per decoder layer of one decoded token (ATen compute ops by a dispatch mode, "
-                        "plus Triton launches, stubbed), tiny Llama, 4-layer minus 2-layer count, halved")
-        os.makedirs(args.out, exist_ok=True)
-        write_json(os.path.join(args.out, "kernel_count.json"), meta, table)
+    _write_cpu_rows(args.out, "kernel_count.json", table,
+                    "non-GEMM kernels per decoder layer of one decoded token (ATen compute ops by a dispatch mode, "
+                    "plus Triton launches, stubbed), tiny Llama, 4-layer minus 2-layer count, halved")
     return 0
 
 

@@ -23,11 +23,11 @@ initialised (the prefill initialises it) and its dtypes the rotation's. Otherwis
 caller runs transformers' lines.
 """
 
-import hashlib
-import inspect
 import typing
 
 import torch
+
+from .layer import function_hash
 
 _GROWTH = 256  # tokens of room a DynamicLayer's buffers gain when reallocated: a cache copy per 256 tokens
 
@@ -40,10 +40,6 @@ VERIFIED_UPDATES = {
     "DynamicLayer": {"15d634e7095acc0e2c229a11eb387496e462b8c51dc4e5000cd330c7d4e58c75"},
     "StaticLayer": {"14d004ef66e52358531606fe7fa7a95fbf1f57e470f2ab9af7c46d4eeb1a264c"},
 }
-
-
-def _source_hash(fn) -> str:
-    return hashlib.sha256(inspect.getsource(inspect.unwrap(fn)).encode()).hexdigest()
 
 
 class Verified(typing.NamedTuple):
@@ -59,9 +55,9 @@ def verified_layers() -> Verified:
     from transformers import cache_utils
 
     static = {}
-    if _source_hash(cache_utils.Cache.update) in VERIFIED_UPDATES["Cache"]:
+    if function_hash(cache_utils.Cache.update) in VERIFIED_UPDATES["Cache"]:
         static = {cls: cls is cache_utils.StaticLayer for cls in (cache_utils.DynamicLayer, cache_utils.StaticLayer)
-                  if _source_hash(cls.update) in VERIFIED_UPDATES[cls.__name__]}
+                  if function_hash(cls.update) in VERIFIED_UPDATES[cls.__name__]}
     return Verified(static, cache_utils.Cache.update)
 
 

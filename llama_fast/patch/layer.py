@@ -47,8 +47,14 @@ VERIFIED_SOURCES = {"2b52523b7afe2a371de1384a5c81b6f64e9a32b7490388160afea6edb28
                     "75d1d62e173e8c574b8a61338d1fa5052774d13b848eecd282cde88cd6690b8e": "5.17.0"}
 
 
+def function_hash(fn) -> str:
+    """sha256 of a function's source, unwrapped (decorators that use functools.wraps aside): what the
+    patch pins a transformers method it reproduces by."""
+    return hashlib.sha256(inspect.getsource(inspect.unwrap(fn)).encode()).hexdigest()
+
+
 def source_hash(layer_class) -> str:
-    return hashlib.sha256(inspect.getsource(inspect.unwrap(layer_class.forward)).encode()).hexdigest()
+    return function_hash(layer_class.forward)
 
 
 def is_plain(layer, llama) -> bool:

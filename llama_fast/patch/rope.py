@@ -10,9 +10,9 @@ The modeling module itself is left untouched either way."""
 
 import dis
 import functools
-import hashlib
-import inspect
 import types
+
+from .layer import function_hash
 
 # sha256 of LlamaAttention.forward's source (unwrapped, its deprecate_kwarg line included) that
 # _forward_with_cache_write was written against and tested with, and the transformers that has it.
@@ -77,7 +77,7 @@ def forward_with_our_rope(attention_module, backend):
     from .. import ops
 
     forward = type(attention_module).forward
-    if hashlib.sha256(inspect.getsource(inspect.unwrap(forward)).encode()).hexdigest() in VERIFIED_SOURCES:
+    if function_hash(forward) in VERIFIED_SOURCES:
         return _forward_with_cache_write(backend)
     return _with_globals(forward, {_NAME: functools.partial(ops.apply_rotary_pos_emb, backend=backend)})
 
