@@ -1,5 +1,6 @@
 """The attention suite: causal prefill forward and backward (bf16 and fp16, head_dim 64 and 128,
-MHA and GQA, seq 512 to 16k, batch·seq held at 16k tokens), and decode (q_len 1, and 32: a chunk
+MHA and GQA, seq 512 to 16k, batch·seq held at 16k tokens), a local layer's sliding window (4,096
+keys, Mistral's, against SDPA given the same band as a mask), and decode (q_len 1, and 32: a chunk
 on the cache) over KV lengths from 1k to 128k at batch 1 and 8.
 
 Providers: llama_fast, PyTorch SDPA (``scaled_dot_product_attention`` with ``enable_gqa``), and
@@ -57,6 +58,37 @@ def prefill_cases(device, configs, seqs, modes, tokens_total=16384):
                 case.providers["sdpa"] = passes(_sdpa, make, mode)
                 if seq <= _EAGER_MAX_SEQ:
                     case.providers["eager"] = passes(lambda q, k, v: references.attention(q, k, v), make, mode)
+                yield case
+
+
+def window_cases(device, configs, seqs, window, modes, tokens_total=16384):
+    """Causal prefill of a local layer (Mistral's, Qwen2's, Gemma's sliding window of ``window`` keys):
+    llama_fast's kernel, which reads only the key blocks inside the window, against SDPA given the same
+    band as a dense boolean mask (what transformers' sdpa attention hands it for such a layer), which
+    computes every pair and masks after. FLOPs count only the pairs inside the window."""
+    for dtype, head_dim, q_heads, kv_heads in configs:
+        dname = str(dtype).removeprefix("torch.")
+        for seq in seqs:
+            batch = max(1, tokens_total // seq)
+
+            def make(grad, seq=seq, batch=batch, dtype=dtype, head_dim=head_dim, q_heads=q_heads, kv_heads=kv_heads):
+                q = _layout(batch, q_heads, seq, head_dim, device, dtype, grad)
+                k = _layout(batch, kv_heads, seq, head_dim, device, dtype, grad)
+                v = _layout(batch, kv_heads, seq, head_dim, device, dtype, grad)
+                return (q, k, v), (q, k, v)
+
+            i = torch.arange(seq, device=device)
+            band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+            shape = f"B={batch} H={q_heads}/{kv_heads} D={head_dim} window={window}"
+            for mode in modes:
+                case = Case("attention", "flash_attention", mode, shape, seq, dname,
+                            flops=formulas.attention_flops(batch, q_heads, seq, seq, head_dim, True, mode, window))
+                backend = ops.backend_on(device, extension_op=False)
+                case.providers[f"{OURS}[{backend}]"] = passes(
+                    lambda q, k, v: ops.flash_attention(q, k, v, window=window), make, mode)
+                case.providers["sdpa"] = passes(
+                    lambda q, k, v, band=band: F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=True),
+                    make, mode)
                 yield case
 
 

@@ -572,6 +572,18 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]
     q32 = bshd(model.q_heads, 32)  # a 32-token chunk on the cache: 64-row tiles of packed query rows
     yield "attention chunk", lambda arch: attention.attention_fwd(q32, k1, v1, causal=True, softmax_scale=scale,
                                                              pad=None, splits=16, arch=arch), "memory"
+    # A local layer's sliding window (Mistral, Qwen2, Gemma): the same kernels with HAS_WINDOW, which
+    # masks the blocks crossing the window's lower edge and never reads the ones before it.
+    local = dict(causal=True, softmax_scale=scale, pad=None, window=1024)
+    yield "attention window fwd", lambda arch: attention.attention_fwd(q, k, v, splits=0, tma=arch == 90,
+                                                                       **local), "matrix"
+    yield "attention window bwd", lambda arch: attention.attention_bwd(out, q, k, v, out, lse, tma=arch == 90,
+                                                                       arch=arch, **local), "matrix"
+    yield "attention window bwd determ.", lambda arch: attention.attention_bwd(out, q, k, v, out, lse,
+                                                                               deterministic=True, tma=arch == 90,
+                                                                               arch=arch, **local), "matrix"
+    yield "attention window decode", lambda arch: attention.attention_fwd(q1, k1, v1, splits=8, arch=arch,
+                                                                          **local), "memory"
 
 
 def _pointer_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
@@ -621,6 +633,9 @@ def _pointer_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
         yield f"{tag} attention chunk", on_sm90(
             lambda arch, q32=q32, k1=k1, v1=v1: attention.attention_fwd(q32, k1, v1, splits=16, arch=arch,
                                                                        **common)), "memory"
+        yield f"{tag} attention window fwd", on_sm90(
+            lambda arch, fwd=fwd, q=q, k=k, v=v: fwd(q, k, v, splits=0, window=1024)), "matrix"
+        yield f"{tag} attention window bwd", on_sm90(lambda arch, bwd=bwd: bwd(arch=arch, window=1024)), "matrix"
 
 
 def _shared_memory_cases() -> Iterator[tuple[str, Callable[[int], object], str]]:

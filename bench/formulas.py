@@ -26,17 +26,20 @@ def swiglu_bytes(rows: int, cols: int, e: int, mode: str) -> int:
     return rows * cols * per * e
 
 
-def attention_pairs(q_len: int, kv_len: int, causal: bool) -> int:
-    """(query, key) pairs that are computed: all of them, or the bottom-right causal band."""
+def attention_pairs(q_len: int, kv_len: int, causal: bool, window: int | None = None) -> int:
+    """(query, key) pairs that are computed: all of them, or the bottom-right causal band, or with a
+    sliding ``window`` the last ``window`` keys of each query's band."""
     if not causal:
         return q_len * kv_len
     offset = kv_len - q_len
-    return sum(min(kv_len, max(0, i + offset + 1)) for i in range(q_len))
+    seen = (min(kv_len, max(0, i + offset + 1)) for i in range(q_len))
+    return sum(seen if window is None else (min(n, window) for n in seen))
 
 
-def attention_flops(batch: int, q_heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool, mode: str) -> int:
+def attention_flops(batch: int, q_heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool, mode: str,
+                    window: int | None = None) -> int:
     # two matrix products forward (QKᵀ, PV), five backward: 4·pairs·D forward, 2.5× that backward
-    fwd = 4 * batch * q_heads * attention_pairs(q_len, kv_len, causal) * head_dim
+    fwd = 4 * batch * q_heads * attention_pairs(q_len, kv_len, causal, window) * head_dim
     return {"fwd": fwd, "bwd": int(2.5 * fwd), "fwdbwd": int(3.5 * fwd)}[mode]
 
 

@@ -150,6 +150,28 @@ if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8):
 _FWD_VARIANT_SPILLS = {(90, False, False, False): {(128, 128, 8, 2)}, (90, False, False, True): {(128, 128, 8, 2)}}
 _DQ_VARIANT_SPILLS = {(90, False, False, False, "fp32"): {(64, 64, 4, 3)},
                       (90, False, False, True, "fp32"): {(64, 64, 4, 3)}}
+# A sliding window (HAS_WINDOW) adds a loop over the key blocks that cross the window's lower edge, and
+# with it live registers: at Llama-3-8B heads (head_dim 128, bf16) the forward's 128 x 64 / 8 / 3 spills
+# 40 B on sm_80, the dK/dV kernel's 32 x 128 / 8 / 2 without the atomic dQ 16 B on sm_90a (TMA) and its
+# 16 x 64 / 4 / 1 8 B on sm_80, and the dQ kernel's 128 x 64 / 8 / 3 16 B on sm_80 (python -m bench audit,
+# "attention window" cases, Triton 3.8, 2026-12-03); so do, on sm_80, SmolLM2's (head_dim 64) dK/dV
+# 32 x 64 / 8 / 1 with the atomic dQ (8 B), and through pointers on sm_90a the dQ kernel's 64 x 32 / 4 / 2
+# in fp32 and 64 x 64 / 4 / 3 in unaligned bf16 (16 B each); the variants' other tiles are clean. A key
+# ending in "window" applies to windowed launches only (_Pruner).
+_FWD_VARIANT_SPILLS |= {(80, False, False, False, "window"): {(128, 64, 8, 3)},
+                        (80, False, False, True, "window"): {(128, 64, 8, 3)}}
+_DKDV_VARIANT_SPILLS |= {(90, True, False, False, "window"): {(32, 128, 8, 2)},
+                         (90, True, False, True, "window"): {(32, 128, 8, 2)},
+                         (80, False, False, False, "window"): {(16, 64, 4, 1)},
+                         (80, False, False, True, "window"): {(16, 64, 4, 1)},
+                         (80, False, True, False, "window"): {(32, 64, 8, 1)},
+                         (80, False, True, True, "window"): {(32, 64, 8, 1)}}
+_DQ_VARIANT_SPILLS |= {(80, False, False, False, "window"): {(128, 64, 8, 3)},
+                       (80, False, False, True, "window"): {(128, 64, 8, 3)},
+                       (90, False, False, False, "fp32", "window"): {(64, 32, 4, 2)},
+                       (90, False, False, True, "fp32", "window"): {(64, 32, 4, 2)},
+                       (90, False, False, False, "16-bit", "window"): {(64, 64, 4, 3)},
+                       (90, False, False, True, "16-bit", "window"): {(64, 64, 4, 3)}}
 # Tiles the pointer path (USE_TMA=False) chooses from instead of the architecture's list, where given:
 # the sm_90a dK/dV list and 16 x 128 / 8 / 2, last so that LLAMA_FAST_AUTOTUNE=0 keeps 16 x 64 where it
 # fits (unaligned 16-bit inputs, dense sequences).
@@ -234,12 +256,15 @@ class _Pruner:
             target_arch = _arch(device.index or 0)
         variant = (target_arch, bool(arg("USE_TMA")), bool(arg("ATOMIC_DQ")), bool(arg("VARLEN")))
         spilling = set(self.variant_spills.get(variant, ()))
+        window = ("window",) if arg("HAS_WINDOW") else ()  # a sliding window's loop holds more registers
         # The pointer path's own lists and spills (5-tuple keys) were counted at head_dim 64 and 128; wider
         # heads keep the choice they had (step 1's small tiles).
         counted = (arg("BLOCK_D") or 0) <= 128
+        spilling |= self.variant_spills.get((*variant, *window), set()) if window else set()
         if counted:
             element = "fp32" if named_args["q_ptr"].dtype == torch.float32 else "16-bit"
             spilling |= self.variant_spills.get((*variant, element), set())
+            spilling |= self.variant_spills.get((*variant, element, *window), set()) if window else set()
         pointer = not arg("USE_TMA") and counted and target_arch in self.pointer_tiles
         tiles = self.pointer_tiles if pointer else self.tiles
         allowed = [t for t in tiles.get(target_arch, self.tiles[80]) if t not in spilling]
@@ -291,7 +316,7 @@ _BENCH = None if _AUTOTUNE else _no_benchmark  # None: Triton's own timing
 # retune every token), batch x query heads (power-of-two buckets: with the lengths, the grid, and so
 # how well a tile fills the SMs), the GQA group (how many query heads share a K/V tile), the head
 # size, the masks.
-_TUNE_KEY = ["q_len_bucket", "kv_len_bucket", "heads_bucket", "group", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
+_TUNE_KEY = ["q_len_bucket", "kv_len_bucket", "heads_bucket", "group", "HEAD_DIM", "CAUSAL", "HAS_PAD", "HAS_WINDOW"]
 
 
 @triton.jit
@@ -332,12 +357,13 @@ def _fwd_values(v_src, start_n, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM: tl
 
 
 @triton.jit
-def _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len, qk_scale,
-                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+def _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len, window, qk_scale,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """One online-softmax step on the scores of the key block at start_n: (p, alpha, m_new, l_new)
     with p = 2^(s2·qk − m_new), alpha = 2^(m_old − m_new) the factor that brings the accumulator to
-    the new max, l_new = alpha·l + Σ_j p. MASKED adds the bounds and causal masks; blocks wholly
-    below the diagonal and inside Skv skip them.
+    the new max, l_new = alpha·l + Σ_j p. MASKED adds the bounds and causal masks (and, with
+    HAS_WINDOW, the window's lower edge); blocks wholly below the diagonal, inside the window and
+    inside Skv skip them.
 
     The scale is applied inside the exponent, 2^(s2·qk − m), one FFMA per score, with m the running
     maximum of s2·qk (taken on the unscaled scores: s2 > 0, checked by the caller)."""
@@ -346,6 +372,8 @@ def _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len
         visible = (cols < kv_len)[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+            if HAS_WINDOW:
+                visible = visible & (cols[None, :] > offs_m[:, None] + offset - window)
         qk = tl.where(visible, qk, float("-inf"))
     if HAS_PAD:
         real = tl.load(pad_base + cols, mask=cols < kv_len, other=0) != 0
@@ -365,9 +393,9 @@ def _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len
 @triton.jit
 def _fwd_block_loop(
     acc, l_i, m_i, q, k_src, v_src, pad_base,
-    lo, hi, offs_m, offs_d, offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+    lo, hi, offs_m, offs_d, offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi), one block after the other: scores, softmax, P·V.
     The decode kernel's loop, and the forward's where it does not overlap (OVERLAP in ``_attn_fwd_kernel``)."""
@@ -375,7 +403,7 @@ def _fwd_block_loop(
     for start_n in range(lo, hi, BLOCK_N):
         qk = _fwd_scores(q, k_src, start_n, offs_n, offs_d, kv_len, stride_k_s, HEAD_DIM, USE_TMA)
         p, alpha, m_i, l_i = _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len,
-                                          qk_scale, MASKED, CAUSAL, HAS_PAD)
+                                          window, qk_scale, MASKED, CAUSAL, HAS_PAD, HAS_WINDOW)
         v = _fwd_values(v_src, start_n, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_i
@@ -384,9 +412,9 @@ def _fwd_block_loop(
 @triton.jit
 def _fwd_block_loop_overlapped(
     acc, l_i, m_i, q, k_src, v_src, pad_base,
-    lo, hi, offs_m, offs_d, offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+    lo, hi, offs_m, offs_d, offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """The online softmax of ``_fwd_block_loop`` over key blocks [lo, hi), software-pipelined by one
     block so that the exponentials of one block issue while the tensor cores multiply another (the
@@ -419,14 +447,14 @@ def _fwd_block_loop_overlapped(
     if lo < hi:
         qk = _fwd_scores(q, k_src, lo, offs_n, offs_d, kv_len, stride_k_s, HEAD_DIM, USE_TMA)
         p, alpha, m_i, l_i = _fwd_softmax(qk, m_i, l_i, pad_base, lo, offs_n, offs_m, offset, kv_len,
-                                          qk_scale, MASKED, CAUSAL, HAS_PAD)
+                                          window, qk_scale, MASKED, CAUSAL, HAS_PAD, HAS_WINDOW)
         if lo + BLOCK_N < hi:
             for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
                 qk = _fwd_scores(q, k_src, start_n, offs_n, offs_d, kv_len, stride_k_s, HEAD_DIM, USE_TMA)
                 v = _fwd_values(v_src, start_n - BLOCK_N, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM, USE_TMA)
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
                 p, alpha, m_i, l_i = _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len,
-                                                  qk_scale, MASKED, CAUSAL, HAS_PAD)
+                                                  window, qk_scale, MASKED, CAUSAL, HAS_PAD, HAS_WINDOW)
         acc = acc * alpha[:, None]
         last = lo + (hi - lo - 1) // BLOCK_N * BLOCK_N
         v = _fwd_values(v_src, last, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM, USE_TMA)
@@ -437,19 +465,19 @@ def _fwd_block_loop_overlapped(
 @triton.jit
 def _fwd_blocks(
     acc, l_i, m_i, q, k_src, v_src, pad_base,
-    lo, hi, offs_m, offs_d, offset, kv_len, stride_k_s, stride_v_s, qk_scale,
+    lo, hi, offs_m, offs_d, offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, OVERLAP: tl.constexpr,
+    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, OVERLAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """Key blocks [lo, hi) through ``_fwd_block_loop_overlapped`` (OVERLAP) or ``_fwd_block_loop``."""
     if OVERLAP:
         acc, l_i, m_i = _fwd_block_loop_overlapped(acc, l_i, m_i, q, k_src, v_src, pad_base, lo, hi, offs_m, offs_d,
-                                                   offset, kv_len, stride_k_s, stride_v_s, qk_scale,
-                                                   HEAD_DIM, BLOCK_N, MASKED, CAUSAL, HAS_PAD, USE_TMA)
+                                                   offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
+                                                   HEAD_DIM, BLOCK_N, MASKED, CAUSAL, HAS_PAD, USE_TMA, HAS_WINDOW)
     else:
         acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_src, v_src, pad_base, lo, hi, offs_m, offs_d,
-                                        offset, kv_len, stride_k_s, stride_v_s, qk_scale,
-                                        HEAD_DIM, BLOCK_N, MASKED, CAUSAL, HAS_PAD, USE_TMA)
+                                        offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
+                                        HEAD_DIM, BLOCK_N, MASKED, CAUSAL, HAS_PAD, USE_TMA, HAS_WINDOW)
     return acc, l_i, m_i
 
 
@@ -502,11 +530,11 @@ def _attn_fwd_kernel(
     stride_o_b, stride_o_h, stride_o_s,
     stride_pad_b,
     # parameters
-    qk_scale,
+    qk_scale, window,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (batch x query head, query block). The grid's first axis is the heads, its
     second the query blocks in reverse, so the GPU starts the longest causal rows (the last query
@@ -561,12 +589,25 @@ def _attn_fwd_kernel(
     # (64, 64) tile 16 B at head_dim 256, and fp32's (128, 128) 24 B at head_dim 64 with no EX2 under
     # its products (2026-12-02, triton 3.8).
     OVERLAP: tl.constexpr = USE_TMA and BLOCK_D <= 128
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_src, v_src, pad_base, 0, full, offs_m, offs_d,
-                                offset, kv_len, stride_k_s, stride_v_s, qk_scale,
-                                HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_PAD, USE_TMA, OVERLAP)
+    lo = 0
+    if HAS_WINDOW:
+        # Sliding window (causal only): query i also needs i + offset − j < window. The key blocks
+        # before `lo` hold no key any row of this block sees, and are never read; the blocks in
+        # [lo, inside) cross the window's lower edge and are masked; from `inside` on, every key is
+        # within every row's window.
+        lo = tl.maximum(start_m + offset - window + 1, 0) // BLOCK_N * BLOCK_N
+        inside = tl.cdiv(tl.maximum(start_m + BLOCK_M + offset - window, 0), BLOCK_N) * BLOCK_N
+        inside = tl.maximum(tl.minimum(inside, full), lo)  # lo <= full: a row sees its own diagonal key
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_src, v_src, pad_base, lo, inside, offs_m, offs_d,
+                                    offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
+                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA, OVERLAP, HAS_WINDOW)
+        lo = inside
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_src, v_src, pad_base, lo, full, offs_m, offs_d,
+                                offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
+                                HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_PAD, USE_TMA, OVERLAP, HAS_WINDOW)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_src, v_src, pad_base, full, hi, offs_m, offs_d,
-                                offset, kv_len, stride_k_s, stride_v_s, qk_scale,
-                                HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA, OVERLAP)
+                                offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
+                                HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA, OVERLAP, HAS_WINDOW)
     out, lse = _finish_rows(acc, l_i, m_i)
     tl.store(o_ptr + sq * stride_o_b + q_start * stride_o_s + h * stride_o_h + offs_m[:, None] * stride_o_s
              + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=tile)
@@ -586,15 +627,18 @@ def _attn_decode_kernel(
     stride_o_b, stride_o_h, stride_o_s,
     stride_pad_b,
     # parameters
-    qk_scale,
+    qk_scale, window,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    FINAL: tl.constexpr,
 ):
     """One program per (batch x KV head, split, row tile): BLOCK_R of the G·Sq query rows of the KV
-    head against keys [split·split_len, (split + 1)·split_len). Writes a partial out and lse per
-    row and split, (B, Hq, Sq, splits[, D]) fp32; FINAL (one split): the output itself, in o's dtype
-    and layout, and the lse (B, Hq, Sq), so no combine kernel runs."""
+    head against keys [first + split·split_len, first + (split + 1)·split_len), where ``first`` is 0,
+    or with HAS_WINDOW the first key the window shows the earliest query (so the splits share out only
+    the window's keys, and no program reads a key outside it). Writes a partial out and lse per row
+    and split, (B, Hq, Sq, splits[, D]) fp32; FINAL (one split): the output itself, in o's dtype and
+    layout, and the lse (B, Hq, Sq), so no combine kernel runs."""
     b_kv = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = b_kv // kv_heads
@@ -612,14 +656,16 @@ def _attn_decode_kernel(
                 mask=tile, other=0.0)
 
     lo = split * split_len
+    if HAS_WINDOW:
+        lo += tl.maximum(kv_len - q_len - window + 1, 0)
     hi = tl.minimum(lo + split_len, kv_len)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_ptr + b * stride_k_b + kv_h * stride_k_h,
                                     v_ptr + b * stride_v_b + kv_h * stride_v_h, pad_ptr + b * stride_pad_b,
-                                    lo, hi, qi, offs_d, kv_len - q_len, kv_len, stride_k_s, stride_v_s, qk_scale,
-                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, False)
+                                    lo, hi, qi, offs_d, kv_len - q_len, kv_len, window, stride_k_s, stride_v_s,
+                                    qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, False, HAS_WINDOW)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     # A split a row sees nothing of weighs 2^(−∞) = 0 in the combine; a final row that sees nothing
@@ -701,10 +747,10 @@ def _attn_bwd_delta_kernel(
 def _attn_bwd_kv_inner(
     dk, dv, k, v, key_ok, offs_n, offs_d,
     q_src, do_src, g, lse_base, delta_base, dq_base,
-    lo, hi, q_len, offset, stride_q_s, stride_do_s, sm_scale, qk_scale,
+    lo, hi, q_len, offset, window, stride_q_s, stride_do_s, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TRANSPOSED: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """dK, dV of one key block over query blocks [lo, hi) of one query head; with ATOMIC_DQ also
     each block's share of dQ, added atomically to the fp32 accumulator at dq_base. MASKED applies
@@ -730,6 +776,8 @@ def _attn_bwd_kv_inner(
             visible = key_ok[:, None] & in_q[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :] + offset)
+                if HAS_WINDOW:
+                    visible = visible & (offs_n[:, None] > offs_m[None, :] + offset - window)
             p_t = tl.where(visible, p_t, 0.0)
         elif HAS_PAD:
             p_t = tl.where(key_ok[:, None], p_t, 0.0)
@@ -775,11 +823,11 @@ def _attn_bwd_dkdv_kernel(
     stride_dv_b, stride_dv_h, stride_dv_s,
     stride_pad_b,
     # parameters
-    sm_scale, qk_scale,
+    sm_scale, qk_scale, window,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, DQ_TRANSPOSED: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one KV block, summed over all query blocks of the G query heads of its group; with
     ATOMIC_DQ, dQ too (five matrix products per block pair instead of seven with the dQ kernel).
@@ -822,6 +870,16 @@ def _attn_bwd_dkdv_kernel(
         q_full = tl.maximum(q_full, q_lo)
     if start_n + BLOCK_N > kv_len:
         q_full = q_end
+    q_inside = q_end
+    q_stop = q_end
+    if HAS_WINDOW:
+        # Query i sees key j only while i + offset − j < window: no query from q_stop on sees a key of
+        # this block (those blocks are never read), the rows below q_inside see all of its keys from
+        # the window's side, and the blocks in [q_inside, q_stop) cross the window's edge (masked).
+        q_stop = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset + window, 0), BLOCK_M) * BLOCK_M, q_end)
+        q_full = tl.minimum(q_full, q_stop)
+        q_inside = tl.maximum(tl.minimum(tl.maximum(start_n - offset + window, 0) // BLOCK_M * BLOCK_M, q_stop),
+                              q_full)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -843,16 +901,30 @@ def _attn_bwd_dkdv_kernel(
             q_src = q_head0 + g * stride_q_h
             do_src = do_head0 + g * stride_do_h
         dq_base = dq_acc_ptr + row0 * HEAD_DIM
+        if HAS_WINDOW and not USE_TMA:
+            # Through pointers one masked loop over the window's query blocks: the three loops below held
+            # enough addresses to spill the 16 x 64 tile, the only one the pointer path has left there
+            # (8 B at head_dim 128 for unaligned bf16; python -m bench audit, Triton 3.8, 2026-12-03).
+            q_full = q_stop
         dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, g, lse_ptr + row0,
-                                    delta_ptr + row0, dq_base, q_lo, q_full, q_len, offset,
+                                    delta_ptr + row0, dq_base, q_lo, q_full, q_len, offset, window,
                                     stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
                                     BLOCK_D=BLOCK_D, MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ,
-                                    DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA)
-        dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, g, lse_ptr + row0,
-                                    delta_ptr + row0, dq_base, q_full, q_end, q_len, offset,
-                                    stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                    BLOCK_D=BLOCK_D, MASKED=False, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ,
-                                    DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA)
+                                    DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA, HAS_WINDOW=HAS_WINDOW)
+        if not (HAS_WINDOW and not USE_TMA):
+            dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, g, lse_ptr + row0,
+                                        delta_ptr + row0, dq_base, q_full, q_inside, q_len, offset, window,
+                                        stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM,
+                                        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, MASKED=False, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD,
+                                        ATOMIC_DQ=ATOMIC_DQ, DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA,
+                                        HAS_WINDOW=HAS_WINDOW)
+        if HAS_WINDOW and USE_TMA:
+            dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, g, lse_ptr + row0,
+                                        delta_ptr + row0, dq_base, q_inside, q_stop, q_len, offset, window,
+                                        stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM,
+                                        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD,
+                                        ATOMIC_DQ=ATOMIC_DQ, DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA,
+                                        HAS_WINDOW=HAS_WINDOW)
 
     tl.store(dk_ptr + sk * stride_dk_b + k_start * stride_dk_s + kv_h * stride_dk_h + offs_n[:, None] * stride_dk_s
              + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_tile)
@@ -877,10 +949,11 @@ def _attn_bwd_dq_kernel(
     stride_dq_b, stride_dq_h, stride_dq_s,
     stride_pad_b,
     # parameters
-    sm_scale, qk_scale,
+    sm_scale, qk_scale, window,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    VARLEN: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block, over the key blocks it sees (K and V through tensor descriptors with
     USE_TMA). VARLEN: as in the forward."""
@@ -917,8 +990,11 @@ def _attn_bwd_dq_kernel(
     if CAUSAL:
         hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + offset), 0)
 
+    lo = 0
+    if HAS_WINDOW:  # the key blocks before lo are outside every row's window
+        lo = tl.maximum(start_m + offset - window + 1, 0) // BLOCK_N * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_kv = offs_n < kv_len
         if USE_TMA:
@@ -932,6 +1008,8 @@ def _attn_bwd_dq_kernel(
         visible = in_q[:, None] & in_kv[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
+            if HAS_WINDOW:
+                visible = visible & (offs_n[None, :] > offs_m[:, None] + offset - window)
         if HAS_PAD:
             real = tl.load(pad_ptr + b * stride_pad_b + offs_n, mask=in_kv, other=0) != 0
             visible = visible & real[None, :]
@@ -1074,11 +1152,18 @@ def _sequences(batch: int, q_len: int, kv_len: int, packed: Packed | None, dummy
     return packed.cu_q.numel() - 1, packed.max_q, packed.max_k, packed.cu_q, packed.cu_k, True
 
 
+def _effective_window(window: int, longest_k: int) -> int:
+    """The window the kernels run with: 0 (none) when it is at least the longest key sequence, where
+    no key is outside any query's window (query i sees j > i + Skv − Sq − W, and i + Skv − Sq < Skv):
+    Mistral's 4,096 over shorter sequences runs the plain causal kernels, without the window's loop."""
+    return 0 if window >= longest_k else window
+
+
 @on_tensor_device
 def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
                   kv_lens: torch.Tensor | None = None, splits: int | None = None,
                   tma: bool | None = None, packed: Packed | None = None,
-                  arch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  arch: int | None = None, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's shape, in a (B, Sq, Hq, D) buffer) and base-2 lse (B, Hq, Sq) fp32.
 
     q, k, v with unit stride along D; ``softmax_scale`` > 0; ``pad`` a (B, Skv) uint8 view of the key
@@ -1090,7 +1175,11 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     ``packed``: q, k, v are (1, H, total, D) views of packed sequences (no pad, no kv_lens, never the
     decode path); out and lse keep that layout. ``arch``: the architecture (90 or 80) whose shared
     memory the decode tile must fit when q is not on a GPU (the ahead-of-time audit); on a GPU, its own.
+    ``window``: with ``causal``, a sliding window (query i sees only keys j with i + offset − j < window);
+    0 for none. Key blocks outside every row's window are not read.
     """
+    if window and not causal:
+        raise ValueError("attention_fwd: a sliding window needs causal attention")
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -1101,6 +1190,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     if kv_len == 0:  # no key to see: every row is one that sees nothing (zeros, lse = +inf)
         return out.zero_(), lse.fill_(float("inf"))
     entries, longest_q, longest_k, cu_q, cu_k, varlen = _sequences(batch, q_len, kv_len, packed, q)
+    window = _effective_window(window, longest_k)
     if varlen:
         splits = 0
         if entries == 0 or longest_q == 0:  # no sequence has a query (the caller checked the lengths)
@@ -1112,13 +1202,17 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     lens = dict(HAS_KV_LENS=kv_lens is not None)
     kv_lens_arg = kv_lens if kv_lens is not None else q  # never read when HAS_KV_LENS is False
     block_d = _block_d(head_dim)
+    # The keys the decode path splits: with a window, those the earliest query's window starts at
+    # onwards (the kernel finds that start per row of the batch; no row's span is longer).
+    span = min(kv_len, window + q_len - 1) if window else kv_len
+    window_args = dict(HAS_WINDOW=bool(window))
     if splits is None:
         target = persistent_programs(q.device, 1 << 30, per_sm=2)
-        splits = decode_splits(batch, q_heads, kv_heads, q_len, kv_len, target)
+        splits = decode_splits(batch, q_heads, kv_heads, q_len, span, target)
 
     if splits:
-        split_len = cdiv(cdiv(kv_len, splits), _DECODE_BLOCK_N) * _DECODE_BLOCK_N
-        splits = cdiv(kv_len, split_len)
+        split_len = cdiv(cdiv(span, splits), _DECODE_BLOCK_N) * _DECODE_BLOCK_N
+        splits = cdiv(span, split_len)
         final = splits == 1  # one launch, not two: the decode kernel writes out and lse itself
         if final:
             o_part, lse_part = out, lse
@@ -1134,8 +1228,8 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
             q, k, v, o_part, lse_part, pad_arg, kv_lens_arg,
             kv_heads, group, q_len, kv_len, split_len, splits,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o_part), stride_pad,
-            qk_scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, **lens,
+            qk_scale, window,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, **lens, **window_args,
             BLOCK_R=block_r, BLOCK_N=block_n, FINAL=final, num_warps=4, num_stages=stages,
         )
         if final:
@@ -1158,8 +1252,9 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         q, k, v, out, lse, pad_arg, kv_lens_arg, cu_q, cu_k,
         q_heads, group, q_len, kv_len, _bucket(longest_q), _bucket(longest_k), _bucket(entries * q_heads),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_pad,
-        qk_scale,
+        qk_scale, window,
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, USE_TMA=tma, VARLEN=varlen, **lens,
+        **window_args,
     )
     return out, lse
 
@@ -1167,7 +1262,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
 @on_tensor_device
 def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
                   deterministic: bool = False, tma: bool | None = None, packed: Packed | None = None,
-                  arch: int | None = None):
+                  arch: int | None = None, window: int = 0):
     """dq, dk, dv (each in its input's layout) from the output gradient ``do`` (unit stride along D).
 
     Default: dQ accumulates atomically in fp32 inside the dK/dV kernel (five matrix products per
@@ -1182,8 +1277,10 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     dK/dV tile whose products wgmma covers without duplicated work (128 keys on 8 warps, 64 on 4)
     spills registers once it also holds the dQ tile (32 x 128 on 8 warps: 40-240 bytes, Triton 3.8,
     2026-12-02), so there dQ comes from the dQ kernel in both modes (seven products, all on wgmma,
-    no atomics) and the atomic mode is deterministic too.
+    no atomics) and the atomic mode is deterministic too. ``window``: as for ``attention_fwd``.
     """
+    if window and not causal:
+        raise ValueError("attention_bwd: a sliding window needs causal attention")
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -1202,11 +1299,13 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     stride_pad = pad.stride(0) if has_pad else 0
     qk_scale = softmax_scale * _LOG2E
     entries, longest_q, longest_k, cu_q, cu_k, varlen = _sequences(batch, q_len, kv_len, packed, q)
+    window = _effective_window(window, longest_k)
     if varlen and (entries == 0 or longest_q == 0):
         return dq.zero_(), dk.zero_(), dv.zero_()
     buckets = (_bucket(longest_q), _bucket(longest_k), _bucket(entries * q_heads))
     tma = _use_tma(tma, q, k, v, do)
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, VARLEN=varlen, USE_TMA=tma)
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, VARLEN=varlen, USE_TMA=tma,
+                HAS_WINDOW=bool(window))
 
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     delta_rows = 16 if _INTERPRET else 64
@@ -1224,7 +1323,7 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
         q, k, v, do, lse, delta, dk, dv, pad_arg, dq_acc, cu_q, cu_k,
         kv_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_pad,
-        softmax_scale, qk_scale, ATOMIC_DQ=atomic_dq, DQ_TRANSPOSED=arch == 90, **meta,
+        softmax_scale, qk_scale, window, ATOMIC_DQ=atomic_dq, DQ_TRANSPOSED=arch == 90, **meta,
     )
     if atomic_dq:
         return dq.copy_(dq_acc), dk, dv
@@ -1232,6 +1331,6 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
         q, k, v, do, lse, delta, dq, pad_arg, cu_q, cu_k,
         q_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), stride_pad,
-        softmax_scale, qk_scale, **meta,
+        softmax_scale, qk_scale, window, **meta,
     )
     return dq, dk, dv

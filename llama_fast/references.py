@@ -46,13 +46,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None, key_padding_mask=None,
-              kv_lens=None):
+              kv_lens=None, window: int | None = None):
     """Softmax attention over an explicitly masked score matrix, the reference for flash_attention.
 
     q (B, Hq, Sq, D); k, v (B, Hk, Skv, D), Hq a multiple of Hk. Causal visibility is aligned
     bottom-right: query i sees keys j <= i + Skv - Sq. key_padding_mask (B, Skv) bool, True for
     real keys. kv_lens (B,) integers: row b sees only keys j < kv_lens[b], with kv_lens[b] in place
-    of Skv in the causal rule (a static cache filled up to there). Rows that see no key give zeros
+    of Skv in the causal rule (a static cache filled up to there). window (with causal): query i also
+    sees only keys j > i + Skv - Sq - window, transformers' sliding window. Rows that see no key give zeros
     (and zero gradients). Scores and softmax are computed in fp32 (float64 for float64 inputs), the
     products in the input dtype, as eager attention in transformers does.
     """
@@ -69,6 +70,8 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = Non
     visible = j < valid  # (B or 1, 1, Skv)
     if causal:
         visible = visible & (j <= i + (valid - q_len))
+        if window is not None:
+            visible = visible & (j > i + (valid - q_len) - window)
     visible = visible[:, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :].bool()
@@ -80,7 +83,8 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = Non
     return torch.matmul(probs.to(v.dtype), v)
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, softmax_scale: float | None = None):
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, softmax_scale: float | None = None,
+                     window: int | None = None):
     """The reference for flash_attention_varlen: ``attention`` on each packed sequence alone.
 
     q (total_q, Hq, D); k, v (total_k, Hk, D); cu_seqlens_q/k (batch + 1,) offsets (read on the
@@ -90,7 +94,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True
     pieces = [q.new_zeros((0, *q.shape[1:]))]
     for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
         seq = [t[lo:hi].transpose(0, 1)[None] for t, lo, hi in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
-        pieces.append(attention(*seq, causal=causal, softmax_scale=softmax_scale)[0].transpose(0, 1))
+        pieces.append(attention(*seq, causal=causal, softmax_scale=softmax_scale, window=window)[0].transpose(0, 1))
     return torch.cat(pieces)  # the offsets cover q's rows from 0 to the end (checked by the op)
 
 

@@ -25,6 +25,8 @@ def test_formulas():
     assert formulas.attention_pairs(2, 5, causal=True) == 4 + 5  # bottom-right: query 0 sees keys 0..3
     assert formulas.attention_pairs(5, 2, causal=True) == 0 + 0 + 0 + 1 + 2  # early queries see nothing
     assert formulas.attention_flops(1, 1, 4, 4, 64, True, "bwd") == int(2.5 * 4 * 10 * 64)
+    assert formulas.attention_pairs(4, 4, causal=True, window=2) == 1 + 2 + 2 + 2  # the last 2 of each row
+    assert formulas.attention_pairs(2, 5, causal=True, window=3) == 3 + 3
     assert formulas.rms_norm_bytes(10, 8, 2, 4, "fwd") == 10 * 8 * 2 * 2 + 8 * 4
     assert formulas.swiglu_bytes(3, 5, 2, "fwdbwd") == 3 * 5 * 8 * 2
 
