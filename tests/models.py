@@ -1,5 +1,5 @@
-"""Tiny Llama models for the patch tests: small enough for Triton's interpreter, shaped like the
-real thing (GQA, head_dim a multiple of 16, untied embeddings)."""
+"""Tiny Llama models (and Qwen2, Qwen3, Mistral ones) for the patch tests: small enough for Triton's
+interpreter, shaped like the real thing (GQA, head_dim a multiple of 16, untied embeddings)."""
 
 import os
 
@@ -12,22 +12,53 @@ VOCAB = 128
 DEVICE = torch.device(os.environ.get("LLAMA_FAST_TEST_DEVICE", "cpu"))
 
 
+_SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
+              initializer_range=0.1, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# The families patch() serves besides Llama, and the window of their local layers: shorter than the test
+# sequences (and than a 16-key block of the interpreter), so that it matters.
+FAMILIES = ("qwen2", "qwen3", "mistral")
+WINDOW = 6
+
+
 def tiny_config(**overrides) -> LlamaConfig:
-    base = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
-                initializer_range=0.1, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    base.update(overrides)
-    return LlamaConfig(**base)
+    return LlamaConfig(**{**_SHAPE, **overrides})
 
 
-def tiny_model(seed: int = 0, dtype=torch.float32, cls=LlamaForCausalLM, **overrides):
-    torch.manual_seed(seed)
-    model = cls(tiny_config(**overrides))
+def family_config(family: str, **overrides):
+    """A tiny config of ``family`` (FAMILIES, or "llama") shaped as ``tiny_config``. Mistral: every layer
+    local (window WINDOW). Qwen2, Qwen3: layer 0 global and layer 1 local (``max_window_layers=1``), the
+    alternation of Gemma-style models in two layers."""
+    import transformers
+
+    shape = {**_SHAPE, **overrides}
+    if family == "llama":
+        return LlamaConfig(**shape)
+    if family == "mistral":
+        return transformers.MistralConfig(**{"sliding_window": WINDOW, **shape})
+    config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    return config_class(**{"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1, **shape})
+
+
+def _perturbed(model, dtype):
     with torch.no_grad():  # RMSNorm weights start at 1: perturb them so their gradients mean something
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model.to(device=DEVICE, dtype=dtype).eval()
+
+
+def tiny_model(seed: int = 0, dtype=torch.float32, cls=LlamaForCausalLM, **overrides):
+    torch.manual_seed(seed)
+    return _perturbed(cls(tiny_config(**overrides)), dtype)
+
+
+def family_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """The causal LM of ``family_config(family, **overrides)``, its norms perturbed as ``tiny_model``'s."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return _perturbed(AutoModelForCausalLM.from_config(family_config(family, **overrides)), dtype)
 
 
 def clone(model, dtype=None):
@@ -41,7 +72,7 @@ def clone(model, dtype=None):
     twin.to(dtype)
     if dtype == torch.float64:
         for module in twin.modules():
-            if isinstance(module, LlamaForCausalLM):
+            if hasattr(module, "lm_head") and hasattr(module, "loss_function"):  # a causal LM of any family
                 module.loss_function = float64_loss
     return twin
 

@@ -113,7 +113,7 @@ def test_callback_refuses_what_would_do_nothing():
         LlamaFastCallback(flash=True)
     args, state, control = TrainingArguments(output_dir="unused", report_to=[]), TrainerState(), TrainerControl()
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="not a Llama-family model"):
+    with pytest.raises(ValueError, match="has no decoder layer of the Llama design"):
         LlamaFastCallback().on_init_end(args, state, control, model=gpt2)
     callback, model = LlamaFastCallback(cross_entropy=True), tiny_model()
     callback.on_init_end(args, state, control, model=model)

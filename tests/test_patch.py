@@ -298,7 +298,7 @@ def test_other_heads_on_the_backbone(cls):
 
 
 def test_refusals_name_the_problem():
-    with pytest.raises(ValueError, match="not a Llama-family model"):
+    with pytest.raises(ValueError, match="has no decoder layer of the Llama design"):
         llama_fast.patch(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="needs the SiLU activation, this model uses 'gelu'"):
         llama_fast.patch(tiny_model(hidden_act="gelu"))
@@ -338,12 +338,12 @@ def test_unsupported_inputs_raise_at_call_time():
     model = llama_fast.patch(tiny_model())
     with pytest.raises(NotImplementedError, match="output_attentions=True"):
         model(tokens(1, 5), output_attentions=True)
-    # What a sliding-window cache asks of the mask function once full (keys from an offset), and a
-    # cache that lost tokens the queries must see: refused, never computed wrongly. (Static caches
-    # work: tests/test_compile.py.)
+    # Keys from an offset in a layer without a window, and a cache that lost tokens the queries must see:
+    # refused, never computed wrongly. (Static caches work: tests/test_compile.py; sliding-window caches,
+    # whose mask comes with local_size: tests/test_families.py.)
     from llama_fast.patch.masks import make_mask
 
-    with pytest.raises(NotImplementedError, match="sliding-window cache"):
+    with pytest.raises(NotImplementedError, match="in a layer without a sliding window"):
         make_mask(batch_size=1, q_length=1, kv_length=8, q_offset=20, kv_offset=13)
     with pytest.raises(NotImplementedError, match="the cache lost tokens"):
         make_mask(batch_size=1, q_length=2, kv_length=8, q_offset=20, kv_offset=0)
@@ -500,7 +500,7 @@ def test_decoder_layer_fusion_only_where_it_applies():
         model = llama_fast.patch(tiny_model(), **options)
         assert not any("forward" in vars(layer) for layer in model.model.layers), options
     model = tiny_model()
-    theirs = fused_layer_forward(None).__get__(model.model.layers[0])  # any instance forward not ours
+    theirs = fused_layer_forward(type(model.model.layers[0]), None).__get__(model.model.layers[0])  # not ours
     model.model.layers[0].forward = theirs
     llama_fast.patch(model)
     assert model.model.layers[0].forward is theirs and "forward" in vars(model.model.layers[1])

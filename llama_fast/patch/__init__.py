@@ -1,11 +1,13 @@
-"""``patch(model)`` / ``unpatch(model)``: llama_fast's kernels in a transformers Llama model.
+"""``patch(model)`` / ``unpatch(model)``: llama_fast's kernels in a transformers model of the Llama design
+(Llama, Qwen2, Qwen3, Mistral), its modules recognised by what they compute (families.py).
 
 Per instance, reversible, and through transformers' own extension points, one contract per file:
 
-- RMSNorm and the MLP (here): each ``LlamaRMSNorm`` / ``LlamaMLP`` *instance* gets a ``forward``
-  attribute that shadows the class method (deleting it restores the class's).
-- The decoder layer (layer.py, with rms_norm): each plain ``LlamaDecoderLayer`` instance gets transformers'
-  forward with the post-attention residual add fused into ``post_attention_layernorm`` (``ops.add_rms_norm``).
+- RMSNorm and the MLP (here): each RMSNorm / gated-MLP *instance* (``LlamaRMSNorm``, ``Qwen2MLP``, ...)
+  gets a ``forward`` attribute that shadows the class method (deleting it restores the class's).
+- The decoder layer (layer.py, with rms_norm): each plain decoder layer whose forward is Llama's gets
+  transformers' forward with the post-attention residual add fused into ``post_attention_layernorm``
+  (``ops.add_rms_norm``).
 - RoPE (rope.py): each attention instance gets a copy of transformers' own forward that resolves
   ``apply_rotary_pos_emb`` to ours. cos and sin still come from the model's rotary module, so every
   rope type works unchanged.
@@ -31,9 +33,10 @@ import torch
 
 from . import layer
 from .attention import ATTENTION_NAME, register, set_implementation
+from .families import decoder_layers, is_gated_mlp, is_rms_norm
 from .loss import fused_loss_forwards
 from .rope import forward_with_our_rope
-from .validate import fuses_post_attention_add, llama_classes, validate
+from .validate import fused_layers, validate
 
 _RECORD = "_llama_fast_patch"
 
@@ -85,8 +88,9 @@ def _rms_norm_forward(backend):
 
 
 def _mlp_forward(backend):
-    """The forward patched LlamaMLP instances get. ``residual`` (the fused decoder layer passes it):
-    return ``residual + mlp(x)``, the add done by the down projection's GEMM (``layer.down_with_residual``)."""
+    """The forward patched gated-MLP instances (``LlamaMLP`` and its copies) get. ``residual`` (the fused
+    decoder layer passes it): return ``residual + mlp(x)``, the add done by the down projection's GEMM
+    (``layer.down_with_residual``)."""
 
     def forward(self, x, residual=None):
         from .. import ops
@@ -104,8 +108,9 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
           cross_entropy: bool = False, backend: str | None = None):
     """Put llama_fast's kernels into ``model`` in place and return it.
 
-    ``model``: a transformers Llama model (``LlamaForCausalLM``, ``LlamaModel`` or another head on
-    the Llama backbone), or a PEFT ``PeftModel`` wrapping one. Each flag turns one kernel on or
+    ``model``: a transformers model of the Llama design (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+    ``Qwen3ForCausalLM``, ``MistralForCausalLM``, their base models and other heads), or a PEFT
+    ``PeftModel`` wrapping one; sliding-window layers included. Each flag turns one kernel on or
     off. ``backend`` ("triton", "cuda", "cpu", "reference"; default: chosen per tensor, see
     ``llama_fast.backend``) applies to RMSNorm, RoPE and SwiGLU; attention always runs the Triton
     kernel (or, on a CPU without the interpreter, the reference). Raises ``ValueError`` naming what
@@ -128,11 +133,10 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
     validate(backbone, options)
     if getattr(backbone, _RECORD, None) is not None:
         unpatch(backbone)
-    llama = llama_classes()
     record = _Record(options=options)
     # decided before any forward changes: a layer or norm with an instance forward of its own is left unfused
-    fused_layers = {id(m) for m in backbone.modules() if isinstance(m, llama.LlamaDecoderLayer)
-                    and layer.is_plain(m, llama)} if fuses_post_attention_add(options) else set()
+    fused = fused_layers(backbone, options)
+    attentions = {id(m.self_attn) for m in decoder_layers(backbone)}
 
     def give_forward(module, forward):
         record.forwards.append((module, vars(module).get("forward")))
@@ -142,15 +146,16 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
         causal_lm_forward, head_forward = fused_loss_forwards(backbone)
         give_forward(backbone, causal_lm_forward)
         give_forward(backbone.lm_head, head_forward)
+    # validate() has checked that every norm, MLP and attention module of the decoder layers is one these serve
     for module in backbone.modules():
-        if rms_norm and isinstance(module, llama.LlamaRMSNorm):
+        if rms_norm and is_rms_norm(module):
             give_forward(module, _rms_norm_forward(backend))
-        elif swiglu and isinstance(module, llama.LlamaMLP):
+        elif swiglu and is_gated_mlp(module):
             give_forward(module, _mlp_forward(backend))
-        elif rope and isinstance(module, llama.LlamaAttention):
+        elif rope and id(module) in attentions:
             give_forward(module, forward_with_our_rope(module, backend))
-        elif id(module) in fused_layers:
-            give_forward(module, layer.fused_layer_forward(backend))
+        elif id(module) in fused:
+            give_forward(module, layer.fused_layer_forward(type(module), backend))
     if attention:
         register()
         record.config = backbone.config

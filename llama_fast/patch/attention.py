@@ -15,13 +15,14 @@ ATTENTION_NAME = "llama_fast"
 
 # Keywords transformers hands the attention function that do not change what it computes here (the
 # cache and positions act before attention: RoPE, the cache update, the mask function; position_ids
-# also show packed sequences, read by _packed_sequences with the _PACKED_KWARGS). Any other keyword
-# with a value is refused rather than ignored: e.g. a sliding window, softcap or attention sinks.
+# also show packed sequences, read by _packed_sequences with the _PACKED_KWARGS; sliding_window is the
+# layer's window, read by attention_forward). Any other keyword with a value is refused rather than
+# ignored: e.g. softcap or attention sinks.
 _NEUTRAL_KWARGS = frozenset({"position_ids", "use_cache", "cache", "past_key_values", "cache_position", "layer_idx",
                              "output_attentions", "output_hidden_states", "output_router_logits",
                              # the loss's normaliser, which transformers' Trainer passes down the whole model
                              "num_items_in_batch",
-                             "is_causal"})  # honoured by attention_forward
+                             "is_causal", "sliding_window"})  # honoured by attention_forward
 # TRL's padding-free collator adds ``seq_idx`` (each token's sequence number) beside the cu_seq_lens_*
 # it makes from the same lengths: with those it says nothing new. Alone it is refused, like any other.
 
@@ -54,9 +55,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         query, key, value = query.to(low), key.to(low), value.to(low)
     # transformers' own attention functions let an is_causal keyword override the module's
     causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
-    packed = _packed_sequences(query, key, attention_mask, kwargs)
+    # A local layer's window (Mistral, Qwen2 with use_sliding_window): transformers hands it to the attention
+    # function as FlashAttention-2 takes it, and the mask function a sliding mask of the same config window.
+    window = kwargs.get("sliding_window")
+    packed = _packed_sequences(query, key, attention_mask, kwargs, window)
     if packed is not None:
-        return _packed_attention(query, key, value, packed, causal, scaling), None
+        return _packed_attention(query, key, value, packed, causal, scaling, window), None
     if attention_mask is not None and is_packed_marker(attention_mask):
         attention_mask = None  # traced: each row is one sequence (asserted on the device)
     kv_lens = None
@@ -67,10 +71,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             f"llama_fast attention: expected the (batch, kv_len) padding mask made by llama_fast's mask function, "
             f"got a {attention_mask.dim()}-D mask (was the attention implementation changed after patch()?)"
         )
-    if _sdpa_serves(query, key, attention_mask, kv_lens, causal):
+    if window is None and _sdpa_serves(query, key, attention_mask, kv_lens, causal):
         return _sdpa(query, key, value, causal, scaling), None
     out = ops.flash_attention(query, key, value, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
-                              kv_lens=kv_lens)
+                              kv_lens=kv_lens, window=window)
     return out.transpose(1, 2), None
 
 
@@ -112,7 +116,7 @@ def _sdpa(query, key, value, causal: bool, scaling) -> torch.Tensor:
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _packed_sequences(query, key, attention_mask, kwargs):
+def _packed_sequences(query, key, attention_mask, kwargs, window=None):
     """The packed sequences of this batch as (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
     or None for an ordinary batch.
 
@@ -124,6 +128,8 @@ def _packed_sequences(query, key, attention_mask, kwargs):
     (``_sequences_from_positions``), as transformers' FlashAttention-2 path does in every layer.
     Under torch.compile that read would break the graph, so there a row whose positions are not one
     run fails a device-side assert instead (pass the keywords to compile packed batches).
+    A sliding layer's mask function answers with the packed marker whether or not the batch is packed
+    (``masks.make_mask``): with a ``window``, a marker and no packed sequences is a plain batch.
     """
     given = {name: kwargs.get(name) for name in _PACKED_KWARGS}
     marker = attention_mask is not None and is_packed_marker(attention_mask)
@@ -148,7 +154,7 @@ def _packed_sequences(query, key, attention_mask, kwargs):
         found = _sequences_from_positions(position_ids, query.shape[0])
         if found is not None:
             return found
-    if marker:
+    if marker and window is None:
         raise NotImplementedError("llama_fast attention: transformers asked for a mask other than causal + padding "
                                   "and position_ids show no packed sequences; patch with attention=False")
     return None
@@ -185,7 +191,7 @@ def _assert_one_run_per_row(position_ids: torch.Tensor) -> None:
                         "return_flash_attn_kwargs=True)) so that no host read is needed")
 
 
-def _packed_attention(query, key, value, packed, causal, scaling):
+def _packed_attention(query, key, value, packed, causal, scaling, window=None):
     """Attention over packed sequences: the (B, H, S, D) views the module hands over, which are
     (B, S, H, D) projections transposed, as flash-attn's (B·S, H, D) layout (views, no copy), and
     the result back as (B, S, H, D)."""
@@ -193,7 +199,7 @@ def _packed_attention(query, key, value, packed, causal, scaling):
 
     batch, heads, q_len, head_dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], head_dim) for t in (query, key, value))
-    out = ops.flash_attention_varlen(q, k, v, *packed, causal=causal, softmax_scale=scaling)
+    out = ops.flash_attention_varlen(q, k, v, *packed, causal=causal, softmax_scale=scaling, window=window)
     return out.view(batch, q_len, heads, head_dim)
 
 

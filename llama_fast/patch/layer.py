@@ -57,14 +57,15 @@ def source_hash(layer_class) -> str:
     return function_hash(layer_class.forward)
 
 
-def is_plain(layer, llama) -> bool:
-    """Whether ``layer`` runs transformers' ``LlamaDecoderLayer.forward`` itself: its class's forward is
-    that one (subclasses may wrap it, as FSDP2's does, but not replace it), neither it nor its
-    post-attention norm, a ``LlamaRMSNorm``, has an instance forward of its own (accelerate's device
-    hooks, another library's patch), which the fused forward would bypass."""
+def is_plain(layer) -> bool:
+    """Whether ``layer`` runs its class's forward itself (the caller checks that forward's source), with a
+    post-attention norm that computes Llama's RMSNorm: neither it nor that norm has an instance forward
+    of its own (accelerate's device hooks, another library's patch), which the fused forward would bypass."""
+    from .families import is_rms_norm
+
     norm = getattr(layer, "post_attention_layernorm", None)
-    return (inspect.unwrap(type(layer).forward) is inspect.unwrap(llama.LlamaDecoderLayer.forward)
-            and "forward" not in vars(layer) and isinstance(norm, llama.LlamaRMSNorm) and "forward" not in vars(norm))
+    return ("forward" not in vars(layer) and isinstance(norm, torch.nn.Module) and is_rms_norm(norm)
+            and "forward" not in vars(norm))
 
 
 def _fuses(layer, norm, hidden_states, backend) -> bool:
@@ -101,15 +102,14 @@ def cache_keyword(forward) -> str:
     return "cache" if "cache" in inspect.signature(inspect.unwrap(forward)).parameters else "past_key_values"
 
 
-def fused_layer_forward(backend):
-    """The forward patched ``LlamaDecoderLayer`` instances get (``backend``: None or "triton"), with the
-    installed transformers' signature: the cache keyword ``cache`` (5.24) or ``past_key_values`` (5.17),
+def fused_layer_forward(layer_class, backend):
+    """The forward the patched decoder layers of class ``layer_class`` get (``backend``: None or "triton"),
+    with that class's signature: the cache keyword ``cache`` (5.24) or ``past_key_values`` (5.17),
     passed on to the attention module under that name."""
     # here, not at module level: `import llama_fast` imports no transformers (tests/test_first_run.py)
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.utils.deprecation import deprecate_kwarg
 
-    keyword = cache_keyword(LlamaDecoderLayer.forward)
+    keyword = cache_keyword(layer_class.forward)
 
     def body(self, hidden_states, attention_mask, position_ids, cache, use_cache, position_embeddings, kwargs):
         from .. import ops

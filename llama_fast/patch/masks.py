@@ -17,7 +17,9 @@ each made and read here:
   (B, 1, 1, 0) int8, empty      packed sequences (``packed_marker`` / ``is_packed_marker``): the
                                 attention function finds them in the position ids or keywords itself.
 
-Anything else a model asks the mask function for (a custom mask function, a sliding window) is refused
+A sliding-window layer's mask is one of these too: its window travels to the attention function as
+the layer's ``sliding_window`` keyword, as transformers hands it to FlashAttention-2. Anything else a
+model asks the mask function for (a custom mask function, a mask laid over the causal one) is refused
 there, when the mask is made, rather than computed wrongly.
 """
 
@@ -27,51 +29,73 @@ import torch
 def make_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
               attention_mask=None, **kwargs):
     """The mask function registered as "llama_fast": what the attention function needs besides the
-    causal rule. With a cache that holds exactly the tokens seen so far (DynamicCache, or none), the
-    (B, kv_len) key padding mask, or None. With a static cache (its query offset is a tensor on
-    the device, or its slots outnumber the tokens seen), ``encode_static_cache``'s encoding of the
-    padding over the cache's slots and the number of slots filled.
+    causal rule (and a local layer's window, which it takes from the layer's ``sliding_window``). With a
+    cache that holds exactly the tokens seen so far (DynamicCache, or none), the (B, kv_len) key padding
+    mask, or None. With a static cache (its query offset is a tensor on the device, or its slots
+    outnumber the tokens it holds) or a sliding-window layer that dropped its oldest tokens (its keys
+    start at position ``kv_offset``), ``encode_static_cache``'s encoding of the padding over the cache's
+    slots and the number of slots filled.
 
     Nothing here reads a tensor's value on the host: no sync, and nothing for torch.compile to
     break its graph on. So an all-True padding mask is handed over as it is (the kernel's padded
     path costs one byte load per key block) rather than checked and dropped. Anything else a model
-    might ask for (packed sequences, sliding windows, a custom mask function) is refused here, at
-    mask creation, rather than computed wrongly.
+    might ask for (a custom mask function, masks laid over the causal one) is refused here, at mask
+    creation, rather than computed wrongly.
     """
     # `from transformers.masking_utils import ...`, not `from transformers import masking_utils`:
     # the latter's import statement yields transformers' _LazyModule, on which torch 2.11's dynamo
     # breaks the graph ("Bad import result"); 2.14's traces either.
     from transformers.masking_utils import causal_mask_function
 
+    # transformers' sliding-window mask (create_sliding_window_causal_mask) says so with local_size, its window
+    sliding = kwargs.get("local_size") is not None
     if mask_function is not None and mask_function is not causal_mask_function:
+        if kwargs.get("use_vmap"):
+            # transformers 5.24 sets use_vmap when it lays an or_mask_function / and_mask_function over the causal
+            # or sliding mask (Gemma 3's image tokens, say): a pattern the kernels do not know
+            raise NotImplementedError("llama_fast attention: this forward lays another mask function over the causal "
+                                      f"mask ({getattr(mask_function, '__name__', mask_function)}); patch with "
+                                      "attention=False for such inputs")
         if attention_mask is None and q_offset == 0 and kv_offset == 0 and kv_length == q_length:
-            # For a Llama, transformers asks for another mask without a cache or padding only when
-            # position_ids show packed sequences: the attention function finds the same sequences
-            # (or refuses, if it cannot).
+            # For these models, transformers asks for another mask without a cache or padding only when
+            # position_ids show packed sequences, or for a sliding window: the attention function finds
+            # the same sequences (or refuses, if it cannot), and applies the window.
             return packed_marker(batch_size, kwargs.get("device"))
-        raise NotImplementedError(
-            "llama_fast attention: this forward asks for a mask other than plain causal + padding "
-            f"({getattr(mask_function, '__name__', mask_function)}; e.g. a custom mask function); patch with "
-            "attention=False for such inputs"
-        )
+        if not sliding:
+            raise NotImplementedError(
+                "llama_fast attention: this forward asks for a mask other than plain causal + padding "
+                f"({getattr(mask_function, '__name__', mask_function)}; e.g. a custom mask function); patch with "
+                "attention=False for such inputs"
+            )
+        # A sliding window's mask with a cache or padding: transformers lays no packing over it there.
     cache_position = kwargs.get("cache_position")
     if cache_position is not None:  # transformers versions that pass the query positions instead
         q_offset, q_length = cache_position[0], cache_position.shape[0]
-    if isinstance(kv_offset, torch.Tensor) or kv_offset != 0:
-        raise NotImplementedError(f"llama_fast attention: keys from offset {kv_offset} (a sliding-window cache) are "
-                                  "not supported; use DynamicCache or StaticCache")
+    if isinstance(kv_offset, torch.Tensor):
+        raise NotImplementedError("llama_fast attention: a cache whose first key's position is a device tensor is not "
+                                  "supported; use DynamicCache or StaticCache")
+    if kv_offset and not sliding:
+        raise NotImplementedError(f"llama_fast attention: keys from offset {kv_offset} in a layer without a sliding "
+                                  "window: the cache dropped tokens the queries must see")
     static = isinstance(q_offset, torch.Tensor)
-    if not static and kv_length < q_offset + q_length:
-        raise NotImplementedError(f"llama_fast attention: {kv_length} keys for queries at [{q_offset}, "
-                                  f"{q_offset} + {q_length}): the cache lost tokens the queries must see")
-    if not static and kv_length == q_offset + q_length:  # the cache holds exactly the tokens seen so far
+    end = q_offset + q_length  # one past the last query's position
+    if not static and kv_offset + kv_length < end:
+        raise NotImplementedError(f"llama_fast attention: {kv_length} keys from position {kv_offset} for queries at "
+                                  f"[{q_offset}, {end}): the cache lost tokens the queries must see")
+    if not static and not kv_offset and kv_length == end:  # the cache holds exactly the tokens seen so far
         return None if attention_mask is None else attention_mask[:, -kv_length:].bool()
+    # A sliding-window layer that dropped its first kv_offset tokens (full DynamicSlidingWindowLayer or
+    # StaticSlidingWindowLayer) holds the kv_length positions from there on, all filled: encoded as a static
+    # cache's mask, since for a compileable cache generate() hands what this returns back to it as the
+    # next attention_mask, which a 4-D mask passes through and a 2-D one would be cut again.
     device = (q_offset.device if static else attention_mask.device if attention_mask is not None
               else kwargs.get("device"))
     if device is None:
         raise NotImplementedError("llama_fast attention: a static cache's mask needs its device, and transformers "
                                   "passed none (no attention_mask, no device argument)")
-    return encode_static_cache(batch_size, kv_length, q_offset + q_length, attention_mask, device)
+    seen = None if attention_mask is None else attention_mask[:, kv_offset:]
+    return encode_static_cache(batch_size, kv_length, kv_length if kv_offset and not static else end - kv_offset,
+                               seen, device)
 
 
 def encode_static_cache(batch_size, slots, filled, attention_mask, device) -> torch.Tensor:

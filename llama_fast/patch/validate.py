@@ -5,51 +5,56 @@ import warnings
 
 import torch
 
-from . import layer
+from . import families, layer
 from .loss import fsdp2_shards, head_linear
 from .rope import check_rebinding
 
-
-def llama_classes():
-    from transformers.models.llama import modeling_llama
-
-    return modeling_llama
+_SUPPORTED = "transformers' Llama, Qwen2, Qwen3 and Mistral models (docs/patching.md, \"Model families\")"
 
 
 def validate(model: torch.nn.Module, options: dict) -> None:
-    llama = llama_classes()
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"llama_fast.patch: expected a torch.nn.Module, got {type(model).__name__}")
-    layers = [m for m in model.modules() if isinstance(m, llama.LlamaDecoderLayer)]
+    layers = families.decoder_layers(model)
     if not layers:
         raise ValueError(
-            f"llama_fast.patch: {type(model).__name__} is not a Llama-family model (no LlamaDecoderLayer in it); "
-            "llama_fast supports transformers' LlamaForCausalLM, LlamaModel and the other Llama heads"
+            f"llama_fast.patch: {type(model).__name__} has no decoder layer of the Llama design (a module with "
+            f"input_layernorm, self_attn, post_attention_layernorm and mlp); llama_fast supports {_SUPPORTED}"
         )
-    config = layers[0].self_attn.config
+    attention = layers[0].self_attn
+    config = attention.config
+    if options["rms_norm"]:
+        _check_norms(model)
     if options["swiglu"]:
-        act = getattr(config, "hidden_act", None)
-        if act not in ("silu", "swish"):
-            raise ValueError(f"llama_fast.patch: swiglu=True needs the SiLU activation, this model uses {act!r}; "
-                             "pass swiglu=False")
+        _check_mlps(layers)
     if options["attention"]:
         dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         if dropout > 0 and model.training:
             raise ValueError(f"llama_fast.patch: attention dropout {dropout} in training is not supported by the "
                              "flash attention kernel; set config.attention_dropout = 0, call model.eval(), or pass "
                              "attention=False")
-        head_dim = layers[0].self_attn.head_dim
+        head_dim = attention.head_dim
         if (head_dim % 16 or head_dim > 256) and _attention_runs_triton(model):
             raise ValueError(f"llama_fast.patch: head_dim {head_dim} is not supported by the Triton attention kernel "
                              "(a multiple of 16 up to 256); pass attention=False")
-        if not getattr(config, "is_causal", True):
+        if not getattr(config, "is_causal", True) or getattr(config, "use_bidirectional_attention", False):
             raise ValueError("llama_fast.patch: the model is configured for bidirectional attention "
-                             "(config.is_causal = False); pass attention=False")
+                             "(config.is_causal = False or use_bidirectional_attention); pass attention=False")
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        if softcap:
+            raise ValueError(f"llama_fast.patch: attention logit soft-capping ({type(config).__name__}."
+                             f"attn_logit_softcapping = {softcap}) is not implemented by llama_fast's attention "
+                             "kernel yet; pass attention=False")
     if options["cross_entropy"]:
         head = getattr(model, "lm_head", None)
         if head is None or not isinstance(head_linear(head), torch.nn.Linear):
             raise ValueError(f"llama_fast.patch: cross_entropy=True needs a causal LM with a linear lm_head "
                              f"({type(model).__name__} has {type(head).__name__})")
+        softcap = getattr(config, "final_logit_softcapping", None)
+        if softcap:
+            raise ValueError(f"llama_fast.patch: cross_entropy=True with the final-logit soft-cap of "
+                             f"{type(config).__name__} ({softcap}) is not wired to the fused loss yet; pass "
+                             "cross_entropy=False")
         from ..ops._dtensor import has_dtensor
 
         weight = head_linear(head).weight
@@ -59,9 +64,15 @@ def validate(model: torch.nn.Module, options: dict) -> None:
                              "weight is a DTensor sharded over the vocabulary, and the fused loss has no log-sum-exp "
                              "across ranks; pass cross_entropy=False")
     if options["rope"]:
-        if layers[0].self_attn.head_dim % 2:
+        if attention.head_dim % 2:
             raise ValueError("llama_fast.patch: RoPE needs an even head_dim")
-        check_rebinding(type(layers[0].self_attn))
+        for attention_class in {type(decoder.self_attn) for decoder in layers}:
+            check_rebinding(attention_class)
+            if not families.rotates_whole_heads(attention_class):
+                raise ValueError(f"llama_fast.patch: {attention_class.__name__} calls an apply_rotary_pos_emb that is "
+                                 "not Llama's rotation of whole heads (Phi-3's rotates a part of each head, "
+                                 "partial_rotary_factor); llama_fast's RoPE kernel does not serve it yet; pass "
+                                 "rope=False")
     if options["backend"] is not None:
         _check_backend_serves(model, options["backend"])
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
@@ -69,6 +80,50 @@ def validate(model: torch.nn.Module, options: dict) -> None:
     if unsupported:
         raise ValueError(f"llama_fast.patch: parameters of dtype {sorted(map(str, unsupported))} are not supported "
                          "(float32, float16, bfloat16)")
+
+
+def norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The model's normalisation modules: those whose attribute name ends in "norm" (input_layernorm,
+    post_attention_layernorm, the final norm, Qwen3's q_norm and k_norm, Gemma's pre_feedforward_layernorm)."""
+    return [(name, m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1].endswith("norm")]
+
+
+def _check_norms(model: torch.nn.Module) -> None:
+    """Every norm must compute Llama's RMSNorm: one that does not would otherwise run eager beside
+    patched ones, or (patched) compute the wrong thing."""
+    for name, module in norms(model):
+        if not families.is_rms_norm(module):
+            raise ValueError(f"llama_fast.patch: {name} is a {type(module).__name__}, which does not compute Llama's "
+                             "RMSNorm (Gemma's scales by 1 + weight, say); llama_fast has no kernel for it yet; pass "
+                             "rms_norm=False")
+
+
+def _check_mlps(layers: list[torch.nn.Module]) -> None:
+    for decoder in layers:
+        mlp = decoder.mlp
+        if not families.is_gated_mlp(mlp):
+            raise ValueError(f"llama_fast.patch: swiglu=True needs the MLP down_proj(act_fn(gate_proj(x)) * "
+                             f"up_proj(x)); {type(mlp).__name__} computes another (Phi-3's packed gate_up_proj, say), "
+                             "which llama_fast does not serve yet; pass swiglu=False")
+        if not _is_silu(getattr(mlp, "act_fn", None)):
+            config = decoder.self_attn.config
+            name = (getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)  # Gemma's
+                    or type(mlp.act_fn).__name__)
+            raise ValueError(f"llama_fast.patch: swiglu=True needs the SiLU activation, this model uses {name!r}; "
+                             "pass swiglu=False")
+
+
+def _is_silu(act) -> bool:
+    """Whether ``act`` computes SiLU, by what it returns on a few points: transformers maps "silu" to
+    its own SiLUActivation class and "swish" to torch's nn.SiLU (5.24), and either may change."""
+    if not callable(act):
+        return False
+    x = torch.linspace(-6.0, 6.0, 25)
+    try:
+        with torch.no_grad():
+            return bool(torch.equal(act(x), torch.nn.functional.silu(x)))
+    except Exception:  # an activation that does not take a CPU tensor is not one we know
+        return False
 
 
 def _attention_runs_triton(model: torch.nn.Module) -> bool:
@@ -100,27 +155,28 @@ def _check_backend_serves(model: torch.nn.Module, backend: str) -> None:
                              f"{device}: {str(exc).removeprefix('llama_fast: ')}") from None
 
 
-def fuses_post_attention_add(options: dict) -> bool:
-    """Whether ``patch()`` gives the plain decoder layers layer.py's forward, the post-attention residual
-    add fused into their norm: with rms_norm on, on the default or the Triton backend (the C++ extension
-    has no fused kernel, and the reference would gain nothing), and only when the installed
-    ``LlamaDecoderLayer.forward`` is the source layer.py replaces (its hash, verified per version).
+def fused_layers(model: torch.nn.Module, options: dict) -> set[int]:
+    """The ids of the decoder layers ``patch()`` gives layer.py's forward, the post-attention residual add
+    fused into their norm: with rms_norm on, on the default or the Triton backend (the C++ extension
+    has no fused kernel, and the reference would gain nothing), for the plain layers (``layer.is_plain``)
+    whose class's forward is the source layer.py replaces (its hash, verified per version: Llama's,
+    Qwen2's, Qwen3's and Mistral's are one source).
 
     A different source is not refused: it falls back to the unfused layer, each norm patched on its own,
-    with a warning naming the version. Refusing would cost users every RMSNorm kernel (rms_norm=False)
-    for want of one fused add per layer, while the per-norm patch relies only on the norm module's
-    forward, which does not depend on the layer's code; running layer.py's forward over a changed layer
-    would silently drop whatever transformers changed."""
+    with a warning naming the class and version. Refusing would cost users every RMSNorm kernel
+    (rms_norm=False) for want of one fused add per layer, while the per-norm patch relies only on the
+    norm module's forward, which does not depend on the layer's code; running layer.py's forward over a
+    changed layer would silently drop whatever transformers changed."""
     if not options["rms_norm"] or options["backend"] not in (None, "triton"):
-        return False
-    decoder = llama_classes().LlamaDecoderLayer
-    if layer.source_hash(decoder) in layer.VERIFIED_SOURCES:
-        return True
-    import transformers
+        return set()
+    layers = families.decoder_layers(model)
+    unverified = sorted({type(m).__name__ for m in layers if layer.source_hash(type(m)) not in layer.VERIFIED_SOURCES})
+    if unverified:
+        import transformers
 
-    verified = ", ".join(sorted(set(layer.VERIFIED_SOURCES.values())))
-    warnings.warn(f"llama_fast.patch: LlamaDecoderLayer.forward in transformers {transformers.__version__} is not "
-                  f"the code llama_fast's fused decoder layer replaces (verified for transformers {verified}); the "
-                  "post-attention residual add stays unfused, each RMSNorm still runs llama_fast's kernel",
-                  stacklevel=3)
-    return False
+        verified = ", ".join(sorted(set(layer.VERIFIED_SOURCES.values())))
+        warnings.warn(f"llama_fast.patch: {', '.join(unverified)}.forward in transformers {transformers.__version__} "
+                      f"is not the code llama_fast's fused decoder layer replaces (verified for transformers "
+                      f"{verified}); the post-attention residual add stays unfused, each RMSNorm still runs "
+                      "llama_fast's kernel", stacklevel=3)
+    return {id(m) for m in layers if layer.source_hash(type(m)) in layer.VERIFIED_SOURCES and layer.is_plain(m)}

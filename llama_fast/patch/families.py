@@ -1,0 +1,74 @@
+"""Which modules of a transformers model the patch serves, recognised by what they compute, not by class names.
+
+transformers' Llama, Qwen2, Qwen3 and Mistral (and other models of the same design) are built of decoder
+layers that hold an ``input_layernorm``, a ``self_attn``, a ``post_attention_layernorm`` and an ``mlp``. Where
+two families compute the same thing their modules carry the same code under another class name: modular
+transformers copies ``LlamaRMSNorm.forward`` into ``Qwen2RMSNorm`` line for line. So a module is recognised
+by the sha256 of its class's ``forward`` source (``layer.function_hash``) in the sets below, each the source
+of one computation, verified for the transformers versions named; a release that changes that code changes
+the hash, and the module is then refused by name (``validate.py``), never patched on trust.
+
+Why not transformers' own marks: ``use_kernel_forward_from_hub("RMSNorm")`` and ``use_kernelized_func``
+decorate these classes for the hub kernels, but without the ``kernels`` package installed (it is not a
+transformers dependency) both return the class unchanged (transformers 5.24, integrations/hub_kernels.py),
+so nothing on the class records them. docs/patching.md, "Model families", has the table of what runs.
+"""
+
+import torch
+
+from .layer import function_hash
+
+# LlamaRMSNorm.forward: hidden * rsqrt(mean(hidden²) + eps) in fp32, cast back, then weight * it. The same
+# source in Llama, Qwen2, Qwen3, Mistral, Phi-3 and Granite, transformers 5.17.0 and 5.24.0.
+RMS_NORM_SOURCES = {"790fa612e4fa57acfcbea31da45f92ba91f9016f7260ef539f61c5530ba06a5f"}
+# LlamaMLP.forward: down_proj(act_fn(gate_proj(x)) * up_proj(x)), in every family above but Phi-3 and in
+# Gemma 2/3 (whose act_fn is a GELU: the activation is checked apart, from the config); 5.17.0 and 5.24.0.
+GATED_MLP_SOURCES = {"03df2d7685cf8446594448cbd33ef676a2b088779d99d9803abe3bed2ec7ad9b"}
+# apply_rotary_pos_emb over the whole head, rotate-half layout (Phi-3's rotates a part of it: another
+# source); in Llama, Qwen2, Qwen3, Mistral, Granite and Gemma 2/3, 5.17.0 and 5.24.0.
+ROTARY_SOURCES = {"ea234325c15de475147027ac7da4307167d082b13f4c62a7f2921fef4f9e5e87"}
+
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of ``model``: the modules that hold an input norm, self-attention, a
+    post-attention norm and an MLP, as every model of the Llama design does."""
+    return [m for m in model.modules() if all(isinstance(getattr(m, part, None), torch.nn.Module)
+                                              for part in _LAYER_PARTS)]
+
+
+def _forward_hash(module: torch.nn.Module) -> str | None:
+    try:
+        return function_hash(type(module).forward)
+    except (OSError, TypeError):  # no source to read: a class made at run time, a C extension
+        return None
+
+
+def is_rms_norm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` computes Llama's RMSNorm (``ops.rms_norm`` of its weight and variance_epsilon)."""
+    return (isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")
+            and _forward_hash(module) in RMS_NORM_SOURCES)
+
+
+def is_gated_mlp(module: torch.nn.Module) -> bool:
+    """Whether ``module`` computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (its act_fn aside)."""
+    return (all(isinstance(getattr(module, name, None), torch.nn.Module) for name in ("gate_proj", "up_proj",
+                                                                                      "down_proj"))
+            and _forward_hash(module) in GATED_MLP_SOURCES)
+
+
+def rotary_function(attention_class: type):
+    """The ``apply_rotary_pos_emb`` that ``attention_class.forward`` reads as a global of its modeling
+    module, or None when that name is not bound there."""
+    forward = getattr(attention_class.forward, "__wrapped__", attention_class.forward)
+    return getattr(forward, "__globals__", {}).get("apply_rotary_pos_emb")
+
+
+def rotates_whole_heads(attention_class: type) -> bool:
+    """Whether the rotation ``attention_class.forward`` calls is Llama's (rotate-half over the whole head)."""
+    function = rotary_function(attention_class)
+    try:
+        return function is not None and function_hash(function) in ROTARY_SOURCES
+    except (OSError, TypeError):
+        return False
