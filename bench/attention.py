@@ -36,17 +36,24 @@ def _layout(batch, heads, length, head_dim, device, dtype, grad):
     return t.requires_grad_(grad)
 
 
+def _prefill_inputs(device, dtype, batch, seq, head_dim, q_heads, kv_heads):
+    """The ``make`` of a prefill case: q, k, v of one length, as the attention module hands them over."""
+
+    def make(grad):
+        q = _layout(batch, q_heads, seq, head_dim, device, dtype, grad)
+        k = _layout(batch, kv_heads, seq, head_dim, device, dtype, grad)
+        v = _layout(batch, kv_heads, seq, head_dim, device, dtype, grad)
+        return (q, k, v), (q, k, v)
+
+    return make
+
+
 def prefill_cases(device, configs, seqs, modes, tokens_total=16384):
     for dtype, head_dim, q_heads, kv_heads in configs:
         dname = str(dtype).removeprefix("torch.")
         for seq in seqs:
             batch = max(1, tokens_total // seq)
-
-            def make(grad, seq=seq, batch=batch, dtype=dtype, head_dim=head_dim, q_heads=q_heads, kv_heads=kv_heads):
-                q = _layout(batch, q_heads, seq, head_dim, device, dtype, grad)
-                k = _layout(batch, kv_heads, seq, head_dim, device, dtype, grad)
-                v = _layout(batch, kv_heads, seq, head_dim, device, dtype, grad)
-                return (q, k, v), (q, k, v)
+            make = _prefill_inputs(device, dtype, batch, seq, head_dim, q_heads, kv_heads)
 
             heads = "MHA" if q_heads == kv_heads else "GQA"
             shape = f"B={batch} H={q_heads}/{kv_heads} D={head_dim} {heads} causal"
@@ -70,13 +77,7 @@ def window_cases(device, configs, seqs, window, modes, tokens_total=16384):
         dname = str(dtype).removeprefix("torch.")
         for seq in seqs:
             batch = max(1, tokens_total // seq)
-
-            def make(grad, seq=seq, batch=batch, dtype=dtype, head_dim=head_dim, q_heads=q_heads, kv_heads=kv_heads):
-                q = _layout(batch, q_heads, seq, head_dim, device, dtype, grad)
-                k = _layout(batch, kv_heads, seq, head_dim, device, dtype, grad)
-                v = _layout(batch, kv_heads, seq, head_dim, device, dtype, grad)
-                return (q, k, v), (q, k, v)
-
+            make = _prefill_inputs(device, dtype, batch, seq, head_dim, q_heads, kv_heads)
             i = torch.arange(seq, device=device)
             band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
             shape = f"B={batch} H={q_heads}/{kv_heads} D={head_dim} window={window}"

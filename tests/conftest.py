@@ -82,6 +82,17 @@ def device() -> torch.device:
     return torch.device(os.environ.get("LLAMA_FAST_TEST_DEVICE", "cpu"))
 
 
+@pytest.fixture
+def tf32_for_fp32_on_gpu(device):
+    """On a GPU the attention kernel's fp32 products run in TF32 (the tensor cores' fp32 mode); eager fp32
+    then runs in TF32 too, so the error-ratio rule compares like with like. No effect on the CPU.
+    The attention test modules use it for every test (pytestmark)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -10,6 +10,9 @@ from helpers import DTYPES, assert_error_ratio, check_op
 from llama_fast import ops, references
 from llama_fast.kernels import attention as kernel
 
+# fp32 products in TF32 on a GPU, eager included (conftest.py)
+pytestmark = pytest.mark.usefixtures("tf32_for_fp32_on_gpu")
+
 
 def _qkv(device, batch, q_heads, kv_heads, q_len, kv_len, head_dim, layout="bhsd"):
     if layout == "bshd":  # the attention module's view: projections (B, S, H, D) transposed
@@ -50,14 +53,6 @@ def _check(q, k, v, dtype, *, causal=True, mask=None, scale=None, backward=True)
 MHA, GQA, MQA = (4, 4), (4, 2), (3, 1)
 
 
-@pytest.fixture(autouse=True)
-def _tf32_for_fp32_on_gpu(device):
-    """On a GPU the kernel's fp32 products run in TF32 (the tensor cores' fp32 mode); eager fp32
-    then runs in TF32 too, so the error-ratio rule compares like with like. No effect on the CPU."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])

@@ -11,6 +11,9 @@ from helpers import DTYPES, check_op
 from llama_fast import ops, references
 from llama_fast.kernels import attention as kernel
 
+# fp32 products in TF32 on a GPU, eager included (conftest.py)
+pytestmark = pytest.mark.usefixtures("tf32_for_fp32_on_gpu")
+
 LENGTHS = [0, 1, 7, 63, 65, 129]
 MHA, GQA, MQA = (4, 4), (4, 2), (3, 1)
 
@@ -37,12 +40,6 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k, dtype, *, causal=True, backward=Tr
              backward=backward, floor_scale=4 * q.shape[1] // k.shape[1] * q.shape[-1] ** 0.5)
 
 
-@pytest.fixture(autouse=True)
-def _tf32_for_fp32_on_gpu(device):
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

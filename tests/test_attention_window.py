@@ -12,6 +12,9 @@ from helpers import DTYPES, assert_error_ratio, check_op
 from llama_fast import ops, references
 from llama_fast.kernels import attention as kernel
 
+# fp32 products in TF32 on a GPU, eager included (conftest.py)
+pytestmark = pytest.mark.usefixtures("tf32_for_fp32_on_gpu")
+
 GQA, MQA = (4, 2), (3, 1)
 
 
@@ -33,12 +36,6 @@ def _check(q, k, v, dtype, window, mask=None):
              floor_scale=4 * q.shape[1] // k.shape[1] * q.shape[-1] ** 0.5)
 
 
-@pytest.fixture(autouse=True)
-def _tf32_for_fp32_on_gpu(device):
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
