@@ -880,6 +880,11 @@ def _attn_bwd_dkdv_kernel(
         q_full = tl.minimum(q_full, q_stop)
         q_inside = tl.maximum(tl.minimum(tl.maximum(start_n - offset + window, 0) // BLOCK_M * BLOCK_M, q_stop),
                               q_full)
+        if not USE_TMA:
+            # Through pointers one masked loop over all of [q_lo, q_stop) (the loops below): three loops
+            # held enough addresses to spill the 16 x 64 tile, the only one the pointer path has left
+            # there (8 B at head_dim 128 for unaligned bf16; python -m bench audit, Triton 3.8, 2026-12-03).
+            q_full = q_stop
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -901,11 +906,6 @@ def _attn_bwd_dkdv_kernel(
             q_src = q_head0 + g * stride_q_h
             do_src = do_head0 + g * stride_do_h
         dq_base = dq_acc_ptr + row0 * HEAD_DIM
-        if HAS_WINDOW and not USE_TMA:
-            # Through pointers one masked loop over the window's query blocks: the three loops below held
-            # enough addresses to spill the 16 x 64 tile, the only one the pointer path has left there
-            # (8 B at head_dim 128 for unaligned bf16; python -m bench audit, Triton 3.8, 2026-12-03).
-            q_full = q_stop
         dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, g, lse_ptr + row0,
                                     delta_ptr + row0, dq_base, q_lo, q_full, q_len, offset, window,
                                     stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
