@@ -84,7 +84,11 @@ def test_fullgraph_training_step(compiler, backend):
     compiled = torch.compile(patched, backend=compiler, fullgraph=True)
     loss, grads = step(compiled)
     assert torch._dynamo.utils.counters["graph_break"] == {}
-    assert_error_ratio(loss, eager_loss, ref_loss, name="compiled loss")
+    # floor_scale 8, as the eager model tests (test_patch.py) give the loss: the loss is one number, a mean
+    # Inductor sums in an order of its own (vectorised for the machine's CPU), while eager's fp32 error can
+    # be near zero by luck; on the 2026-12-03 CI machine the compiled loss was 9.0e-7 off (2 ulps of ~5)
+    # against eager's 5.7e-8, over a bound of 7.6e-7 at floor_scale 1.
+    assert_error_ratio(loss, eager_loss, ref_loss, name="compiled loss", floor_scale=8)
     for name, grad in grads.items():
         assert_error_ratio(grad, eager_grads[name], ref_grads[name], name=f"compiled d{name}")
 
