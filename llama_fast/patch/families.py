@@ -38,11 +38,15 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
                                               for part in _LAYER_PARTS)]
 
 
-def _forward_hash(module: torch.nn.Module) -> str | None:
+def _hash_or_none(fn) -> str | None:
     try:
-        return function_hash(type(module).forward)
-    except (OSError, TypeError):  # no source to read: a class made at run time, a C extension
+        return function_hash(fn)
+    except (OSError, TypeError):  # no source to read: a function made at run time, a C extension
         return None
+
+
+def _forward_hash(module: torch.nn.Module) -> str | None:
+    return _hash_or_none(type(module).forward)
 
 
 def is_rms_norm(module: torch.nn.Module) -> bool:
@@ -68,7 +72,4 @@ def rotary_function(attention_class: type):
 def rotates_whole_heads(attention_class: type) -> bool:
     """Whether the rotation ``attention_class.forward`` calls is Llama's (rotate-half over the whole head)."""
     function = rotary_function(attention_class)
-    try:
-        return function is not None and function_hash(function) in ROTARY_SOURCES
-    except (OSError, TypeError):
-        return False
+    return function is not None and _hash_or_none(function) in ROTARY_SOURCES
