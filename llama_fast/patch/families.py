@@ -14,6 +14,8 @@ transformers dependency) both return the class unchanged (transformers 5.24, int
 so nothing on the class records them. docs/patching.md, "Model families", has the table of what runs.
 """
 
+import inspect
+
 import torch
 
 from .layer import function_hash
@@ -64,9 +66,20 @@ def is_gated_mlp(module: torch.nn.Module) -> bool:
 
 def rotary_function(attention_class: type):
     """The ``apply_rotary_pos_emb`` that ``attention_class.forward`` reads as a global of its modeling
-    module, or None when that name is not bound there."""
-    forward = getattr(attention_class.forward, "__wrapped__", attention_class.forward)
-    return getattr(forward, "__globals__", {}).get("apply_rotary_pos_emb")
+    module, under its ``functools.wraps`` decorators (``deprecate_kwarg``, the hub's ``use_kernelized_func``),
+    or None when that name is not bound there.
+
+    With Hugging Face's ``kernels`` package installed (transformers requires it from 5.25) that global is
+    not the function but an ``nn.Module`` made from it by ``use_kernel_forward_from_hub`` (kernels 0.19.1:
+    a ``Func`` class whose forward calls the function, held in its closure as ``func``); the function is
+    read from there, so its source is what is recognised."""
+    forward = inspect.unwrap(attention_class.forward)
+    function = getattr(forward, "__globals__", {}).get("apply_rotary_pos_emb")
+    if isinstance(function, torch.nn.Module) and hasattr(function, "kernel_layer_name"):
+        code = type(function).forward
+        cells = dict(zip(code.__code__.co_freevars, code.__closure__ or ()))
+        function = cells["func"].cell_contents if "func" in cells else None
+    return function
 
 
 def rotates_whole_heads(attention_class: type) -> bool:

@@ -42,10 +42,10 @@ from ..backend import interpreting
 
 # sha256 of the source of LlamaDecoderLayer.forward (unwrapped: transformers' checkpointing wrapper and
 # deprecate_kwarg aside, its decorator line included) that the forward below was written against and
-# tested with, and the transformers version that has it.
-VERIFIED_SOURCES = {"2b52523b7afe2a371de1384a5c81b6f64e9a32b7490388160afea6edb28ff5c2": "5.24.0",
+# tested with, and the transformers versions that have it.
+VERIFIED_SOURCES = {"2b52523b7afe2a371de1384a5c81b6f64e9a32b7490388160afea6edb28ff5c2": ("5.24.0", "5.25.0"),
                     # 5.17 differs only in its cache keyword, past_key_values (the lent H200 runs 5.17)
-                    "75d1d62e173e8c574b8a61338d1fa5052774d13b848eecd282cde88cd6690b8e": "5.17.0"}
+                    "75d1d62e173e8c574b8a61338d1fa5052774d13b848eecd282cde88cd6690b8e": ("5.17.0",)}
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """RoPE: ``LlamaAttention.forward`` calls the module-level ``apply_rotary_pos_emb`` of its modeling file.
 
-Where that forward is one verified here (``VERIFIED_SOURCES``, by a hash of its source: 5.24's, 5.17's),
+Where that forward is one verified here (``VERIFIED_SOURCES``, by a hash of its source: 5.24's and 5.25's, 5.17's),
 each patched attention instance gets ``_forward_with_cache_write``: transformers' lines, written out, with
 the rotation and the KV-cache update one kernel at inference (kv_cache.py), and otherwise transformers' two calls
 (``ops.apply_rotary_pos_emb``, then ``cache.update``). Elsewhere (another transformers, a subclass with
@@ -15,10 +15,10 @@ import types
 from .layer import function_hash
 
 # sha256 of LlamaAttention.forward's source (unwrapped, its deprecate_kwarg line included) that
-# _forward_with_cache_write was written against and tested with, and the transformers that has it.
-VERIFIED_SOURCES = {"e080b5cc468cd0a507951a329a0b79aa69d8ec0cc2a6c0861f46f96ae00be531": "5.24.0",
+# _forward_with_cache_write was written against and tested with, and the transformers versions that have it.
+VERIFIED_SOURCES = {"e080b5cc468cd0a507951a329a0b79aa69d8ec0cc2a6c0861f46f96ae00be531": ("5.24.0", "5.25.0"),
                     # 5.17 differs only in its cache keyword (past_key_values) and update call (no kwargs)
-                    "dc6807936ef6103d2675e82361b9c82359d43356a331140bbb1a974595522bff": "5.17.0"}
+                    "dc6807936ef6103d2675e82361b9c82359d43356a331140bbb1a974595522bff": ("5.17.0",)}
 
 _NAME = "apply_rotary_pos_emb"
 

@@ -175,7 +175,7 @@ def fused_layers(model: torch.nn.Module, options: dict) -> set[int]:
     if unverified:
         import transformers
 
-        verified = ", ".join(sorted(set(layer.VERIFIED_SOURCES.values())))
+        verified = ", ".join(sorted({v for versions in layer.VERIFIED_SOURCES.values() for v in versions}))
         warnings.warn(f"llama_fast.patch: {', '.join(unverified)}.forward in transformers {transformers.__version__} "
                       f"is not the code llama_fast's fused decoder layer replaces (verified for transformers "
                       f"{verified}); the post-attention residual add stays unfused, each RMSNorm still runs "
