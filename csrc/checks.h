@@ -4,6 +4,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 namespace llama_fast {
 
@@ -12,7 +13,11 @@ void check_rows(const at::Tensor& t, const char* op, const char* name);
 void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* an, const char* bn);
 void check_rms_norm(const at::Tensor& x, const at::Tensor& w);
 void check_swiglu(const at::Tensor& gate, const at::Tensor& up);
-void check_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w);
+void check_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, bool unit_offset);
+// y's and dy's dtype: the weight's (promote(w, x), as the dispatch below allows), or Gemma's x's own
+at::ScalarType rms_norm_output_dtype(const at::Tensor& x, const at::Tensor& w, bool unit_offset);
+// "silu" -> false, "gelu_tanh" -> true, anything else an error
+bool is_gelu(c10::string_view activation);
 void check_swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up);
 void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
 

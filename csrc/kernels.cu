@@ -20,6 +20,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "checks.h"
 
 namespace llama_fast {
@@ -83,14 +85,15 @@ int threads_for(int64_t packs) {
 
 // ----------------------------------------------------------------------------- RMSNorm
 
-template <typename T, typename W, int VEC>
-__global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ w, W* __restrict__ y,
+// Offset: Gemma's norm, y = x·rstd·(1 + w) unrounded, y and dy in x's dtype (Y); else Y is W.
+template <typename T, typename W, int VEC, bool Offset, typename Y = std::conditional_t<Offset, T, W>>
+__global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ w, Y* __restrict__ y,
                                     float* __restrict__ rstd, int64_t cols, int64_t stride_x, int64_t stride_y,
                                     float eps) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * stride_x;
-  W* yr = y + row * stride_y;
+  Y* yr = y + row * stride_y;
   float ss = 0.f;
   for (int64_t c = threadIdx.x * VEC; c < cols; c += int64_t(blockDim.x) * VEC) {
     float v[VEC];
@@ -105,45 +108,47 @@ __global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict
     load<T, VEC>(xr + c, v);
     load<W, VEC>(w + c, wv);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = wv[i] * static_cast<float>(static_cast<T>(v[i] * inv));
-    store<W, VEC>(yr + c, out);
+    for (int i = 0; i < VEC; ++i) {
+      out[i] = Offset ? v[i] * inv * (1.f + wv[i]) : wv[i] * static_cast<float>(static_cast<T>(v[i] * inv));
+    }
+    store<Y, VEC>(yr + c, out);
   }
 }
 
-template <typename T, typename W, int VEC>
-__global__ void rms_norm_dx_kernel(const W* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w,
+template <typename T, typename W, int VEC, bool Offset, typename Y = std::conditional_t<Offset, T, W>>
+__global__ void rms_norm_dx_kernel(const Y* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w,
                                    const float* __restrict__ rstd, T* __restrict__ dx, int64_t cols,
                                    int64_t stride_dy, int64_t stride_x, int64_t stride_dx) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
-  const W* dyr = dy + row * stride_dy;
+  const Y* dyr = dy + row * stride_dy;
   const T* xr = x + row * stride_x;
   T* dxr = dx + row * stride_dx;
   const float inv = rstd[row];
   float dot = 0.f;
   for (int64_t c = threadIdx.x * VEC; c < cols; c += int64_t(blockDim.x) * VEC) {
     float d[VEC], v[VEC], wv[VEC];
-    load<W, VEC>(dyr + c, d);
+    load<Y, VEC>(dyr + c, d);
     load<T, VEC>(xr + c, v);
     load<W, VEC>(w + c, wv);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) dot += d[i] * wv[i] * v[i] * inv;
+    for (int i = 0; i < VEC; ++i) dot += d[i] * (Offset ? 1.f + wv[i] : wv[i]) * v[i] * inv;
   }
   const float mean = block_sum(dot, scratch) / cols;
   for (int64_t c = threadIdx.x * VEC; c < cols; c += int64_t(blockDim.x) * VEC) {
     float d[VEC], v[VEC], wv[VEC], out[VEC];
-    load<W, VEC>(dyr + c, d);
+    load<Y, VEC>(dyr + c, d);
     load<T, VEC>(xr + c, v);
     load<W, VEC>(w + c, wv);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = inv * (d[i] * wv[i] - v[i] * inv * mean);
+    for (int i = 0; i < VEC; ++i) out[i] = inv * (d[i] * (Offset ? 1.f + wv[i] : wv[i]) - v[i] * inv * mean);
     store<T, VEC>(dxr + c, out);
   }
 }
 
-// dw_partial[chunk, c] = Σ over the chunk's rows of dy · round_to(T, x · rstd)
-template <typename T, typename W, int VEC>
-__global__ void rms_norm_dw_kernel(const W* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ rstd,
+// dw_partial[chunk, c] = Σ over the chunk's rows of dy · round_to(T, x · rstd) (Offset: unrounded)
+template <typename T, typename W, int VEC, bool Offset, typename Y = std::conditional_t<Offset, T, W>>
+__global__ void rms_norm_dw_kernel(const Y* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ rstd,
                                    float* __restrict__ partial, int64_t rows, int64_t cols, int64_t stride_dy,
                                    int64_t stride_x) {
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -153,11 +158,13 @@ __global__ void rms_norm_dw_kernel(const W* __restrict__ dy, const T* __restrict
   float acc[VEC] = {};
   for (int64_t r = r0; r < r1; ++r) {
     float d[VEC], v[VEC];
-    load<W, VEC>(dy + r * stride_dy + c, d);
+    load<Y, VEC>(dy + r * stride_dy + c, d);
     load<T, VEC>(x + r * stride_x + c, v);
     const float inv = rstd[r];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] += d[i] * static_cast<float>(static_cast<T>(v[i] * inv));
+    for (int i = 0; i < VEC; ++i) {
+      acc[i] += d[i] * (Offset ? v[i] * inv : static_cast<float>(static_cast<T>(v[i] * inv)));
+    }
   }
 #pragma unroll
   for (int i = 0; i < VEC; ++i) partial[chunk * cols + c + i] = acc[i];
@@ -165,69 +172,86 @@ __global__ void rms_norm_dw_kernel(const W* __restrict__ dy, const T* __restrict
 
 constexpr int64_t kDwChunks = 64;
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& w, double eps) {
-  check_rms_norm(x, w);
-  c10::cuda::CUDAGuard guard(x.device());
-  auto y = at::empty(x.sizes(), x.options().dtype(w.scalar_type()));
-  auto rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+template <bool Offset>
+void launch_rms_norm_fwd(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& y, at::Tensor& rstd) {
   const int64_t rows = x.size(0), cols = x.size(1);
-  if (rows == 0) return {y, rstd};
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_rms(x, w, [&](auto t, auto wt) {
     using T = decltype(t);
     using W = decltype(wt);
+    using Y = std::conditional_t<Offset, T, W>;
     // one vector width for both: the 128-bit path when x and the weight share a dtype
     const bool wide = vec_for<T>(cols, {&x, &y, &w}) > 1 && sizeof(T) == sizeof(W);
     const int threads = threads_for(cols / (wide ? 16 / sizeof(T) : 1));
     if (wide) {
       constexpr int V = 16 / sizeof(T);
-      rms_norm_fwd_kernel<T, W, V><<<rows, threads, 0, stream>>>(
-          x.data_ptr<T>(), w.data_ptr<W>(), y.data_ptr<W>(), rstd.data_ptr<float>(), cols, x.stride(0), y.stride(0),
+      rms_norm_fwd_kernel<T, W, V, Offset><<<rows, threads, 0, stream>>>(
+          x.data_ptr<T>(), w.data_ptr<W>(), y.data_ptr<Y>(), rstd.data_ptr<float>(), cols, x.stride(0), y.stride(0),
           static_cast<float>(eps));
     } else {
-      rms_norm_fwd_kernel<T, W, 1><<<rows, threads, 0, stream>>>(
-          x.data_ptr<T>(), w.data_ptr<W>(), y.data_ptr<W>(), rstd.data_ptr<float>(), cols, x.stride(0), y.stride(0),
+      rms_norm_fwd_kernel<T, W, 1, Offset><<<rows, threads, 0, stream>>>(
+          x.data_ptr<T>(), w.data_ptr<W>(), y.data_ptr<Y>(), rstd.data_ptr<float>(), cols, x.stride(0), y.stride(0),
           static_cast<float>(eps));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& w, double eps,
+                                                     bool unit_offset) {
+  check_rms_norm(x, w);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty(x.sizes(), x.options().dtype(rms_norm_output_dtype(x, w, unit_offset)));
+  auto rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  const int64_t rows = x.size(0), cols = x.size(1);
+  if (x.size(0) == 0) return {y, rstd};
+  if (unit_offset) launch_rms_norm_fwd<true>(x, w, eps, y, rstd);
+  else launch_rms_norm_fwd<false>(x, w, eps, y, rstd);
   return {y, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                                                     const at::Tensor& rstd) {
-  check_rms_norm_bwd(dy, x, w);
-  c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0), cols = x.size(1);
-  auto dx = at::empty(x.sizes(), x.options());
-  if (rows == 0) return {dx, at::zeros_like(w)};
-  const int64_t chunks = std::min(kDwChunks, rows);
-  auto partial = at::empty({chunks, cols}, x.options().dtype(at::kFloat));
+template <bool Offset>
+void launch_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
+                         at::Tensor& dx, at::Tensor& partial) {
+  const int64_t rows = x.size(0), cols = x.size(1), chunks = partial.size(0);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_rms(x, w, [&](auto t, auto wt) {
     using T = decltype(t);
     using W = decltype(wt);
+    using Y = std::conditional_t<Offset, T, W>;
     const bool wide = vec_for<T>(cols, {&x, &dx, &dy, &w}) > 1 && sizeof(T) == sizeof(W);
     const int threads = threads_for(cols / (wide ? 16 / sizeof(T) : 1));
     const dim3 dw_grid((cols + 255) / 256, chunks);
     if (wide) {
       constexpr int V = 16 / sizeof(T);
-      rms_norm_dx_kernel<T, W, V><<<rows, threads, 0, stream>>>(
-          dy.data_ptr<W>(), x.data_ptr<T>(), w.data_ptr<W>(), rstd.data_ptr<float>(), dx.data_ptr<T>(), cols,
+      rms_norm_dx_kernel<T, W, V, Offset><<<rows, threads, 0, stream>>>(
+          dy.data_ptr<Y>(), x.data_ptr<T>(), w.data_ptr<W>(), rstd.data_ptr<float>(), dx.data_ptr<T>(), cols,
           dy.stride(0), x.stride(0), dx.stride(0));
-      rms_norm_dw_kernel<T, W, V><<<dim3((cols / V + 255) / 256, chunks), 256, 0, stream>>>(
-          dy.data_ptr<W>(), x.data_ptr<T>(), rstd.data_ptr<float>(), partial.data_ptr<float>(), rows, cols,
+      rms_norm_dw_kernel<T, W, V, Offset><<<dim3((cols / V + 255) / 256, chunks), 256, 0, stream>>>(
+          dy.data_ptr<Y>(), x.data_ptr<T>(), rstd.data_ptr<float>(), partial.data_ptr<float>(), rows, cols,
           dy.stride(0), x.stride(0));
     } else {
-      rms_norm_dx_kernel<T, W, 1><<<rows, threads, 0, stream>>>(
-          dy.data_ptr<W>(), x.data_ptr<T>(), w.data_ptr<W>(), rstd.data_ptr<float>(), dx.data_ptr<T>(), cols,
+      rms_norm_dx_kernel<T, W, 1, Offset><<<rows, threads, 0, stream>>>(
+          dy.data_ptr<Y>(), x.data_ptr<T>(), w.data_ptr<W>(), rstd.data_ptr<float>(), dx.data_ptr<T>(), cols,
           dy.stride(0), x.stride(0), dx.stride(0));
-      rms_norm_dw_kernel<T, W, 1><<<dw_grid, 256, 0, stream>>>(
-          dy.data_ptr<W>(), x.data_ptr<T>(), rstd.data_ptr<float>(), partial.data_ptr<float>(), rows, cols,
+      rms_norm_dw_kernel<T, W, 1, Offset><<<dw_grid, 256, 0, stream>>>(
+          dy.data_ptr<Y>(), x.data_ptr<T>(), rstd.data_ptr<float>(), partial.data_ptr<float>(), rows, cols,
           dy.stride(0), x.stride(0));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                                     const at::Tensor& rstd, bool unit_offset) {
+  check_rms_norm_bwd(dy, x, w, unit_offset);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), cols = x.size(1);
+  auto dx = at::empty(x.sizes(), x.options());
+  if (rows == 0) return {dx, at::zeros_like(w)};
+  auto partial = at::empty({std::min(kDwChunks, rows), cols}, x.options().dtype(at::kFloat));
+  if (unit_offset) launch_rms_norm_bwd<true>(dy, x, w, rstd, dx, partial);
+  else launch_rms_norm_bwd<false>(dy, x, w, rstd, dx, partial);
   return {dx, at::sum(partial, 0).to(w.scalar_type())};
 }
 
@@ -326,7 +350,15 @@ std::tuple<at::Tensor, at::Tensor> rope_bwd_cuda(const at::Tensor& dq, const at:
 
 // ----------------------------------------------------------------------------- SwiGLU
 
-template <typename T, int VEC>
+// GeGLU (Gelu): gelu_tanh(g) = g·σ(2z), z = √(2/π)(g + 0.044715 g³) (kernels/swiglu.py has the derivative).
+__device__ inline float fast_sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kGeluCubic = 0.044715f;
+
+__device__ inline float gelu_gate(float g) { return fast_sigmoid(2.f * kSqrt2OverPi * (g + kGeluCubic * g * g * g)); }
+
+template <typename T, int VEC, bool Gelu>
 __global__ void swiglu_fwd_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
                                   int64_t cols, int64_t stride_gate, int64_t stride_up, int64_t stride_out) {
   const int64_t row = blockIdx.y, c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -335,11 +367,11 @@ __global__ void swiglu_fwd_kernel(const T* __restrict__ gate, const T* __restric
   load<T, VEC>(gate + row * stride_gate + c, g);
   load<T, VEC>(up + row * stride_up + c, u);
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) o[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
+  for (int i = 0; i < VEC; ++i) o[i] = g[i] * (Gelu ? gelu_gate(g[i]) : fast_sigmoid(g[i])) * u[i];
   store<T, VEC>(out + row * stride_out + c, o);
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool Gelu>
 __global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ gate, const T* __restrict__ up,
                                   T* __restrict__ dgate, T* __restrict__ dup, int64_t cols, int64_t stride_dout,
                                   int64_t stride_gate, int64_t stride_up, int64_t stride_dgate, int64_t stride_dup) {
@@ -351,9 +383,18 @@ __global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restric
   load<T, VEC>(up + row * stride_up + c, u);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    const float sig = 1.f / (1.f + __expf(-g[i]));
-    du[i] = d[i] * g[i] * sig;
-    dg[i] = d[i] * u[i] * sig * (1.f + g[i] * (1.f - sig));
+    if (Gelu) {
+      const float x = 2.f * kSqrt2OverPi * (g[i] + kGeluCubic * g[i] * g[i] * g[i]);
+      const float s = fast_sigmoid(x);
+      du[i] = d[i] * g[i] * s;
+      // 1 - s as sigmoid(-x), which does not cancel where s is near 1 (kernels/swiglu.py)
+      const float dz = kSqrt2OverPi * (1.f + 3.f * kGeluCubic * g[i] * g[i]);
+      dg[i] = d[i] * u[i] * (s + g[i] * 2.f * s * fast_sigmoid(-x) * dz);
+    } else {
+      const float sig = fast_sigmoid(g[i]);
+      du[i] = d[i] * g[i] * sig;
+      dg[i] = d[i] * u[i] * sig * (1.f + g[i] * (1.f - sig));
+    }
   }
   store<T, VEC>(dgate + row * stride_dgate + c, dg);
   store<T, VEC>(dup + row * stride_dup + c, du);
@@ -362,12 +403,9 @@ __global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restric
 // Rows go on grid.y (at most 65535 per launch), so long inputs are launched in row slabs.
 constexpr int64_t kMaxGridY = 65535;
 
-at::Tensor swiglu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up) {
-  check_swiglu(gate, up);
-  c10::cuda::CUDAGuard guard(gate.device());
-  auto out = at::empty(gate.sizes(), gate.options());
+template <bool Gelu>
+void launch_swiglu_fwd(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
   const int64_t rows = gate.size(0), cols = gate.size(1);
-  if (out.numel() == 0) return out;  // a zero-width row would make an empty grid, a launch error
   auto stream = c10::cuda::getCurrentCUDAStream();
   LLAMA_FAST_DISPATCH(gate.scalar_type(), "swiglu_fwd", [&] {
     using T = scalar_t;
@@ -378,25 +416,32 @@ at::Tensor swiglu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up) {
       const T* u = up.data_ptr<T>() + r0 * up.stride(0);
       T* o = out.data_ptr<T>() + r0 * out.stride(0);
       if (vec > 1) {
-        swiglu_fwd_kernel<T, 16 / sizeof(T)><<<grid, 256, 0, stream>>>(g, u, o, cols, gate.stride(0), up.stride(0),
-                                                                       out.stride(0));
+        swiglu_fwd_kernel<T, 16 / sizeof(T), Gelu><<<grid, 256, 0, stream>>>(g, u, o, cols, gate.stride(0),
+                                                                             up.stride(0), out.stride(0));
       } else {
-        swiglu_fwd_kernel<T, 1><<<grid, 256, 0, stream>>>(g, u, o, cols, gate.stride(0), up.stride(0), out.stride(0));
+        swiglu_fwd_kernel<T, 1, Gelu><<<grid, 256, 0, stream>>>(g, u, o, cols, gate.stride(0), up.stride(0),
+                                                                out.stride(0));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+}
+
+at::Tensor swiglu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation) {
+  check_swiglu(gate, up);
+  const bool gelu = is_gelu(activation);
+  c10::cuda::CUDAGuard guard(gate.device());
+  auto out = at::empty(gate.sizes(), gate.options());
+  if (out.numel() == 0) return out;  // a zero-width row would make an empty grid, a launch error
+  if (gelu) launch_swiglu_fwd<true>(gate, up, out);
+  else launch_swiglu_fwd<false>(gate, up, out);
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dout, const at::Tensor& gate,
-                                                   const at::Tensor& up) {
-  check_swiglu_bwd(dout, gate, up);
-  c10::cuda::CUDAGuard guard(gate.device());
-  auto dgate = at::empty(gate.sizes(), gate.options());
-  auto dup = at::empty(up.sizes(), up.options());
+template <bool Gelu>
+void launch_swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up, at::Tensor& dgate,
+                       at::Tensor& dup) {
   const int64_t rows = gate.size(0), cols = gate.size(1);
-  if (dup.numel() == 0) return {dgate, dup};
   auto stream = c10::cuda::getCurrentCUDAStream();
   LLAMA_FAST_DISPATCH(gate.scalar_type(), "swiglu_bwd", [&] {
     using T = scalar_t;
@@ -409,15 +454,28 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dout, const
       T* dg = dgate.data_ptr<T>() + r0 * dgate.stride(0);
       T* du = dup.data_ptr<T>() + r0 * dup.stride(0);
       if (vec > 1) {
-        swiglu_bwd_kernel<T, 16 / sizeof(T)><<<grid, 256, 0, stream>>>(
+        swiglu_bwd_kernel<T, 16 / sizeof(T), Gelu><<<grid, 256, 0, stream>>>(
             d, g, u, dg, du, cols, dout.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0));
       } else {
-        swiglu_bwd_kernel<T, 1><<<grid, 256, 0, stream>>>(d, g, u, dg, du, cols, dout.stride(0), gate.stride(0),
-                                                          up.stride(0), dgate.stride(0), dup.stride(0));
+        swiglu_bwd_kernel<T, 1, Gelu><<<grid, 256, 0, stream>>>(d, g, u, dg, du, cols, dout.stride(0),
+                                                                gate.stride(0), up.stride(0), dgate.stride(0),
+                                                                dup.stride(0));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dout, const at::Tensor& gate,
+                                                   const at::Tensor& up, c10::string_view activation) {
+  check_swiglu_bwd(dout, gate, up);
+  const bool gelu = is_gelu(activation);
+  c10::cuda::CUDAGuard guard(gate.device());
+  auto dgate = at::empty(gate.sizes(), gate.options());
+  auto dup = at::empty(up.sizes(), up.options());
+  if (dup.numel() == 0) return {dgate, dup};
+  if (gelu) launch_swiglu_bwd<true>(dout, gate, up, dgate, dup);
+  else launch_swiglu_bwd<false>(dout, gate, up, dgate, dup);
   return {dgate, dup};
 }
 

@@ -4,12 +4,14 @@
 // in kernels.cu (TORCH_LIBRARY_IMPL for the CUDA key). The maths and layouts are those of the
 // Triton kernels in kernels/ (see their docstrings): fp32 inside, one rounding at the store.
 //
-//   rms_norm_fwd(x (M, N), w (N,), eps) -> (y (M, N) in promote(w, x), rstd (M,) fp32)
-//   rms_norm_bwd(dy, x, w, rstd)        -> (dx, dw)
+//   rms_norm_fwd(x (M, N), w (N,), eps, unit_offset) -> (y (M, N) in promote(w, x), rstd (M,) fp32)
+//   rms_norm_bwd(dy, x, w, rstd, unit_offset)        -> (dx, dw)
+//     unit_offset: Gemma's RMSNorm, y = x·rstd·(1 + w) in fp32, y and dy in x's dtype
 //   rope_fwd(q (B, Hq, S, D), k (B, Hk, S, D), cos, sin (B, S, D)) -> (q_embed, k_embed)
 //   rope_bwd(dq_embed, dk_embed, cos, sin)                          -> (dq, dk)
-//   swiglu_fwd(gate (M, N), up (M, N))  -> out
-//   swiglu_bwd(dout, gate, up)          -> (dgate, dup)
+//   swiglu_fwd(gate (M, N), up (M, N), activation)  -> out = act(gate) · up
+//   swiglu_bwd(dout, gate, up, activation)          -> (dgate, dup)
+//     activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, gelu(gate, approximate="tanh"))
 //
 // Rows may be strided (row stride arbitrary); the last dimension must have unit stride.
 
@@ -30,6 +32,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -104,11 +107,21 @@ void check_swiglu(const at::Tensor& gate, const at::Tensor& up) {
               gate.scalar_type(), ", up ", up.scalar_type());
 }
 
-void check_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w) {
+void check_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, bool unit_offset) {
   check_rms_norm(x, w);
   check_rows(dy, "rms_norm", "dy");
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == w.scalar_type(),
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == rms_norm_output_dtype(x, w, unit_offset),
               "rms_norm: dy must have x's shape and the output's dtype");
+}
+
+at::ScalarType rms_norm_output_dtype(const at::Tensor& x, const at::Tensor& w, bool unit_offset) {
+  return unit_offset ? x.scalar_type() : w.scalar_type();
+}
+
+bool is_gelu(c10::string_view activation) {
+  TORCH_CHECK(activation == "silu" || activation == "gelu_tanh", "swiglu: activation must be \"silu\" or ",
+              "\"gelu_tanh\", got \"", std::string(activation), "\"");
+  return activation == "gelu_tanh";
 }
 
 void check_swiglu_bwd(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up) {
@@ -394,8 +407,9 @@ int64_t grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64
 // how many threads ran: deterministic.
 constexpr int64_t kDwChunks = 64;
 
-// One row: y = w · round_as<T>(x · rstd), rstd = 1/sqrt(mean(x²) + eps), returned.
-template <typename T>
+// One row: y = w · round_as<T>(x · rstd), rstd = 1/sqrt(mean(x²) + eps), returned. Offset (Gemma's
+// norm): y = x · rstd · (1 + w), nothing rounded before the store.
+template <typename T, bool Offset>
 LLAMA_FAST_CLONES float rms_norm_fwd_row(const float* __restrict x, const float* __restrict w, float* __restrict y,
                                          int64_t cols, float eps) {
   float ss = 0.f;
@@ -403,24 +417,24 @@ LLAMA_FAST_CLONES float rms_norm_fwd_row(const float* __restrict x, const float*
   for (int64_t c = 0; c < cols; ++c) ss += x[c] * x[c];
   const float inv = 1.f / std::sqrt(ss / static_cast<float>(cols) + eps);
 #pragma omp simd
-  for (int64_t c = 0; c < cols; ++c) y[c] = w[c] * round_as<T>(x[c] * inv);
+  for (int64_t c = 0; c < cols; ++c) y[c] = Offset ? x[c] * inv * (1.f + w[c]) : w[c] * round_as<T>(x[c] * inv);
   return inv;
 }
 
 // One row's dx, and its dw term added into acc.
-template <typename T>
+template <typename T, bool Offset>
 LLAMA_FAST_CLONES void rms_norm_bwd_row(const float* __restrict dy, const float* __restrict x,
                                         const float* __restrict w, float inv, float* __restrict dx,
                                         float* __restrict acc, int64_t cols) {
   float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-  for (int64_t c = 0; c < cols; ++c) dot += dy[c] * w[c] * x[c] * inv;
+  for (int64_t c = 0; c < cols; ++c) dot += dy[c] * (Offset ? 1.f + w[c] : w[c]) * x[c] * inv;
   const float mean = dot / static_cast<float>(cols);
 #pragma omp simd
   for (int64_t c = 0; c < cols; ++c) {
     const float xhat = x[c] * inv;
-    dx[c] = inv * (dy[c] * w[c] - xhat * mean);
-    acc[c] += dy[c] * round_as<T>(xhat);
+    dx[c] = inv * (dy[c] * (Offset ? 1.f + w[c] : w[c]) - xhat * mean);
+    acc[c] += dy[c] * (Offset ? xhat : round_as<T>(xhat));
   }
 }
 
@@ -445,24 +459,40 @@ LLAMA_FAST_CLONES void rope_row(const float* __restrict x, float* __restrict y, 
 // SwiGLU reads float or bf16 rows directly, converting in the loop (bf16 is a shift): its bf16
 // forward measured 1.04-1.35x eager so, 0.97-0.99x with bf16 staged through float buffers (separate
 // runs at 256 and 2048 tokens, 2 cores). fp16 rows are staged.
-template <typename T>
+// GeGLU (Gelu) shares the loops: gelu_tanh(g) = g · σ(2z), z = √(2/π)(g + 0.044715 g³), as (1 + tanh z)/2 =
+// σ(2z), and sigmoid() above vectorises where std::tanh does not (kernels/swiglu.py has the derivative).
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kGeluCubic = 0.044715f;
+
+inline float gelu_gate(float g) { return sigmoid(2.f * kSqrt2OverPi * (g + kGeluCubic * g * g * g)); }
+
+template <typename T, bool Gelu>
 LLAMA_FAST_CLONES void swiglu_fwd_row(const T* __restrict g, const T* __restrict u, T* __restrict o, int64_t cols) {
 #pragma omp simd
   for (int64_t c = 0; c < cols; ++c) {
     const float gf = to_f(g[c]);
-    o[c] = from_f<T>(gf * sigmoid(gf) * to_f(u[c]));
+    o[c] = from_f<T>(gf * (Gelu ? gelu_gate(gf) : sigmoid(gf)) * to_f(u[c]));
   }
 }
 
-template <typename T>
+template <typename T, bool Gelu>
 LLAMA_FAST_CLONES void swiglu_bwd_row(const T* __restrict d, const T* __restrict g, const T* __restrict u,
                                       T* __restrict dg, T* __restrict du, int64_t cols) {
 #pragma omp simd
   for (int64_t c = 0; c < cols; ++c) {
     const float df = to_f(d[c]), gf = to_f(g[c]), uf = to_f(u[c]);
-    const float sig = sigmoid(gf);
-    du[c] = from_f<T>(df * gf * sig);
-    dg[c] = from_f<T>(df * uf * sig * (1.f + gf * (1.f - sig)));
+    if constexpr (Gelu) {
+      const float x = 2.f * kSqrt2OverPi * (gf + kGeluCubic * gf * gf * gf);
+      const float s = sigmoid(x);
+      du[c] = from_f<T>(df * gf * s);
+      // 1 - s as sigmoid(-x), which does not cancel where s is near 1 (kernels/swiglu.py)
+      const float slope = s + gf * 2.f * s * sigmoid(-x) * kSqrt2OverPi * (1.f + 3.f * kGeluCubic * gf * gf);
+      dg[c] = from_f<T>(df * uf * slope);
+    } else {
+      const float sig = sigmoid(gf);
+      du[c] = from_f<T>(df * gf * sig);
+      dg[c] = from_f<T>(df * uf * sig * (1.f + gf * (1.f - sig)));
+    }
   }
 }
 
@@ -604,12 +634,14 @@ const char* swiglu_cpu_path() {
 
 namespace {
 
-template <typename T, typename W>
+// Y, the dtype of y and dy: W (promote(w, x)), or Gemma's (Offset) x's own.
+template <typename T, typename W, bool Offset>
 void rms_norm_fwd_cpu_impl(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& y, at::Tensor& rstd) {
+  using Y = std::conditional_t<Offset, T, W>;
   const int64_t rows = x.size(0), cols = x.size(1);
   const T* xp = x.data_ptr<T>();
   const W* wp = w.data_ptr<W>();
-  W* yp = y.data_ptr<W>();
+  Y* yp = y.data_ptr<Y>();
   float* rp = rstd.data_ptr<float>();
   const int64_t sx = x.stride(0), sy = y.stride(0);
   at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
@@ -619,18 +651,19 @@ void rms_norm_fwd_cpu_impl(const at::Tensor& x, const at::Tensor& w, double eps,
     for (int64_t r = begin; r < end; ++r) {
       const float* xf = stage(xp + r * sx, cols, buffer.data());
       float* yf = staging(yp + r * sy, buffer.data() + cols);
-      rp[r] = rms_norm_fwd_row<T>(xf, wf, yf, cols, static_cast<float>(eps));
+      rp[r] = rms_norm_fwd_row<T, Offset>(xf, wf, yf, cols, static_cast<float>(eps));
       unstage(yf, yp + r * sy, cols);
     }
   });
 }
 
-template <typename T, typename W>
+template <typename T, typename W, bool Offset>
 void rms_norm_bwd_cpu_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd,
                            at::Tensor& dx, at::Tensor& dw_partial) {
+  using Y = std::conditional_t<Offset, T, W>;
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t chunks = dw_partial.size(0);
-  const W* dyp = dy.data_ptr<W>();
+  const Y* dyp = dy.data_ptr<Y>();
   const T* xp = x.data_ptr<T>();
   const W* wp = w.data_ptr<W>();
   const float* rp = rstd.data_ptr<float>();
@@ -648,7 +681,7 @@ void rms_norm_bwd_cpu_impl(const at::Tensor& dy, const at::Tensor& x, const at::
         const float* xf = stage(xp + r * sx, cols, buffer.data());
         const float* dyf = stage(dyp + r * sdy, cols, buffer.data() + cols);
         float* dxf = staging(dxp + r * sdx, buffer.data() + 2 * cols);
-        rms_norm_bwd_row<T>(dyf, xf, wf, rp[r], dxf, acc, cols);
+        rms_norm_bwd_row<T, Offset>(dyf, xf, wf, rp[r], dxf, acc, cols);
         unstage(dxf, dxp + r * sdx, cols);
       }
     }
@@ -695,7 +728,7 @@ void rope_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& c
   });
 }
 
-template <typename T>
+template <typename T, bool Gelu>
 void swiglu_fwd_cpu_impl(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
   const int64_t rows = gate.size(0), cols = gate.size(1);
   const T* gp = gate.data_ptr<T>();
@@ -703,7 +736,7 @@ void swiglu_fwd_cpu_impl(const at::Tensor& gate, const at::Tensor& up, at::Tenso
   T* op = out.data_ptr<T>();
   const int64_t sg = gate.stride(0), su = up.stride(0), so = out.stride(0);
 #ifdef LLAMA_FAST_F16C
-  if (avx2::usable()) {
+  if (!Gelu && avx2::usable()) {  // SiLU's intrinsics loop; GeGLU runs the portable one
     at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) avx2::swiglu_fwd_row<T>(gp + r * sg, up_ + r * su, op + r * so, cols);
     });
@@ -715,17 +748,17 @@ void swiglu_fwd_cpu_impl(const at::Tensor& gate, const at::Tensor& up, at::Tenso
     float* buf = buffer.data();
     for (int64_t r = begin; r < end; ++r) {
       if constexpr (std::is_same_v<T, c10::Half>) {
-        swiglu_fwd_row<float>(stage(gp + r * sg, cols, buf), stage(up_ + r * su, cols, buf + cols), buf + 2 * cols,
-                              cols);
+        swiglu_fwd_row<float, Gelu>(stage(gp + r * sg, cols, buf), stage(up_ + r * su, cols, buf + cols),
+                                    buf + 2 * cols, cols);
         unstage(buf + 2 * cols, op + r * so, cols);
       } else {
-        swiglu_fwd_row<T>(gp + r * sg, up_ + r * su, op + r * so, cols);
+        swiglu_fwd_row<T, Gelu>(gp + r * sg, up_ + r * su, op + r * so, cols);
       }
     }
   });
 }
 
-template <typename T>
+template <typename T, bool Gelu>
 void swiglu_bwd_cpu_impl(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up, at::Tensor& dgate,
                          at::Tensor& dup) {
   const int64_t rows = gate.size(0), cols = gate.size(1);
@@ -737,7 +770,7 @@ void swiglu_bwd_cpu_impl(const at::Tensor& dout, const at::Tensor& gate, const a
   const int64_t sd = dout.stride(0), sg = gate.stride(0), su = up.stride(0);
   const int64_t sdg = dgate.stride(0), sdu = dup.stride(0);
 #ifdef LLAMA_FAST_F16C
-  if (avx2::usable()) {
+  if (!Gelu && avx2::usable()) {
     at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         avx2::swiglu_bwd_row<T>(dp + r * sd, gp + r * sg, up_ + r * su, dgp + r * sdg, dup_ + r * sdu, cols);
@@ -751,35 +784,38 @@ void swiglu_bwd_cpu_impl(const at::Tensor& dout, const at::Tensor& gate, const a
     float* buf = buffer.data();
     for (int64_t r = begin; r < end; ++r) {
       if constexpr (std::is_same_v<T, c10::Half>) {
-        swiglu_bwd_row<float>(stage(dp + r * sd, cols, buf), stage(gp + r * sg, cols, buf + cols),
+        swiglu_bwd_row<float, Gelu>(stage(dp + r * sd, cols, buf), stage(gp + r * sg, cols, buf + cols),
                               stage(up_ + r * su, cols, buf + 2 * cols), buf + 3 * cols, buf + 4 * cols, cols);
         unstage(buf + 3 * cols, dgp + r * sdg, cols);
         unstage(buf + 4 * cols, dup_ + r * sdu, cols);
       } else {
-        swiglu_bwd_row<T>(dp + r * sd, gp + r * sg, up_ + r * su, dgp + r * sdg, dup_ + r * sdu, cols);
+        swiglu_bwd_row<T, Gelu>(dp + r * sd, gp + r * sg, up_ + r * su, dgp + r * sdg, dup_ + r * sdu, cols);
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& w, double eps,
+                                                    bool unit_offset) {
   check_rms_norm(x, w);
-  auto y = at::empty(x.sizes(), x.options().dtype(w.scalar_type()));
+  auto y = at::empty(x.sizes(), x.options().dtype(rms_norm_output_dtype(x, w, unit_offset)));
   auto rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   dispatch_rms(x, w, [&](auto t, auto wt) {
-    rms_norm_fwd_cpu_impl<decltype(t), decltype(wt)>(x, w, eps, y, rstd);
+    if (unit_offset) rms_norm_fwd_cpu_impl<decltype(t), decltype(wt), true>(x, w, eps, y, rstd);
+    else rms_norm_fwd_cpu_impl<decltype(t), decltype(wt), false>(x, w, eps, y, rstd);
   });
   return {y, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                                                    const at::Tensor& rstd) {
-  check_rms_norm_bwd(dy, x, w);
+                                                    const at::Tensor& rstd, bool unit_offset) {
+  check_rms_norm_bwd(dy, x, w, unit_offset);
   auto dx = at::empty(x.sizes(), x.options());
   auto partial = at::empty({std::min<int64_t>(kDwChunks, std::max<int64_t>(x.size(0), 1)), x.size(1)},
                            x.options().dtype(at::kFloat));
   dispatch_rms(x, w, [&](auto t, auto wt) {
-    rms_norm_bwd_cpu_impl<decltype(t), decltype(wt)>(dy, x, w, rstd, dx, partial);
+    if (unit_offset) rms_norm_bwd_cpu_impl<decltype(t), decltype(wt), true>(dy, x, w, rstd, dx, partial);
+    else rms_norm_bwd_cpu_impl<decltype(t), decltype(wt), false>(dy, x, w, rstd, dx, partial);
   });
   return {dx, x.size(0) ? at::sum(partial, 0).to(w.scalar_type()) : at::zeros_like(w)};
 }
@@ -809,22 +845,26 @@ std::tuple<at::Tensor, at::Tensor> rope_bwd_cpu(const at::Tensor& dq, const at::
   return rope_cpu(dq, dk, cos, sin, true);
 }
 
-at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up) {
+at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation) {
   check_swiglu(gate, up);
+  const bool gelu = is_gelu(activation);
   auto out = at::empty(gate.sizes(), gate.options());
   LLAMA_FAST_DISPATCH(gate.scalar_type(), "swiglu_fwd", [&] {
-    swiglu_fwd_cpu_impl<scalar_t>(gate, up, out);
+    if (gelu) swiglu_fwd_cpu_impl<scalar_t, true>(gate, up, out);
+    else swiglu_fwd_cpu_impl<scalar_t, false>(gate, up, out);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dout, const at::Tensor& gate,
-                                                  const at::Tensor& up) {
+                                                  const at::Tensor& up, c10::string_view activation) {
   check_swiglu_bwd(dout, gate, up);
+  const bool gelu = is_gelu(activation);
   auto dgate = at::empty(gate.sizes(), gate.options());
   auto dup = at::empty(up.sizes(), up.options());
   LLAMA_FAST_DISPATCH(gate.scalar_type(), "swiglu_bwd", [&] {
-    swiglu_bwd_cpu_impl<scalar_t>(dout, gate, up, dgate, dup);
+    if (gelu) swiglu_bwd_cpu_impl<scalar_t, true>(dout, gate, up, dgate, dup);
+    else swiglu_bwd_cpu_impl<scalar_t, false>(dout, gate, up, dgate, dup);
   });
   return {dgate, dup};
 }
@@ -832,12 +872,12 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dout, const 
 }  // namespace
 
 TORCH_LIBRARY(llama_fast, m) {
-  m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps, bool unit_offset=False) -> (Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, bool unit_offset=False) -> (Tensor, Tensor)");
   m.def("rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("rope_bwd(Tensor dq_embed, Tensor dk_embed, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
-  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
-  m.def("swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("swiglu_fwd(Tensor gate, Tensor up, str activation=\"silu\") -> Tensor");
+  m.def("swiglu_bwd(Tensor dout, Tensor gate, Tensor up, str activation=\"silu\") -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llama_fast, CPU, m) {

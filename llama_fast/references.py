@@ -8,15 +8,19 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, unit_offset: bool = False) -> torch.Tensor:
     """``LlamaRMSNorm.forward``: variance in fp32, normalised x cast back, then times weight.
+    ``unit_offset``: ``Gemma3RMSNorm.forward``, all in fp32 times (1 + weight), cast to x's dtype at the end.
 
     (float64 inputs stay float64, so the tests can build a reference more precise than fp32.)
     """
     input_dtype = x.dtype
-    h = x.to(torch.promote_types(input_dtype, torch.float32))
+    compute = torch.promote_types(input_dtype, torch.float32)
+    h = x.to(compute)
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
+    if unit_offset:
+        return (h * (1.0 + weight.to(compute))).to(input_dtype)
     return weight * h.to(input_dtype)
 
 
@@ -40,8 +44,11 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The gating of ``LlamaMLP``: act_fn(gate_proj(x)) * up_proj(x) with act_fn = SiLU."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """The gating of ``LlamaMLP``: act_fn(gate_proj(x)) * up_proj(x) with act_fn = SiLU; ``activation="gelu_tanh"``:
+    Gemma's GeGLU, act_fn = ``gelu(approximate="tanh")`` (transformers' "gelu_pytorch_tanh")."""
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
     return F.silu(gate) * up
 
 

@@ -41,6 +41,20 @@ def test_rms_norm(device, dtype, rows, cols):
 
 @built
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", [(1, 576), (7, 760), (3, 2304), (5, 77)])
+def test_gemma_rms_norm(device, dtype, rows, cols):
+    x = torch.randn(rows, cols, device=device)
+    w = 0.1 * torch.randn(cols, device=device)
+    check_op(lambda x, w: ops.rms_norm(x, w, unit_offset=True, backend=device),
+             lambda x, w: references.rms_norm(x, w, unit_offset=True), [(x, True), (w, True)], dtype,
+             names=("rms_norm[ext, unit_offset]", ("x", "weight")))
+    xb, wf = x.to(torch.bfloat16), w  # an fp32 weight: y still in x's dtype, Gemma's type_as(x)
+    assert ops.rms_norm(xb, wf, unit_offset=True, backend=device).dtype == torch.bfloat16
+
+
+@built
+@pytest.mark.parametrize("device", DEVICES)
 def test_rms_norm_fp32_weight_and_views(device):
     x = torch.randn(9, 2 * 760, device=device)[:, ::2]  # a column-strided view: copied
     w = torch.randn(760, device=device)
@@ -92,6 +106,23 @@ def test_swiglu(device, dtype, shape):
     halves = torch.randn(5, 2 * shape[-1], device=device).chunk(2, dim=-1)  # fused gate_up views
     check_op(lambda g, u: ops.swiglu(g, u, backend=device), references.swiglu, [(h, True) for h in halves], dtype,
              names=("swiglu[ext] views", ("gate", "up")))
+
+
+@built
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 576), (3, 1131), (2, 3, 1536)])
+def test_geglu(device, dtype, shape):
+    gate, up = 2 * torch.randn(*shape, device=device), torch.randn(*shape, device=device)
+    check_op(lambda g, u: ops.geglu(g, u, backend=device), lambda g, u: references.swiglu(g, u, "gelu_tanh"),
+             [(gate, True), (up, True)], dtype, names=("geglu[ext]", ("gate", "up")))
+
+
+@built
+def test_extension_refuses_an_unknown_activation():
+    gate = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match='activation must be "silu" or "gelu_tanh", got "relu"'):
+        torch.ops.llama_fast.swiglu_fwd(gate, gate, "relu")
 
 
 @built

@@ -1,5 +1,5 @@
-"""rms_norm, apply_rotary_pos_emb and swiglu against the eager references, forward and backward,
-in every dtype, on odd shapes and non-contiguous inputs, by the error-ratio rule (helpers.py)."""
+"""rms_norm (Llama's and Gemma's), apply_rotary_pos_emb, swiglu and geglu against the eager references, forward
+and backward, in every dtype, on odd shapes and non-contiguous inputs, by the error-ratio rule (helpers.py)."""
 
 import pytest
 import torch
@@ -50,6 +50,36 @@ def test_rms_norm_eps(device):
     w = torch.ones(576, device=device)
     for eps in (1e-6, 1e-5, 0.1):
         torch.testing.assert_close(ops.rms_norm(x, w, eps), references.rms_norm(x, w, eps))
+
+
+def _gemma_rms_norm(x, w, eps=1e-6, *, backend=None):
+    return ops.rms_norm(x, w, eps, unit_offset=True, backend=backend)
+
+
+def _gemma_reference(x, w, eps=1e-6):
+    return references.rms_norm(x, w, eps, unit_offset=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", [(1, 576), (7, 760), (127, 64), (3, 2304), (2, 3840), (4, 256)])
+def test_gemma_rms_norm(device, dtype, rows, cols):
+    """Gemma's x̂ · (1 + w) in fp32 (its weight an offset near 0: Gemma initialises it to zeros), also at
+    head_dim 256 for Gemma 3's q_norm / k_norm."""
+    x = torch.randn(rows, cols, device=device)
+    w = 0.1 * torch.randn(cols, device=device)
+    check_op(_gemma_rms_norm, _gemma_reference, [(x, True), (w, True)], dtype,
+             names=("rms_norm[unit_offset]", ("x", "weight")))
+
+
+def test_gemma_rms_norm_rounds_once_to_x_dtype(device):
+    """Gemma's output takes x's dtype even with an fp32 weight (``type_as(x)``), where Llama's promotes;
+    and nothing is rounded before the end, so a bf16 result is the fp32 one rounded, bit for bit."""
+    x = torch.randn(5, 640, device=device, dtype=torch.bfloat16)
+    w = 0.1 * torch.randn(640, device=device)
+    y = _gemma_rms_norm(x, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, _gemma_reference(x, w), rtol=0, atol=0)
+    assert ops.rms_norm(x, w).dtype == torch.float32
 
 
 def _rope_inputs(device, batch, seq, n_q, n_k, head_dim, cos_batch=None):
@@ -196,6 +226,22 @@ def test_swiglu_fused_projection_views(device, dtype):
     """A fused gate_up projection split with chunk gives row-strided views: no copy, right answer."""
     gate, up = torch.randn(9, 2 * 760, device=device).chunk(2, dim=-1)
     check_op(ops.swiglu, references.swiglu, [(gate, True), (up, True)], dtype, names=("swiglu", ("gate", "up")))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 576), (3, 1128), (2, 9216), (2, 3, 1536)])
+def test_geglu(device, dtype, shape):
+    gate = 2 * torch.randn(*shape, device=device)
+    up = torch.randn(*shape, device=device)
+    check_op(ops.geglu, lambda g, u: references.swiglu(g, u, "gelu_tanh"), [(gate, True), (up, True)], dtype,
+             names=("geglu", ("gate", "up")))
+
+
+def test_geglu_extreme_inputs(device):
+    """GELU saturates to 0 and to the identity; its tanh form through σ(2z) keeps both ends finite and right."""
+    gate = torch.tensor([[-100.0, -20.0, -3.0, -1.0, 0.0, 1.0, 3.0, 20.0, 100.0]], device=device)
+    check_op(ops.geglu, lambda g, u: references.swiglu(g, u, "gelu_tanh"),
+             [(gate, True), (torch.ones_like(gate), True)], torch.float32, names=("geglu", ("gate", "up")))
 
 
 def test_swiglu_extreme_inputs(device):

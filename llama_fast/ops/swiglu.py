@@ -1,4 +1,5 @@
-"""``swiglu``: silu(gate) · up in one kernel each way (the gating of ``LlamaMLP``)."""
+"""The gated MLP's activation in one kernel each way: ``swiglu``, silu(gate) · up (``LlamaMLP``), and ``geglu``,
+gelu_tanh(gate) · up (Gemma's MLP). One op with the activation an argument of its kernels, two names."""
 
 import torch
 
@@ -10,28 +11,30 @@ from ._dispatch import KernelOp, direct_call_ok
 
 
 # Triton's kernels and the C++ extension's, registered as custom ops by KernelOp (ops/_dispatch.py).
-def _launch_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _launch_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     from ..kernels import swiglu as kernel
 
-    return kernel.swiglu_fwd(gate, up)
+    return kernel.swiglu_fwd(gate, up, activation)
 
 
-def _launch_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                activation: str = "silu") -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import swiglu as kernel
 
-    return kernel.swiglu_bwd(dout, gate, up)
+    return kernel.swiglu_bwd(dout, gate, up, activation)
 
 
-def _fake_fwd(gate, up):
+def _fake_fwd(gate, up, activation="silu"):
     return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
 
 
-def _fake_bwd(dout, gate, up):
+def _fake_bwd(dout, gate, up, activation="silu"):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    gate, up, ctx.activation = inputs
+    ctx.save_for_backward(gate, up)
 
 
 def _backward_with(bwd_op):
@@ -39,7 +42,7 @@ def _backward_with(bwd_op):
 
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
-        return bwd_op(unit_stride_rows(dout), gate, up)
+        return *bwd_op(unit_stride_rows(dout), gate, up, ctx.activation), None
 
     return backward
 
@@ -50,30 +53,40 @@ _KERNELS = KernelOp("triton_swiglu", _launch_fwd, _launch_bwd, fake_forward=_fak
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(gate) * up. gate, up: same shape and dtype (float32/float16/bfloat16)."""
-    check_dtype("swiglu", gate=gate, up=up)
-    check_same_dtype("swiglu", gate=gate, up=up)
-    check_same_device("swiglu", gate=gate, up=up)
+    return _gated("swiglu", "silu", gate, up, backend)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """gelu(gate, approximate="tanh") * up, Gemma's MLP gating (transformers' "gelu_pytorch_tanh").
+    gate, up: same shape and dtype (float32/float16/bfloat16)."""
+    return _gated("geglu", "gelu_tanh", gate, up, backend)
+
+
+def _gated(name, activation, gate, up, backend):
+    check_dtype(name, gate=gate, up=up)
+    check_same_dtype(name, gate=gate, up=up)
+    check_same_device(name, gate=gate, up=up)
     if gate.shape != up.shape:
-        raise ValueError(f"swiglu: gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+        raise ValueError(f"{name}: gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     if gate.dim() == 0 or gate.shape[-1] == 0:
-        raise ValueError(f"swiglu: inputs need a non-empty last dim, got shape {tuple(gate.shape)}")
+        raise ValueError(f"{name}: inputs need a non-empty last dim, got shape {tuple(gate.shape)}")
     if _dtensor.has_dtensor(gate, up):
-        return _on_dtensors(gate, up, backend)
-    return _swiglu(gate, up, backend)
+        return _on_dtensors(name, activation, gate, up, backend)
+    return _plain(activation, gate, up, backend)
 
 
-def _swiglu(gate, up, backend):
-    """``swiglu`` on checked plain tensors."""
+def _plain(activation, gate, up, backend):
+    """The op on checked plain tensors."""
     chosen = backend_for(gate, backend)
     if chosen == "reference":
-        return references.swiglu(gate, up)
-    out = _KERNELS.run(chosen, direct_call_ok(gate, up), unit_stride_rows(gate), unit_stride_rows(up))
+        return references.swiglu(gate, up, activation)
+    out = _KERNELS.run(chosen, direct_call_ok(gate, up), unit_stride_rows(gate), unit_stride_rows(up), activation)
     return out if gate.dim() == 2 else out.view_as(gate)
 
 
-def _on_dtensors(gate, up, backend):
+def _on_dtensors(name, activation, gate, up, backend):
     """DTensor inputs: elementwise, so gate and up may be split along any dim, alike; out is split as gate."""
-    mesh, placements = _dtensor.mesh_of("swiglu", gate=gate, up=up)
-    _dtensor.same_placements("swiglu", "gate", placements, dict(gate=gate, up=up), "the op is elementwise")
-    out = _swiglu(gate.to_local(), up.to_local(), backend)
+    mesh, placements = _dtensor.mesh_of(name, gate=gate, up=up)
+    _dtensor.same_placements(name, "gate", placements, dict(gate=gate, up=up), "the op is elementwise")
+    out = _plain(activation, gate.to_local(), up.to_local(), backend)
     return _dtensor.wrap(out, mesh, placements["gate"], gate.shape)
