@@ -502,6 +502,8 @@ def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[int], object], s
     rstd = torch.empty(tokens, dtype=torch.float32)
     yield "rms_norm fwd", lambda arch: rms_norm.rms_norm_fwd(x, w, 1e-5), "memory"
     yield "rms_norm bwd", lambda arch: rms_norm.rms_norm_bwd(x, x, w, rstd), "memory"
+    yield "gemma rms_norm fwd", lambda arch: rms_norm.rms_norm_fwd(x, w, 1e-5, True), "memory"
+    yield "gemma rms_norm bwd", lambda arch: rms_norm.rms_norm_bwd(x, x, w, rstd, True), "memory"
     yield "add_rms_norm fwd", lambda arch: rms_norm.add_rms_norm_fwd(x, x, w, 1e-5), "memory"
     yield "add_rms_norm bwd", lambda arch: rms_norm.add_rms_norm_bwd(x, x, x, w, rstd), "memory"
     q = torch.empty(batch, seq, model.q_heads, model.head_dim, dtype=bf16).transpose(1, 2)
@@ -518,6 +520,8 @@ def _memory_bound_cases(model) -> Iterator[tuple[str, Callable[[int], object], s
     gate = torch.empty(tokens, model.intermediate, dtype=bf16)
     yield "swiglu fwd", lambda arch: swiglu.swiglu_fwd(gate, gate), "memory"
     yield "swiglu bwd", lambda arch: swiglu.swiglu_bwd(gate, gate, gate), "memory"
+    yield "geglu fwd", lambda arch: swiglu.swiglu_fwd(gate, gate, "gelu_tanh"), "memory"
+    yield "geglu bwd", lambda arch: swiglu.swiglu_bwd(gate, gate, gate, "gelu_tanh"), "memory"
     # the fused loss's kernels: a chunk of logits (rows x the vocabulary), and a block of columns
     logits = torch.empty(256, model.vocab, dtype=bf16)
     labels = torch.zeros(256, dtype=torch.long)

@@ -1,5 +1,5 @@
-"""The ops suite: rms_norm, apply_rotary_pos_emb and swiglu, forward, backward and both, at the
-shapes of SmolLM2-135M, Llama-3-8B and Llama-3-70B over a sweep of token counts.
+"""The ops suite: rms_norm (Llama's and Gemma's), apply_rotary_pos_emb, swiglu and geglu, forward, backward
+and both, at the shapes of SmolLM2-135M, Llama-3-8B and Llama-3-70B over a sweep of token counts.
 
 Providers: eager PyTorch (the references), ``torch.compile`` of the references, Liger-Kernel
 when installed, and llama_fast labelled with the backend that ran: Triton on a GPU (plus the C++
@@ -20,6 +20,7 @@ from .shapes import MODELS
 
 def _liger():
     try:
+        from liger_kernel.ops.geglu import LigerGELUMulFunction
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.rope import LigerRopeFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
@@ -27,8 +28,11 @@ def _liger():
         return None
     return dict(
         rms_norm=lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-5, 0.0, "llama"),
+        # Liger's Gemma norm: offset 1 on the weight, all in fp32 ("gemma" casting), as apply_liger_kernel_to_gemma2
+        gemma_rms_norm=lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-5, 1.0, "gemma"),
         rope=lambda q, k, cos, sin: LigerRopeFunction.apply(q, k, cos, sin),
         swiglu=lambda g, u: LigerSiLUMulFunction.apply(g, u),
+        geglu=lambda g, u: LigerGELUMulFunction.apply(g, u),
     )
 
 
@@ -79,6 +83,12 @@ def cases(device: torch.device, dtype: torch.dtype, models, token_counts, modes,
             def rms(x, w, eps=1e-5):
                 return references.rms_norm(x, w, eps)
 
+            def gemma_rms(x, w, eps=1e-5):
+                return references.rms_norm(x, w, eps, unit_offset=True)
+
+            def gelu_gated(g, u):
+                return references.swiglu(g, u, "gelu_tanh")
+
             specs = [
                 ("rms_norm", functools.partial(ops.rms_norm, eps=1e-5), rms, liger.get("rms_norm"), norm_inputs,
                  lambda mode: formulas.rms_norm_bytes(tokens, m.hidden, e, e, mode)),
@@ -86,6 +96,12 @@ def cases(device: torch.device, dtype: torch.dtype, models, token_counts, modes,
                  liger.get("rope"), rope_inputs,
                  lambda mode: formulas.rope_bytes(1, tokens, m.q_heads, m.kv_heads, m.head_dim, e, mode)),
                 ("swiglu", ops.swiglu, references.swiglu, liger.get("swiglu"), swiglu_inputs,
+                 lambda mode: formulas.swiglu_bytes(tokens, m.intermediate, e, mode)),
+                # Gemma's two: the same bytes as Llama's, other arithmetic (GeGLU's cubic and its derivative)
+                ("rms_norm[unit_offset]", functools.partial(ops.rms_norm, eps=1e-5, unit_offset=True), gemma_rms,
+                 liger.get("gemma_rms_norm"), norm_inputs,
+                 lambda mode: formulas.rms_norm_bytes(tokens, m.hidden, e, e, mode)),
+                ("geglu", ops.geglu, gelu_gated, liger.get("geglu"), swiglu_inputs,
                  lambda mode: formulas.swiglu_bytes(tokens, m.intermediate, e, mode)),
             ]
             for op, ours, reference, lig, make, nbytes in specs:

@@ -29,8 +29,9 @@ from ._launch import cdiv, grid_of, on_tensor_device
 _BLOCK_N = 1024
 
 ACTIVATIONS = ("silu", "gelu_tanh")
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_CUBIC = 0.044715
+# constexpr: a compiled kernel may read only constexpr globals (the interpreter reads any)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit

@@ -1,10 +1,12 @@
 """patch() on the families besides Llama (tests/models.py, FAMILIES: Qwen2 and Qwen3 with a global and a local
-layer, Mistral with every layer local; windows shorter than the sequences) against the same model unpatched:
+layer, Mistral with every layer local, Gemma 3 with a local and a global one, its norms Gemma's, its MLP a GeGLU,
+and its query scale not head_dim's; windows shorter than the sequences) against the same model unpatched:
 logits, loss and every gradient by the error-ratio rule (fp32 and bf16); every kernel runs, none falls back to
 eager, each local layer's window reaching the attention kernel; greedy generate() token-identical with dynamic
 and static caches and a left-padded batch whose prompts are longer than the window; LoRA gradients; packed
-batches through DataCollatorWithFlattening; torch.compile fullgraph without graph breaks; and the families,
-or the parts of them, that llama_fast does not serve refused at patch() by name."""
+batches through DataCollatorWithFlattening; torch.compile fullgraph without graph breaks; Gemma 2 without
+attention (its soft-capped logits) and with its final soft-cap in the fused loss; and the families, or the
+parts of them, that llama_fast does not serve refused at patch() by name."""
 
 from unittest import mock
 
@@ -21,7 +23,10 @@ from llama_fast.kernels import swiglu as swiglu_kernel
 from models import DEVICE, FAMILIES, WINDOW, clone, family_config, family_model, tokens
 
 # the window each layer's attention runs with (0: none), as the family's config lays them out
-WINDOWS = {"qwen2": [0, WINDOW], "qwen3": [0, WINDOW], "mistral": [WINDOW, WINDOW]}
+WINDOWS = {"qwen2": [0, WINDOW], "qwen3": [0, WINDOW], "mistral": [WINDOW, WINDOW], "gemma3": [WINDOW, 0]}
+# RMSNorms per decoder layer: input and post-attention (Qwen3 and Gemma 3: q_norm and k_norm too; Gemma's
+# layers: a pre- and a post-feedforward norm as well, and no fused residual add: it adds after its own norm)
+NORMS = {"qwen2": 2, "qwen3": 4, "mistral": 2, "gemma3": 6}
 
 
 def _grads(model):
@@ -59,8 +64,8 @@ def test_forward_and_backward_match(family, dtype):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_kernel_runs_with_each_layers_window(family):
-    """No op falls back to eager: each kernel runs once per layer and way (Qwen3's q_norm and k_norm are
-    two RMSNorms more per layer), and each layer's attention runs with its own window."""
+    """No op falls back to eager: each kernel runs once per layer and way (NORMS per layer), and each layer's
+    attention runs with its own window."""
     model = llama_fast.patch(family_model(family))
     spied = [("rms_norm", rms_norm_kernel, "rms_norm_fwd"), ("rms_norm_bwd", rms_norm_kernel, "rms_norm_bwd"),
              ("add_rms_norm", rms_norm_kernel, "add_rms_norm_fwd"),
@@ -77,10 +82,16 @@ def test_every_kernel_runs_with_each_layers_window(family):
         for spy in spies.values():
             spy.stop()
     layers = 2
-    norms = layers + 1 + (2 * layers if family == "qwen3" else 0)
+    fused = 0 if family == "gemma3" else layers  # the post-attention norms that run as add_rms_norm
+    norms = NORMS[family] * layers + 1 - fused
     assert mocks["rms_norm"].call_count == mocks["rms_norm_bwd"].call_count == norms
-    for op in ("add_rms_norm", "rope", "swiglu", "attention"):
+    assert mocks["add_rms_norm"].call_count == mocks["add_rms_norm_bwd"].call_count == fused
+    for op in ("rope", "swiglu", "attention"):
         assert mocks[op].call_count == mocks[f"{op}_bwd"].call_count == layers, op
+    unit_offset = family == "gemma3"
+    assert all(c.args[3] is unit_offset for c in mocks["rms_norm"].call_args_list)
+    activation = "gelu_tanh" if family == "gemma3" else "silu"
+    assert all(c.args[2] == activation for c in mocks["swiglu"].call_args_list)
     assert [c.kwargs["window"] for c in mocks["attention"].call_args_list] == WINDOWS[family]
     assert [c.kwargs["window"] for c in mocks["attention_bwd"].call_args_list] == WINDOWS[family][::-1]
 
@@ -195,36 +206,66 @@ def _model(config):
 
 
 def test_what_a_family_needs_and_llama_fast_lacks_is_refused_by_name():
-    """Gemma 2 and 3 (their RMSNorm scales by 1 + weight, their MLP is a GeGLU, Gemma 2 soft-caps its
-    attention logits) and Phi-3 (a packed gate_up_proj, RoPE over part of each head): refused at
-    patch(), naming the module and what to pass, and nothing changed; with those ops off, the rest
-    patches and computes the unpatched model's logits."""
+    """Gemma 2's soft-capped attention logits, Phi-3's packed gate_up_proj and its RoPE over part of each head,
+    another norm, another activation: refused at patch(), naming the module or setting and what to pass, and
+    nothing changed; with those ops off, the rest patches and computes the unpatched model's logits."""
     import transformers
 
-    shape = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 num_hidden_layers=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-                 eos_token_id=2)
-    gemma2 = _model(transformers.Gemma2Config(sliding_window=WINDOW, **shape)).eval()
-    gemma3 = _model(transformers.Gemma3TextConfig(sliding_window=WINDOW, **shape)).eval()
-    phi3 = _model(transformers.Phi3Config(partial_rotary_factor=0.5, **shape)).eval()
-    for model, match in ((gemma2, "is a Gemma2RMSNorm, which does not compute Llama's RMSNorm"),
-                         (gemma3, "is a Gemma3RMSNorm, which does not compute Llama's RMSNorm"),
-                         (phi3, "Phi3MLP computes another")):
+    gemma2 = family_model("gemma2")
+    phi3 = _model(transformers.Phi3Config(partial_rotary_factor=0.5, **family_config("llama").to_dict())).eval()
+    relu = family_model("gemma3", hidden_activation="relu")
+    layer_norm = family_model("qwen2")
+    layer_norm.model.norm = torch.nn.LayerNorm(64)
+    for model, match in ((gemma2, "attn_logit_softcapping = 50.0"), (phi3, "Phi3MLP computes another"),
+                         (relu, "or GELU with the tanh approximation \\(GeGLU\\), this model uses 'relu'"),
+                         (layer_norm, "model.norm is a LayerNorm, which computes neither Llama's RMSNorm nor Gemma's")):
         with pytest.raises(ValueError, match=match):
             llama_fast.patch(model)
         assert not llama_fast.is_patched(model)
-    with pytest.raises(ValueError, match="needs the SiLU activation, this model uses 'gelu_pytorch_tanh'"):
-        llama_fast.patch(gemma3, rms_norm=False)
-    with pytest.raises(ValueError, match="attn_logit_softcapping = 50.0"):
-        llama_fast.patch(gemma2, rms_norm=False, swiglu=False)
     with pytest.raises(ValueError, match="Phi3Attention calls an apply_rotary_pos_emb that is not Llama's"):
         llama_fast.patch(phi3, swiglu=False)
-    ids = tokens(2, 13).cpu()
-    for model, options in ((gemma3, dict(rms_norm=False, swiglu=False)), (phi3, dict(swiglu=False, rope=False))):
+    ids = tokens(2, 13)
+    for model, options in ((gemma2, dict(attention=False)), (phi3, dict(swiglu=False, rope=False))):
         with torch.no_grad():
             want = model(input_ids=ids).logits
             got = llama_fast.patch(clone(model), **options)(input_ids=ids).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemma2_fused_loss_takes_its_final_soft_cap(dtype):
+    """Gemma 2 with attention=False (its logits are soft-capped there) and cross_entropy=True: the fused loss
+    soft-caps the logits as Gemma2ForCausalLM does, loss and every gradient against the unpatched model; without
+    the cap the loss is measurably another (a cap of 5 rather than Gemma 2's 30, which the small logits of a tiny
+    random model would barely reach)."""
+    base = family_model("gemma2", final_logit_softcapping=5.0).train()
+    ids = tokens(2, 13)
+    results = {}
+    for name, model in (("patched", llama_fast.patch(clone(base, dtype), attention=False, cross_entropy=True)),
+                        ("eager", clone(base, dtype)), ("ref", clone(base, torch.float64))):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results[name] = out.loss, _grads(model)
+    (loss, grads), (eager_loss, eager_grads), (ref_loss, ref_grads) = results.values()
+    assert_error_ratio(loss, eager_loss, ref_loss, name="loss", floor_scale=8)
+    for n in ref_grads:
+        assert_error_ratio(grads[n], eager_grads[n], ref_grads[n], name=f"grad {n}", floor_scale=8)
+    uncapped = clone(base)
+    uncapped.config.final_logit_softcapping = None
+    with torch.no_grad():
+        assert abs(uncapped(input_ids=ids, labels=ids).loss.item() - ref_loss.item()) > 1e-3
+
+
+def test_fused_loss_refuses_a_soft_cap_it_has_not_verified(monkeypatch):
+    """A causal LM whose forward is not one known to soft-cap lm_head's output as Gemma's do: the fused loss,
+    which comes back through that forward, would be capped twice or not un-capped; refused at patch()."""
+    from llama_fast.patch import loss
+
+    monkeypatch.setattr(loss, "SOFT_CAPPING_FORWARDS", set())
+    model = family_model("gemma2")
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM.forward is not one that llama_fast verified applies it"):
+        llama_fast.patch(model, attention=False, cross_entropy=True)
+    assert not llama_fast.is_patched(model)
 
 
 def test_docs_table_names_every_family():

@@ -1,9 +1,10 @@
 """``patch(model)`` / ``unpatch(model)``: llama_fast's kernels in a transformers model of the Llama design
-(Llama, Qwen2, Qwen3, Mistral), its modules recognised by what they compute (families.py).
+(Llama, Qwen2, Qwen3, Mistral, Gemma 2/3), its modules recognised by what they compute (families.py).
 
 Per instance, reversible, and through transformers' own extension points, one contract per file:
 
-- RMSNorm and the MLP (here): each RMSNorm / gated-MLP *instance* (``LlamaRMSNorm``, ``Qwen2MLP``, ...)
+- RMSNorm and the MLP (here): each RMSNorm / gated-MLP *instance* (``LlamaRMSNorm``, ``Gemma3RMSNorm``,
+  ``Qwen2MLP``, ...)
   gets a ``forward`` attribute that shadows the class method (deleting it restores the class's).
 - The decoder layer (layer.py, with rms_norm): each plain decoder layer whose forward is Llama's gets
   transformers' forward with the post-attention residual add fused into ``post_attention_layernorm``
@@ -33,10 +34,10 @@ import torch
 
 from . import layer
 from .attention import ATTENTION_NAME, register, set_implementation
-from .families import decoder_layers, is_gated_mlp, is_rms_norm
+from .families import decoder_layers, is_gated_mlp, is_gemma_rms_norm, is_rms_norm
 from .loss import fused_loss_forwards
 from .rope import forward_with_our_rope
-from .validate import fused_layers, validate
+from .validate import fused_layers, gated_activation, validate
 
 _RECORD = "_llama_fast_patch"
 
@@ -87,15 +88,27 @@ def _rms_norm_forward(backend):
     return forward
 
 
-def _mlp_forward(backend):
-    """The forward patched gated-MLP instances (``LlamaMLP`` and its copies) get. ``residual`` (the fused
-    decoder layer passes it): return ``residual + mlp(x)``, the add done by the down projection's GEMM
-    (``layer.down_with_residual``)."""
+def _gemma_rms_norm_forward(backend):
+    """The forward patched Gemma RMSNorm instances (``Gemma3RMSNorm``, ``Gemma2RMSNorm``) get."""
+
+    def forward(self, x):
+        from .. import ops
+
+        return ops.rms_norm(x, self.weight, self.eps, unit_offset=True, backend=backend)
+
+    return forward
+
+
+def _mlp_forward(backend, activation):
+    """The forward patched gated-MLP instances (``LlamaMLP`` and its copies, Gemma's with ``activation``
+    "gelu_tanh") get. ``residual`` (the fused decoder layer passes it): return ``residual + mlp(x)``, the
+    add done by the down projection's GEMM (``layer.down_with_residual``)."""
 
     def forward(self, x, residual=None):
         from .. import ops
 
-        act = ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend)
+        gated = ops.swiglu if activation == "silu" else ops.geglu
+        act = gated(self.gate_proj(x), self.up_proj(x), backend=backend)
         if residual is None:
             return self.down_proj(act)
         return layer.down_with_residual(self.down_proj, act, residual)
@@ -109,9 +122,11 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
     """Put llama_fast's kernels into ``model`` in place and return it.
 
     ``model``: a transformers model of the Llama design (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-    ``Qwen3ForCausalLM``, ``MistralForCausalLM``, their base models and other heads), or a PEFT
-    ``PeftModel`` wrapping one; sliding-window layers included. Each flag turns one kernel on or
-    off. ``backend`` ("triton", "cuda", "cpu", "reference"; default: chosen per tensor, see
+    ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma3ForCausalLM``, and ``Gemma2ForCausalLM`` with
+    ``attention=False``, whose soft-capped attention logits the kernel lacks; their base models and other
+    heads), or a PEFT ``PeftModel`` wrapping one; sliding-window layers included. Each flag turns one
+    kernel on or off; ``rms_norm`` covers Gemma's RMSNorm and ``swiglu`` Gemma's GeGLU MLP too.
+    ``backend`` ("triton", "cuda", "cpu", "reference"; default: chosen per tensor, see
     ``llama_fast.backend``) applies to RMSNorm, RoPE and SwiGLU; attention always runs the Triton
     kernel (or, on a CPU without the interpreter, the reference). Raises ``ValueError`` naming what
     is unsupported, before changing anything. Patching a patched model re-patches it.
@@ -150,8 +165,10 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
     for module in backbone.modules():
         if rms_norm and is_rms_norm(module):
             give_forward(module, _rms_norm_forward(backend))
+        elif rms_norm and is_gemma_rms_norm(module):
+            give_forward(module, _gemma_rms_norm_forward(backend))
         elif swiglu and is_gated_mlp(module):
-            give_forward(module, _mlp_forward(backend))
+            give_forward(module, _mlp_forward(backend, gated_activation(module.act_fn)))
         elif rope and id(module) in attentions:
             give_forward(module, forward_with_our_rope(module, backend))
         elif id(module) in fused:

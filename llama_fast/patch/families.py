@@ -9,9 +9,11 @@ of one computation, verified for the transformers versions named; a release that
 the hash, and the module is then refused by name (``validate.py``), never patched on trust.
 
 Why not transformers' own marks: ``use_kernel_forward_from_hub("RMSNorm")`` and ``use_kernelized_func``
-decorate these classes for the hub kernels, but without the ``kernels`` package installed (it is not a
-transformers dependency) both return the class unchanged (transformers 5.24, integrations/hub_kernels.py),
-so nothing on the class records them. docs/patching.md, "Model families", has the table of what runs.
+decorate these classes for the hub kernels, but without Hugging Face's ``kernels`` package installed both
+return the class unchanged (transformers 5.24, integrations/hub_kernels.py), so nothing records them; and
+where it is installed (a dependency of transformers from 5.25) the mark says only which hub layer could
+replace a module, the same "RMSNorm" for Llama's and Gemma's, which compute different things. So the
+source it is. docs/patching.md, "Model families", has the table of what runs.
 """
 
 import inspect
@@ -21,13 +23,19 @@ import torch
 from .layer import function_hash
 
 # LlamaRMSNorm.forward: hidden * rsqrt(mean(hidden²) + eps) in fp32, cast back, then weight * it. The same
-# source in Llama, Qwen2, Qwen3, Mistral, Phi-3 and Granite, transformers 5.17.0 and 5.24.0.
+# source in Llama, Qwen2, Qwen3, Mistral, Phi-3 and Granite, transformers 5.17.0, 5.24.0 and 5.25.0.
 RMS_NORM_SOURCES = {"790fa612e4fa57acfcbea31da45f92ba91f9016f7260ef539f61c5530ba06a5f"}
+# Gemma's RMSNorm, x̂ · (1 + weight) in fp32 (``ops.rms_norm(unit_offset=True)``): Gemma2RMSNorm.forward and
+# Gemma3RMSNorm.forward (one computation, their comments name their own model), and the ``_norm`` both call;
+# transformers 5.17.0 and 5.25.0.
+GEMMA_RMS_NORM_SOURCES = {"f0b8f39a8b2465bece618f4eb6aa08c2ff80b93f4ed77d7d226ccb84e14d7e49",
+                          "2a18f679fdfe238c12b3b382b502d9b70b42fff34269836b61212a8eccfdd52a"}
+GEMMA_NORM_HELPER_SOURCES = {"a1c27ed5fac56db440a5ff38ad6b04ef79ea341b7100b9e22a6b58e1f1d18aa6"}
 # LlamaMLP.forward: down_proj(act_fn(gate_proj(x)) * up_proj(x)), in every family above but Phi-3 and in
-# Gemma 2/3 (whose act_fn is a GELU: the activation is checked apart, from the config); 5.17.0 and 5.24.0.
+# Gemma 2/3 (whose act_fn is a GELU: the activation is checked apart, from the config); 5.17.0, 5.24.0 and 5.25.0.
 GATED_MLP_SOURCES = {"03df2d7685cf8446594448cbd33ef676a2b088779d99d9803abe3bed2ec7ad9b"}
 # apply_rotary_pos_emb over the whole head, rotate-half layout (Phi-3's rotates a part of it: another
-# source); in Llama, Qwen2, Qwen3, Mistral, Granite and Gemma 2/3, 5.17.0 and 5.24.0.
+# source); in Llama, Qwen2, Qwen3, Mistral, Granite and Gemma 2/3, 5.17.0, 5.24.0 and 5.25.0.
 ROTARY_SOURCES = {"ea234325c15de475147027ac7da4307167d082b13f4c62a7f2921fef4f9e5e87"}
 
 _LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -55,6 +63,13 @@ def is_rms_norm(module: torch.nn.Module) -> bool:
     """Whether ``module`` computes Llama's RMSNorm (``ops.rms_norm`` of its weight and variance_epsilon)."""
     return (isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")
             and _forward_hash(module) in RMS_NORM_SOURCES)
+
+
+def is_gemma_rms_norm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` computes Gemma's RMSNorm (``ops.rms_norm(unit_offset=True)`` of its weight and eps)."""
+    return (isinstance(getattr(module, "weight", None), torch.Tensor)
+            and isinstance(getattr(module, "eps", None), float) and _forward_hash(module) in GEMMA_RMS_NORM_SOURCES
+            and _hash_or_none(getattr(type(module), "_norm", None)) in GEMMA_NORM_HELPER_SOURCES)
 
 
 def is_gated_mlp(module: torch.nn.Module) -> bool:

@@ -6,6 +6,25 @@ import inspect
 
 import torch
 
+from .layer import function_hash
+
+# sha256 of the causal-LM forwards (unwrapped) that soft-cap lm_head's output, when
+# config.final_logit_softcapping is set, as ``logits = cap · tanh(logits / cap)`` before their loss, and
+# return it as the logits: Gemma2ForCausalLM's and Gemma3ForCausalLM's, transformers 5.25.0 and 5.17.0.
+SOFT_CAPPING_FORWARDS = {"1ecc511c075fa0aa9ba73a0cd67086b793a40e6567534c8ee97c8dccf492cacf",
+                         "7f0c0169c48d696dabbd67cf8804654233398975a3f0eef34c627bd81d1feda1",
+                         "f20633752ccce2e65418b453892e7bd7264975faa67b90e2815764fdf4396351",
+                         "3a9c1c207da904a2860a775e8a1cfb22f65bb6e9696dd21aacdcd867bd013c4d"}
+
+
+def soft_caps_head_output(model_class: type) -> bool:
+    """Whether ``model_class.forward`` is one of SOFT_CAPPING_FORWARDS: then the fused loss, which lm_head
+    returns through that forward, comes back soft-capped, and is un-capped (``fused_loss_forwards``)."""
+    try:
+        return function_hash(model_class.forward) in SOFT_CAPPING_FORWARDS
+    except (OSError, TypeError):  # no source to read
+        return False
+
 
 def head_linear(head):
     """The nn.Linear of an lm_head: itself, or the base layer PEFT wraps it in."""
@@ -103,8 +122,8 @@ def fused_loss_forwards(model: torch.nn.Module):
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
-        request.arguments = (labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"),
-                             getattr(self.config, "final_logit_softcapping", None))
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        request.arguments = (labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"), softcap)
         request.served = False
         try:
             out = call_previous(self, return_dict=True, **kwargs)
@@ -113,7 +132,15 @@ def fused_loss_forwards(model: torch.nn.Module):
         if not request.served or out.logits is None or out.logits.dim() != 0:
             raise RuntimeError(f"llama_fast cross_entropy: {type(self).__name__}.forward did not return lm_head's "
                                "output as its logits; patch with cross_entropy=False")
-        out.loss, out.logits = out.logits, None
+        loss = out.logits
+        if softcap:
+            # The loss (computed on soft-capped logits, as the model's own) went through the forward's soft-cap
+            # of lm_head's output, y = cap · tanh(loss / cap) (validate.py admits only SOFT_CAPPING_FORWARDS
+            # then), and comes back through its inverse: the identity, differentiable, within a few ulps while
+            # loss / cap < 3, where tanh's slope is above 0.01 (Gemma's caps are 30 and over; the loss ln(vocab)
+            # at worst). Kept on lm_head's output path, not returned aside, for the sharding hooks above.
+            loss = softcap * torch.atanh(loss / softcap)
+        out.loss, out.logits = loss, None
         return out if return_dict else out.to_tuple()
 
     forward.__signature__ = signature.replace(parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),

@@ -6,10 +6,11 @@ import warnings
 import torch
 
 from . import families, layer
-from .loss import fsdp2_shards, head_linear
+from .loss import fsdp2_shards, head_linear, soft_caps_head_output
 from .rope import check_rebinding
 
-_SUPPORTED = "transformers' Llama, Qwen2, Qwen3 and Mistral models (docs/patching.md, \"Model families\")"
+_SUPPORTED = ("transformers' Llama, Qwen2, Qwen3, Mistral and Gemma 3 models, and Gemma 2's with attention=False "
+              "(docs/patching.md, \"Model families\")")
 
 
 def validate(model: torch.nn.Module, options: dict) -> None:
@@ -50,11 +51,11 @@ def validate(model: torch.nn.Module, options: dict) -> None:
         if head is None or not isinstance(head_linear(head), torch.nn.Linear):
             raise ValueError(f"llama_fast.patch: cross_entropy=True needs a causal LM with a linear lm_head "
                              f"({type(model).__name__} has {type(head).__name__})")
-        softcap = getattr(config, "final_logit_softcapping", None)
-        if softcap:
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        if softcap and not soft_caps_head_output(type(model)):
             raise ValueError(f"llama_fast.patch: cross_entropy=True with the final-logit soft-cap of "
-                             f"{type(config).__name__} ({softcap}) is not wired to the fused loss yet; pass "
-                             "cross_entropy=False")
+                             f"{type(config).__name__} ({softcap}): {type(model).__name__}.forward is not one that "
+                             "llama_fast verified applies it as Gemma 2 and 3 do; pass cross_entropy=False")
         from ..ops._dtensor import has_dtensor
 
         weight = head_linear(head).weight
@@ -89,13 +90,13 @@ def _norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 def _check_norms(model: torch.nn.Module) -> None:
-    """Every norm must compute Llama's RMSNorm: one that does not would otherwise run eager beside
-    patched ones, or (patched) compute the wrong thing."""
+    """Every norm must compute Llama's RMSNorm or Gemma's: one that does not would otherwise run eager
+    beside patched ones, or (patched) compute the wrong thing."""
     for name, module in _norms(model):
-        if not families.is_rms_norm(module):
-            raise ValueError(f"llama_fast.patch: {name} is a {type(module).__name__}, which does not compute Llama's "
-                             "RMSNorm (Gemma's scales by 1 + weight, say); llama_fast has no kernel for it yet; pass "
-                             "rms_norm=False")
+        if not (families.is_rms_norm(module) or families.is_gemma_rms_norm(module)):
+            raise ValueError(f"llama_fast.patch: {name} is a {type(module).__name__}, which computes neither Llama's "
+                             "RMSNorm nor Gemma's (its source is not one llama_fast verified); llama_fast has no "
+                             "kernel for it; pass rms_norm=False")
 
 
 def _check_mlps(layers: list[torch.nn.Module]) -> None:
@@ -105,26 +106,36 @@ def _check_mlps(layers: list[torch.nn.Module]) -> None:
             raise ValueError(f"llama_fast.patch: swiglu=True needs the MLP down_proj(act_fn(gate_proj(x)) * "
                              f"up_proj(x)); {type(mlp).__name__} computes another (Phi-3's packed gate_up_proj, say), "
                              "which llama_fast does not serve yet; pass swiglu=False")
-        if not _is_silu(getattr(mlp, "act_fn", None)):
+        if gated_activation(getattr(mlp, "act_fn", None)) is None:
             config = decoder.self_attn.config
             name = (getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)  # Gemma's
                     or type(mlp.act_fn).__name__)
-            raise ValueError(f"llama_fast.patch: swiglu=True needs the SiLU activation, this model uses {name!r}; "
-                             "pass swiglu=False")
+            raise ValueError(f"llama_fast.patch: swiglu=True needs the SiLU activation (SwiGLU) or GELU with the tanh "
+                             f"approximation (GeGLU), this model uses {name!r}; pass swiglu=False")
 
 
-def _is_silu(act) -> bool:
-    """Whether ``act`` computes SiLU, by what it returns on a few points: transformers maps "silu" to
-    its own SiLUActivation class and "swish" to torch's nn.SiLU (5.24), and either may change."""
+_ACTIVATIONS = {"silu": torch.nn.functional.silu,
+                "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+
+
+def gated_activation(act) -> str | None:
+    """Which activation ``act`` computes, "silu" or "gelu_tanh" (the ``activation`` of llama_fast's gated-MLP
+    kernels), or None, by what it returns on a few points: transformers maps "silu" to its own
+    SiLUActivation class, "swish" to torch's nn.SiLU and "gelu_pytorch_tanh" to a GELUTanh class (5.24), and
+    any may change."""
     if not callable(act):
-        return False
+        return None
     x = torch.linspace(-6.0, 6.0, 25)
-    try:
-        with torch.no_grad():
-            # to float rounding: another SiLU kernel may round differently; GELU is 0.1 away at 1.0
-            return bool(torch.allclose(act(x), torch.nn.functional.silu(x), rtol=1e-6, atol=1e-6))
-    except Exception:  # an activation that does not take a CPU tensor is not one we know
-        return False
+    for name, reference in _ACTIVATIONS.items():
+        try:
+            with torch.no_grad():
+                # to float rounding: another kernel may round differently; erf GELU is 1.5e-4 from tanh's at 1.0,
+                # SiLU 0.1 from either
+                if torch.allclose(act(x), reference(x), rtol=1e-6, atol=1e-6):
+                    return name
+        except Exception:  # an activation that does not take a CPU tensor is not one we know
+            return None
+    return None
 
 
 def _attention_runs_triton(model: torch.nn.Module) -> bool:
@@ -171,7 +182,9 @@ def fused_layers(model: torch.nn.Module, options: dict) -> set[int]:
     if not options["rms_norm"] or options["backend"] not in (None, "triton"):
         return set()
     layers = families.decoder_layers(model)
-    unverified = sorted({type(m).__name__ for m in layers if layer.source_hash(type(m)) not in layer.VERIFIED_SOURCES})
+    # Gemma's layers (post-attention norm not Llama's, and norms around the MLP too) are another design: not warned of
+    unverified = sorted({type(m).__name__ for m in layers
+                         if layer.is_plain(m) and layer.source_hash(type(m)) not in layer.VERIFIED_SOURCES})
     if unverified:
         import transformers
 
