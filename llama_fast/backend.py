@@ -5,7 +5,7 @@ Backends:
                is on (``TRITON_INTERPRET=1`` set before triton is imported; that is how the kernels
                are tested without a GPU).
   "cuda"       the CUDA kernels of the C++ extension llama_fast._C (csrc/), when it was built
-               with CUDA: rms_norm, apply_rotary_pos_emb and swiglu.
+               with CUDA: rms_norm, apply_rotary_pos_emb, swiglu and geglu.
   "cpu"        the CPU kernels of the same extension (parallel, vectorised), for CPU tensors.
   "reference"  the eager PyTorch references in ``llama_fast.references``: always correct.
 
@@ -63,7 +63,8 @@ def backend_for(tensor: torch.Tensor, backend: str | None = None, *, extension_o
     if backend in ("cpu", "cuda"):
         if not extension_op:
             raise ValueError(f"llama_fast: backend {backend!r} has no kernel for this op (the C++ extension "
-                             "implements rms_norm, apply_rotary_pos_emb and swiglu); use 'triton' or 'reference'")
+                             "implements rms_norm, apply_rotary_pos_emb, swiglu and geglu); use 'triton' or "
+                             "'reference'")
         if device != backend:
             raise ValueError(f"llama_fast: backend {backend!r} needs {backend.upper()} tensors, got {tensor.device}")
         if not extension.available():

@@ -33,6 +33,22 @@ def _grads(model):
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _check_loss_and_grads(models, call, what=""):
+    """Call each of ``models`` ("patched", "eager", "ref": float64) as ``call(name, model)`` and backpropagate
+    its loss: the patched model's loss and every gradient against eager's by the error-ratio rule. Returns
+    the reference loss."""
+    results = {}
+    for name, model in models.items():
+        out = call(name, model)
+        out.loss.backward()
+        results[name] = out.loss, _grads(model)
+    (loss, grads), (eager_loss, eager_grads), (ref_loss, ref_grads) = (results[k] for k in ("patched", "eager", "ref"))
+    assert_error_ratio(loss, eager_loss, ref_loss, name=f"{what}loss", floor_scale=8)
+    for n in ref_grads:
+        assert_error_ratio(grads[n], eager_grads[n], ref_grads[n], name=f"{what}grad {n}", floor_scale=8)
+    return ref_loss
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_and_backward_match(family, dtype):
@@ -144,20 +160,14 @@ def test_packed_batch_with_windows_matches_transformers(flash_kwargs):
     examples = [{"input_ids": tokens(1, n, seed=10 + i)[0].tolist()} for i, n in enumerate((5, 1, 19, 8))]
     batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(examples)
     batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    results = {}
-    for name, model in (("patched", llama_fast.patch(clone(base))), ("eager", clone(base)),
-                        ("ref", clone(base, torch.float64))):
-        keywords = batch if name == "patched" else {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
-        out = model(**keywords, use_cache=False)
-        out.loss.backward()
-        results[name] = out.loss, _grads(model)
-    (loss, grads), (eager_loss, eager_grads), (ref_loss, ref_grads) = results.values()
-    assert_error_ratio(loss, eager_loss, ref_loss, name="packed loss", floor_scale=8)
-    for n in ref_grads:
-        assert_error_ratio(grads[n], eager_grads[n], ref_grads[n], name=f"packed grad {n}", floor_scale=8)
+    unpacked = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+    _check_loss_and_grads({"patched": llama_fast.patch(clone(base)), "eager": clone(base),
+                           "ref": clone(base, torch.float64)},
+                          lambda name, model: model(**(batch if name == "patched" else unpacked), use_cache=False),
+                          what="packed ")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["qwen3", "mistral", "gemma3"])
 def test_fullgraph_without_graph_breaks(family):
     torch._dynamo.reset()
     model = llama_fast.patch(family_model(family))
@@ -240,16 +250,10 @@ def test_gemma2_fused_loss_takes_its_final_soft_cap(dtype):
     random model would barely reach)."""
     base = family_model("gemma2", final_logit_softcapping=5.0).train()
     ids = tokens(2, 13)
-    results = {}
-    for name, model in (("patched", llama_fast.patch(clone(base, dtype), attention=False, cross_entropy=True)),
-                        ("eager", clone(base, dtype)), ("ref", clone(base, torch.float64))):
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        results[name] = out.loss, _grads(model)
-    (loss, grads), (eager_loss, eager_grads), (ref_loss, ref_grads) = results.values()
-    assert_error_ratio(loss, eager_loss, ref_loss, name="loss", floor_scale=8)
-    for n in ref_grads:
-        assert_error_ratio(grads[n], eager_grads[n], ref_grads[n], name=f"grad {n}", floor_scale=8)
+    ref_loss = _check_loss_and_grads({"patched": llama_fast.patch(clone(base, dtype), attention=False,
+                                                                  cross_entropy=True),
+                                      "eager": clone(base, dtype), "ref": clone(base, torch.float64)},
+                                     lambda name, model: model(input_ids=ids, labels=ids))
     uncapped = clone(base)
     uncapped.config.final_logit_softcapping = None
     with torch.no_grad():
