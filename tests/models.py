@@ -17,7 +17,7 @@ _SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_k
               initializer_range=0.1, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # The families patch() serves besides Llama, and the window of their local layers: shorter than the test
 # sequences (and than a 16-key block of the interpreter), so that it matters.
-FAMILIES = ("qwen2", "qwen3", "mistral", "gemma3")
+FAMILIES = ("qwen2", "qwen3", "mistral", "gemma3", "phi3")
 WINDOW = 6
 
 
@@ -29,7 +29,8 @@ def family_config(family: str, **overrides):
     """A tiny config of ``family`` (FAMILIES, "gemma2", or "llama") shaped as ``tiny_config``. Mistral: every
     layer local (window WINDOW). Qwen2, Qwen3: layer 0 global and layer 1 local (``max_window_layers=1``).
     Gemma 2 and 3: layer 0 local and layer 1 global, as they alternate; their query_pre_attn_scalar (256)
-    makes a softmax scale other than head_dim's; Gemma 2's soft-caps at its defaults (50 and 30)."""
+    makes a softmax scale other than head_dim's; Gemma 2's soft-caps at its defaults (50 and 30). Phi-3: its
+    packed qkv and gate_up projections, RoPE over half of each head (partial_rotary_factor 0.5), no window."""
     import transformers
 
     shape = {**_SHAPE, **overrides}
@@ -37,6 +38,8 @@ def family_config(family: str, **overrides):
         return LlamaConfig(**shape)
     if family == "mistral":
         return transformers.MistralConfig(**{"sliding_window": WINDOW, **shape})
+    if family == "phi3":
+        return transformers.Phi3Config(**{"partial_rotary_factor": 0.5, **shape})
     if family in ("gemma2", "gemma3"):
         config_class = transformers.Gemma2Config if family == "gemma2" else transformers.Gemma3TextConfig
         return config_class(**{"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"],

@@ -23,10 +23,11 @@ from llama_fast.kernels import swiglu as swiglu_kernel
 from models import DEVICE, FAMILIES, WINDOW, clone, family_config, family_model, tokens
 
 # the window each layer's attention runs with (0: none), as the family's config lays them out
-WINDOWS = {"qwen2": [0, WINDOW], "qwen3": [0, WINDOW], "mistral": [WINDOW, WINDOW], "gemma3": [WINDOW, 0]}
+WINDOWS = {"qwen2": [0, WINDOW], "qwen3": [0, WINDOW], "mistral": [WINDOW, WINDOW], "gemma3": [WINDOW, 0],
+           "phi3": [0, 0]}
 # RMSNorms per decoder layer: input and post-attention (Qwen3 and Gemma 3: q_norm and k_norm too; Gemma's
 # layers: a pre- and a post-feedforward norm as well, and no fused residual add: it adds after its own norm)
-NORMS = {"qwen2": 2, "qwen3": 4, "mistral": 2, "gemma3": 6}
+NORMS = {"qwen2": 2, "qwen3": 4, "mistral": 2, "gemma3": 6, "phi3": 2}
 
 
 def _grads(model):
@@ -98,7 +99,9 @@ def test_every_kernel_runs_with_each_layers_window(family):
         for spy in spies.values():
             spy.stop()
     layers = 2
-    fused = 0 if family == "gemma3" else layers  # the post-attention norms that run as add_rms_norm
+    # the post-attention norms that run as add_rms_norm: not Gemma's (another layer design) nor Phi-3's (its layer
+    # forward, with residual dropout, is not the verified source)
+    fused = 0 if family in ("gemma3", "phi3") else layers
     norms = NORMS[family] * layers + 1 - fused
     assert mocks["rms_norm"].call_count == mocks["rms_norm_bwd"].call_count == norms
     assert mocks["add_rms_norm"].call_count == mocks["add_rms_norm_bwd"].call_count == fused
@@ -209,37 +212,41 @@ def test_sliding_window_cache_masks():
                   local_size=WINDOW, use_vmap=True)
 
 
-def _model(config):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_config(config)
-
-
 def test_what_a_family_needs_and_llama_fast_lacks_is_refused_by_name():
-    """Gemma 2's soft-capped attention logits, Phi-3's packed gate_up_proj and its RoPE over part of each head,
+    """Gemma 2's soft-capped attention logits, a packed MLP or partial rotation whose source is not Phi-3's,
     another norm, another activation: refused at patch(), naming the module or setting and what to pass, and
     nothing changed; with those ops off, the rest patches and computes the unpatched model's logits."""
-    import transformers
+    from llama_fast.patch import families
 
     gemma2 = family_model("gemma2")
-    phi3 = _model(transformers.Phi3Config(partial_rotary_factor=0.5, **family_config("llama").to_dict())).eval()
     relu = family_model("gemma3", hidden_activation="relu")
     layer_norm = family_model("qwen2")
     layer_norm.model.norm = torch.nn.LayerNorm(64)
-    for model, match in ((gemma2, "attn_logit_softcapping = 50.0"), (phi3, "Phi3MLP computes another"),
+    for model, match in ((gemma2, "attn_logit_softcapping = 50.0"),
                          (relu, "or GELU with the tanh approximation \\(GeGLU\\), this model uses 'relu'"),
                          (layer_norm, "model.norm is a LayerNorm, which computes neither Llama's RMSNorm nor Gemma's")):
         with pytest.raises(ValueError, match=match):
             llama_fast.patch(model)
         assert not llama_fast.is_patched(model)
-    with pytest.raises(ValueError, match="Phi3Attention calls an apply_rotary_pos_emb that is not Llama's"):
-        llama_fast.patch(phi3, swiglu=False)
+    # Phi-3 as a transformers would be whose packed MLP and partial rotation are not the sources verified
+    phi3 = family_model("phi3")
+    with mock.patch.object(families, "PACKED_GATED_MLP_SOURCES", set()), \
+            mock.patch.object(families, "PARTIAL_ROTARY_SOURCES", set()):
+        with pytest.raises(ValueError, match="Phi3MLP computes another"):
+            llama_fast.patch(phi3)
+        with pytest.raises(ValueError, match="Phi3Attention calls an apply_rotary_pos_emb that is neither Llama's"):
+            llama_fast.patch(phi3, swiglu=False)
+        assert not llama_fast.is_patched(phi3)
+        _patched_logits_match(phi3, swiglu=False, rope=False)
+    _patched_logits_match(gemma2, attention=False)
+
+
+def _patched_logits_match(model, **options):
     ids = tokens(2, 13)
-    for model, options in ((gemma2, dict(attention=False)), (phi3, dict(swiglu=False, rope=False))):
-        with torch.no_grad():
-            want = model(input_ids=ids).logits
-            got = llama_fast.patch(clone(model), **options)(input_ids=ids).logits
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = llama_fast.patch(clone(model), **options)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

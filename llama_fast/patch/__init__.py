@@ -1,5 +1,5 @@
 """``patch(model)`` / ``unpatch(model)``: llama_fast's kernels in a transformers model of the Llama design
-(Llama, Qwen2, Qwen3, Mistral, Gemma 2/3), its modules recognised by what they compute (families.py).
+(Llama, Qwen2, Qwen3, Mistral, Gemma 2/3, Phi-3), its modules recognised by what they compute (families.py).
 
 Per instance, reversible, and through transformers' own extension points, one contract per file:
 
@@ -34,7 +34,7 @@ import torch
 
 from . import layer
 from .attention import ATTENTION_NAME, register, set_implementation
-from .families import decoder_layers, is_gated_mlp, is_gemma_rms_norm, is_rms_norm
+from .families import decoder_layers, is_gated_mlp, is_gemma_rms_norm, is_packed_gated_mlp, is_rms_norm, mlp_activation
 from .loss import fused_loss_forwards
 from .rope import forward_with_our_rope
 from .validate import fused_layers, gated_activation, validate
@@ -117,15 +117,30 @@ def _mlp_forward(backend, activation):
     return forward
 
 
+def _packed_mlp_forward(backend, activation):
+    """The forward patched packed gated-MLP instances (``Phi3MLP``: one ``gate_up_proj``) get: its two halves
+    are row-strided views, which the kernels read in place."""
+
+    def forward(self, hidden_states):
+        from .. import ops
+
+        gated = ops.swiglu if activation == "silu" else ops.geglu
+        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+        return self.down_proj(gated(gate, up, backend=backend))
+
+    return forward
+
+
 def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, attention: bool = True,
           cross_entropy: bool = False, backend: str | None = None):
     """Put llama_fast's kernels into ``model`` in place and return it.
 
     ``model``: a transformers model of the Llama design (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-    ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma3ForCausalLM``, and ``Gemma2ForCausalLM`` with
-    ``attention=False``, whose soft-capped attention logits the kernel lacks; their base models and other
-    heads), or a PEFT ``PeftModel`` wrapping one; sliding-window layers included. Each flag turns one
-    kernel on or off; ``rms_norm`` covers Gemma's RMSNorm and ``swiglu`` Gemma's GeGLU MLP too.
+    ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma3ForCausalLM``, ``Phi3ForCausalLM``, and
+    ``Gemma2ForCausalLM`` with ``attention=False``, whose soft-capped attention logits the kernel lacks;
+    their base models and other heads), or a PEFT ``PeftModel`` wrapping one; sliding-window layers
+    included. Each flag turns one kernel on or off; ``rms_norm`` covers Gemma's RMSNorm, ``swiglu``
+    Gemma's GeGLU MLP and Phi-3's packed one, ``rope`` Phi-3's rotation of part of each head.
     ``backend`` ("triton", "cuda", "cpu", "reference"; default: chosen per tensor, see
     ``llama_fast.backend``) applies to RMSNorm, RoPE and SwiGLU; attention always runs the Triton
     kernel (or, on a CPU without the interpreter, the reference). Raises ``ValueError`` naming what
@@ -168,7 +183,9 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = Tru
         elif rms_norm and is_gemma_rms_norm(module):
             give_forward(module, _gemma_rms_norm_forward(backend))
         elif swiglu and is_gated_mlp(module):
-            give_forward(module, _mlp_forward(backend, gated_activation(module.act_fn)))
+            give_forward(module, _mlp_forward(backend, gated_activation(mlp_activation(module))))
+        elif swiglu and is_packed_gated_mlp(module):
+            give_forward(module, _packed_mlp_forward(backend, gated_activation(mlp_activation(module))))
         elif rope and id(module) in attentions:
             give_forward(module, forward_with_our_rope(module, backend))
         elif id(module) in fused:

@@ -34,9 +34,17 @@ GEMMA_NORM_HELPER_SOURCES = {"a1c27ed5fac56db440a5ff38ad6b04ef79ea341b7100b9e22a
 # LlamaMLP.forward: down_proj(act_fn(gate_proj(x)) * up_proj(x)), in every family above but Phi-3 and in
 # Gemma 2/3 (whose act_fn is a GELU: the activation is checked apart, from the config); 5.17.0, 5.24.0 and 5.25.0.
 GATED_MLP_SOURCES = {"03df2d7685cf8446594448cbd33ef676a2b088779d99d9803abe3bed2ec7ad9b"}
+# Phi3MLP.forward: gate, up = gate_up_proj(x).chunk(2), down_proj(up * act(gate)), one packed projection
+# (the chunks are row-strided views, which the gated kernels read in place); 5.25.0's, and 5.17.0's (the
+# same lines, its type hints FloatTensor).
+PACKED_GATED_MLP_SOURCES = {"5574ea9d1470c190dbdb4e518e62d021d4033f77c36a5b052cfbd06ead8dd638",
+                            "42b4de3cc6a5ab01081bf8c8dad9e20f6afa91ff632cfc42adb132a37dcd162e"}
 # apply_rotary_pos_emb over the whole head, rotate-half layout (Phi-3's rotates a part of it: another
 # source); in Llama, Qwen2, Qwen3, Mistral, Granite and Gemma 2/3, 5.17.0, 5.24.0 and 5.25.0.
 ROTARY_SOURCES = {"ea234325c15de475147027ac7da4307167d082b13f4c62a7f2921fef4f9e5e87"}
+# Phi-3's apply_rotary_pos_emb: the rotation of the first cos.shape[-1] features of each head
+# (partial_rotary_factor), the rest passed through; 5.17.0 and 5.25.0.
+PARTIAL_ROTARY_SOURCES = {"0d2d41fdeedae17a61bc3b521d15417d3985429e9b7b9a49f60820f065690db1"}
 
 _LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
@@ -79,6 +87,18 @@ def is_gated_mlp(module: torch.nn.Module) -> bool:
             and _forward_hash(module) in GATED_MLP_SOURCES)
 
 
+def is_packed_gated_mlp(module: torch.nn.Module) -> bool:
+    """Whether ``module`` computes ``down_proj(up * act(gate))`` with gate and up the halves of one
+    ``gate_up_proj`` (Phi-3's MLP; its activation_fn aside)."""
+    return (all(isinstance(getattr(module, name, None), torch.nn.Module) for name in ("gate_up_proj", "down_proj"))
+            and callable(getattr(module, "activation_fn", None)) and _forward_hash(module) in PACKED_GATED_MLP_SOURCES)
+
+
+def mlp_activation(module: torch.nn.Module):
+    """The activation module of a gated MLP (``act_fn``; Phi-3's ``activation_fn``)."""
+    return getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
+
+
 def rotary_function(attention_class: type):
     """The ``apply_rotary_pos_emb`` that ``attention_class.forward`` reads as a global of its modeling
     module, under its ``functools.wraps`` decorators (``deprecate_kwarg``, the hub's ``use_kernelized_func``),
@@ -97,7 +117,9 @@ def rotary_function(attention_class: type):
     return function
 
 
-def rotates_whole_heads(attention_class: type) -> bool:
-    """Whether the rotation ``attention_class.forward`` calls is Llama's (rotate-half over the whole head)."""
+def rotation(attention_class: type) -> str | None:
+    """Which rotation ``attention_class.forward`` calls: "whole" (Llama's rotate-half over the whole head),
+    "partial" (Phi-3's, over the first cos.shape[-1] features), or None (another, or none found)."""
     function = rotary_function(attention_class)
-    return function is not None and _hash_or_none(function) in ROTARY_SOURCES
+    source = None if function is None else _hash_or_none(function)
+    return "whole" if source in ROTARY_SOURCES else "partial" if source in PARTIAL_ROTARY_SOURCES else None

@@ -12,6 +12,8 @@ import dis
 import functools
 import types
 
+import torch
+
 from .layer import function_hash
 
 # sha256 of LlamaAttention.forward's source (unwrapped, its deprecate_kwarg line included) that
@@ -75,11 +77,27 @@ def check_rebinding(attention_class: type) -> None:
 
 def forward_with_our_rope(attention_module, backend):
     from .. import ops
+    from .families import rotation
 
     forward = type(attention_module).forward
     if function_hash(forward) in VERIFIED_SOURCES:
         return _forward_with_cache_write(backend)
-    return _with_globals(forward, {_NAME: functools.partial(ops.apply_rotary_pos_emb, backend=backend)})
+    rotate = partial_rotation if rotation(type(attention_module)) == "partial" else ops.apply_rotary_pos_emb
+    return _with_globals(forward, {_NAME: functools.partial(rotate, backend=backend)})
+
+
+def partial_rotation(q, k, cos, sin, unsqueeze_dim=1, *, backend=None):
+    """Phi-3's ``apply_rotary_pos_emb``: the first cos.shape[-1] features of each head rotated (by
+    ``ops.apply_rotary_pos_emb``, which reads those views in place), the rest passed through, as transformers
+    concatenates them."""
+    from .. import ops
+
+    rotated = cos.shape[-1]
+    if rotated == q.shape[-1]:
+        return ops.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, backend=backend)
+    q_rot, k_rot = ops.apply_rotary_pos_emb(q[..., :rotated], k[..., :rotated], cos, sin, unsqueeze_dim,
+                                            backend=backend)
+    return torch.cat([q_rot, q[..., rotated:]], dim=-1), torch.cat([k_rot, k[..., rotated:]], dim=-1)
 
 
 def _forward_with_cache_write(backend):

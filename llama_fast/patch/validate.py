@@ -9,8 +9,8 @@ from . import families, layer
 from .loss import fsdp2_shards, head_linear, soft_caps_head_output
 from .rope import check_rebinding
 
-_SUPPORTED = ("transformers' Llama, Qwen2, Qwen3, Mistral and Gemma 3 models, and Gemma 2's with attention=False "
-              "(docs/patching.md, \"Model families\")")
+_SUPPORTED = ("transformers' Llama, Qwen2, Qwen3, Mistral, Gemma 3 and Phi-3 models, and Gemma 2's with "
+              "attention=False (docs/patching.md, \"Model families\")")
 
 
 def validate(model: torch.nn.Module, options: dict) -> None:
@@ -69,10 +69,10 @@ def validate(model: torch.nn.Module, options: dict) -> None:
             raise ValueError("llama_fast.patch: RoPE needs an even head_dim")
         for attention_class in {type(decoder.self_attn) for decoder in layers}:
             check_rebinding(attention_class)
-            if not families.rotates_whole_heads(attention_class):
+            if families.rotation(attention_class) is None:
                 raise ValueError(f"llama_fast.patch: {attention_class.__name__} calls an apply_rotary_pos_emb that is "
-                                 "not Llama's rotation of whole heads (Phi-3's rotates a part of each head, "
-                                 "partial_rotary_factor); llama_fast's RoPE kernel does not serve it yet; pass "
+                                 "neither Llama's rotation of whole heads nor Phi-3's of a part of each (its source is "
+                                 "not one llama_fast verified); llama_fast's RoPE kernel does not serve it; pass "
                                  "rope=False")
     if options["backend"] is not None:
         _check_backend_serves(model, options["backend"])
@@ -102,14 +102,15 @@ def _check_norms(model: torch.nn.Module) -> None:
 def _check_mlps(layers: list[torch.nn.Module]) -> None:
     for decoder in layers:
         mlp = decoder.mlp
-        if not families.is_gated_mlp(mlp):
+        if not (families.is_gated_mlp(mlp) or families.is_packed_gated_mlp(mlp)):
             raise ValueError(f"llama_fast.patch: swiglu=True needs the MLP down_proj(act_fn(gate_proj(x)) * "
-                             f"up_proj(x)); {type(mlp).__name__} computes another (Phi-3's packed gate_up_proj, say), "
-                             "which llama_fast does not serve yet; pass swiglu=False")
-        if gated_activation(getattr(mlp, "act_fn", None)) is None:
+                             f"up_proj(x)) or Phi-3's packed gate_up_proj of it; {type(mlp).__name__} computes "
+                             "another, which llama_fast does not serve; pass swiglu=False")
+        activation = families.mlp_activation(mlp)
+        if gated_activation(activation) is None:
             config = decoder.self_attn.config
             name = (getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)  # Gemma's
-                    or type(mlp.act_fn).__name__)
+                    or type(activation).__name__)
             raise ValueError(f"llama_fast.patch: swiglu=True needs the SiLU activation (SwiGLU) or GELU with the tanh "
                              f"approximation (GeGLU), this model uses {name!r}; pass swiglu=False")
 
