@@ -244,12 +244,14 @@ def _headline_cases(device, args):
         dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
         yield from attention.prefill_cases(device, [(dtype, 64, 4, 2)], [128], ["fwd", "bwd"], tokens_total=128)
         yield from attention.decode_cases(device, dtype, [256], [1], head_dim=64, q_heads=4, kv_heads=2)
-        yield from ops.cases(device, dtype, ["smollm2-135m"], [64], ["fwd", "bwd"], compile_too=False)
+        yield from ops.cases(device, dtype, ["smollm2-135m"], [64], ["fwd", "bwd"], compile_too=False,
+                             only=ops.LLAMA_OPS)
         return
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16
     yield from attention.prefill_cases(device, [(dtype, 128, 32, 8)], [4096], ["fwd", "bwd"])
     yield from attention.decode_cases(device, dtype, [1024, 16384, 131072], [1])
-    yield from ops.cases(device, dtype, ["llama3-8b"], args.tokens or [8192], ["fwd", "bwd"], compile_too=False)
+    yield from ops.cases(device, dtype, ["llama3-8b"], args.tokens or [8192], ["fwd", "bwd"], compile_too=False,
+                         only=ops.LLAMA_OPS)
 
 
 def _attention_extras(device, parts=("first_call", "backward_kernels")) -> dict:

@@ -57,7 +57,8 @@ def test_a_model_that_is_not_there(tmp_path, model, expect):
 
 def test_a_model_llama_fast_does_not_patch(tmp_path, gemma2_folder):
     proc = run(["chat", "--model", str(gemma2_folder)], tmp_path)
-    _one_error_line(proc, "is a Gemma2RMSNorm, which does not compute Llama's RMSNorm")
+    # Gemma 2's norms and MLP run the kernels; its soft-capped attention logits the attention kernel lacks
+    _one_error_line(proc, "attention logit soft-capping (Gemma2Config.attn_logit_softcapping = 50.0)")
     assert "answer" not in proc.stdout, "refused before generating with the unpatched model"
 
 

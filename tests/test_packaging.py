@@ -30,11 +30,11 @@ print(ops.available_backends())
 print(extension.status())
 y = ops.rms_norm(torch.randn(0, 64, requires_grad=True), torch.ones(64, requires_grad=True))
 y.sum().backward()
-try:
-    import kernels
-    print("top-level kernels importable")
-except ImportError:
-    print("no top-level kernels")
+# A top-level "kernels" may be Hugging Face's hub package (transformers requires it from 5.25), never our folder
+import importlib.util
+spec = importlib.util.find_spec("kernels")
+ours = spec is not None and "Triton kernels of llama_fast" in open(spec.origin).read()
+print("our kernels/ at top level" if ours else "no top-level kernels of ours")
 """
 
 
@@ -70,7 +70,7 @@ def test_pip_install_in_a_fresh_venv(fresh, tmp_path):
     assert got["file"].startswith(str(python.parent.parent)), "llama_fast imported from outside the venv"
     assert "'cpu'" in got["backends"], got
     assert got["status"].startswith("llama_fast._C loaded from " + str(python.parent.parent)), got
-    assert got["top_level_kernels"] == "no top-level kernels", "kernels/ must install as llama_fast.kernels only"
+    assert got["top_level_kernels"] == "no top-level kernels of ours", "kernels/ installs as llama_fast.kernels only"
     cli = _run([python, "-m", "llama_fast", "ops"], tmp_path)
     assert "cpu = llama_fast's C++ CPU kernels" in cli.stdout
 

@@ -300,7 +300,7 @@ def test_other_heads_on_the_backbone(cls):
 def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="has no decoder layer of the Llama design"):
         llama_fast.patch(torch.nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="needs the SiLU activation, this model uses 'gelu'"):
+    with pytest.raises(ValueError, match="or GELU with the tanh approximation \\(GeGLU\\), this model uses 'gelu'"):
         llama_fast.patch(tiny_model(hidden_act="gelu"))
     llama_fast.patch(tiny_model(hidden_act="gelu"), swiglu=False)
     training = tiny_model(attention_dropout=0.1).train()
