@@ -218,6 +218,7 @@ def _suite_cases(name, device, args):
         if not gpu:
             return [*attention.prefill_cases(device, [(dtype, 64, 4, 2)], [256], ["fwd"], tokens_total=256),
                     *attention.window_cases(device, [(dtype, 64, 4, 2)], [256], 64, ["fwd"], tokens_total=256),
+                    *attention.softcap_cases(device, [(dtype, 64, 4, 2)], [256], 50.0, ["fwd"], tokens_total=256),
                     *attention.decode_cases(device, dtype, [512], [1], head_dim=64, q_heads=4, kv_heads=2,
                                             q_lens=(1, 8))]
         seqs = [1024, 4096, 16384] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
@@ -226,6 +227,9 @@ def _suite_cases(name, device, args):
             configs.append((torch.float16, 128, 32, 8))
         cases = list(attention.prefill_cases(device, configs, seqs, ["fwd", "bwd"]))
         cases += attention.window_cases(device, configs[:1], [s for s in seqs if s > 4096], 4096, ["fwd", "bwd"])
+        # Gemma 2 9B's heads (head_dim 256, 16 query heads on 8 KV heads) and its cap of 50, at one length:
+        # FlexAttention compiles per shape, tens of seconds each, inside bench/gpu.sh's time
+        cases += attention.softcap_cases(device, [(torch.bfloat16, 256, 16, 8)], [4096], 50.0, ["fwd", "bwd"])
         kv_lens = [1024, 16384, 131072] if args.quick else [1024, 4096, 16384, 65536, 131072]
         return cases + list(attention.decode_cases(device, torch.bfloat16, kv_lens, [1, 8], q_lens=(1, 32)))
     return e2e.cases(device, dtype, layers=args.layers, include_smollm2=not args.no_smollm2, quick=args.quick)

@@ -1,6 +1,7 @@
 """The attention suite: causal prefill forward and backward (bf16 and fp16, head_dim 64 and 128,
 MHA and GQA, seq 512 to 16k, batch·seq held at 16k tokens), a local layer's sliding window (4,096
-keys, Mistral's, against SDPA given the same band as a mask), and decode (q_len 1, and 32: a chunk
+keys, Mistral's, against SDPA given the same band as a mask), Gemma 2's logit soft-cap (head_dim 256,
+against eager and FlexAttention), and decode (q_len 1, and 32: a chunk
 on the cache) over KV lengths from 1k to 128k at batch 1 and 8.
 
 Providers: llama_fast, PyTorch SDPA (``scaled_dot_product_attention`` with ``enable_gqa``), and
@@ -91,6 +92,45 @@ def window_cases(device, configs, seqs, window, modes, tokens_total=16384):
                     lambda q, k, v, band=band: F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=True),
                     make, mode)
                 yield case
+
+
+def softcap_cases(device, configs, seqs, softcap, modes, tokens_total=16384):
+    """Causal prefill with Gemma 2's attention logit soft-cap (``softcap`` c: each score s becomes
+    c·tanh(s / c)): llama_fast's kernel against what a Gemma 2 user runs instead, which SDPA cannot
+    (Gemma2PreTrainedModel sets ``_supports_sdpa = False``): transformers' eager attention (the
+    reference, up to 2k) and, on a GPU, FlexAttention with the cap as its ``score_mod``, compiled."""
+    for dtype, head_dim, q_heads, kv_heads in configs:
+        dname = str(dtype).removeprefix("torch.")
+        for seq in seqs:
+            batch = max(1, tokens_total // seq)
+            make = _prefill_inputs(device, dtype, batch, seq, head_dim, q_heads, kv_heads)
+            shape = f"B={batch} H={q_heads}/{kv_heads} D={head_dim} softcap={softcap}"
+            for mode in modes:
+                case = Case("attention", "flash_attention", mode, shape, seq, dname,
+                            flops=formulas.attention_flops(batch, q_heads, seq, seq, head_dim, True, mode))
+                backend = ops.backend_on(device, extension_op=False)
+                case.providers[f"{OURS}[{backend}]"] = passes(
+                    lambda q, k, v: ops.flash_attention(q, k, v, softcap=softcap), make, mode)
+                if seq <= _EAGER_MAX_SEQ:
+                    case.providers["eager"] = passes(
+                        lambda q, k, v: references.attention(q, k, v, softcap=softcap), make, mode)
+                if device.type == "cuda":
+                    case.providers["flex_attention"] = passes(_flex_softcap(seq, softcap), make, mode)
+                yield case
+
+
+def _flex_softcap(seq, softcap):
+    """FlexAttention, compiled, with a causal block mask and the cap as ``score_mod`` (how transformers'
+    flex_attention path runs Gemma 2)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, seq, seq)
+
+    def cap(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return lambda q, k, v: compiled(q, k, v, score_mod=cap, block_mask=block_mask, enable_gqa=True)
 
 
 def decode_cases(device, dtype, kv_lens, batches, head_dim=128, q_heads=32, kv_heads=8, q_lens=(1,)):

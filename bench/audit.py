@@ -577,17 +577,28 @@ def _attention_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]
     yield "attention chunk", lambda arch: attention.attention_fwd(q32, k1, v1, causal=True, softmax_scale=scale,
                                                              pad=None, splits=16, arch=arch), "memory"
     # A local layer's sliding window (Mistral, Qwen2, Gemma): the same kernels with HAS_WINDOW, which
-    # masks the blocks crossing the window's lower edge and never reads the ones before it.
-    local = dict(causal=True, softmax_scale=scale, pad=None, window=1024)
-    yield "attention window fwd", lambda arch: attention.attention_fwd(q, k, v, splits=0, tma=arch == 90,
-                                                                       **local), "matrix"
-    yield "attention window bwd", lambda arch: attention.attention_bwd(out, q, k, v, out, lse, tma=arch == 90,
-                                                                       arch=arch, **local), "matrix"
-    yield "attention window bwd determ.", lambda arch: attention.attention_bwd(out, q, k, v, out, lse,
-                                                                               deterministic=True, tma=arch == 90,
-                                                                               arch=arch, **local), "matrix"
-    yield "attention window decode", lambda arch: attention.attention_fwd(q1, k1, v1, splits=8, arch=arch,
-                                                                          **local), "memory"
+    # masks the blocks crossing the window's lower edge and never reads the ones before it. Gemma 2's
+    # attention logit soft-cap (50): HAS_SOFTCAP, one σ more per score forward and its slope on dS
+    # backward; on its global layers, and with the window on its local ones (prefill forward and backward).
+    variants = (("window", dict(window=1024), 8), ("softcap", dict(softcap=50.0), 32),
+                ("softcap window", dict(window=1024, softcap=50.0), None))
+    for name, extra, splits in variants:
+        options = dict(causal=True, softmax_scale=scale, pad=None, **extra)
+        yield f"attention {name} fwd", functools.partial(
+            lambda arch, options: attention.attention_fwd(q, k, v, splits=0, tma=arch == 90, **options),
+            options=options), "matrix"
+        yield f"attention {name} bwd", functools.partial(
+            lambda arch, options: attention.attention_bwd(out, q, k, v, out, lse, tma=arch == 90, arch=arch,
+                                                          **options), options=options), "matrix"
+        if splits is None:
+            continue
+        yield f"attention {name} bwd determ.", functools.partial(
+            lambda arch, options: attention.attention_bwd(out, q, k, v, out, lse, deterministic=True,
+                                                          tma=arch == 90, arch=arch, **options),
+            options=options), "matrix"
+        yield f"attention {name} decode", functools.partial(
+            lambda arch, options, splits: attention.attention_fwd(q1, k1, v1, splits=splits, arch=arch, **options),
+            options=options, splits=splits), "memory"
 
 
 def _pointer_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
@@ -640,6 +651,11 @@ def _pointer_cases(model) -> Iterator[tuple[str, Callable[[int], object], str]]:
         yield f"{tag} attention window fwd", on_sm90(
             lambda arch, fwd=fwd, q=q, k=k, v=v: fwd(q, k, v, splits=0, window=1024)), "matrix"
         yield f"{tag} attention window bwd", on_sm90(lambda arch, bwd=bwd: bwd(arch=arch, window=1024)), "matrix"
+        yield f"{tag} attention softcap fwd", on_sm90(
+            lambda arch, fwd=fwd, q=q, k=k, v=v: fwd(q, k, v, splits=0, softcap=50.0)), "matrix"
+        yield f"{tag} attention softcap bwd", on_sm90(lambda arch, bwd=bwd: bwd(arch=arch, softcap=50.0)), "matrix"
+        yield f"{tag} attention softcap window bwd", on_sm90(
+            lambda arch, bwd=bwd: bwd(arch=arch, window=1024, softcap=50.0)), "matrix"
 
 
 def _shared_memory_cases() -> Iterator[tuple[str, Callable[[int], object], str]]:
@@ -674,6 +690,16 @@ def _shared_memory_cases() -> Iterator[tuple[str, Callable[[int], object], str]]
             yield f"{tag} attention decode", functools.partial(
                 lambda arch, q, k, v: attention.attention_fwd(q, k, v, splits=4, arch=arch, **common),
                 q=q16, k=k, v=v), "shared-memory"
+            if head_dim == 256 and dtype == torch.bfloat16:  # Gemma 2's heads, its logit cap and a local window
+                gemma = dict(common, window=512, softcap=50.0)
+                yield f"{tag} attention softcap window fwd", functools.partial(
+                    lambda arch, q, k, v, tma: attention.attention_fwd(q, k, v, splits=0, tma=arch == 90 and tma,
+                                                                      **gemma),
+                    q=q, k=k, v=v, tma=tma), "shared-memory"
+                yield f"{tag} attention softcap window bwd", functools.partial(
+                    lambda arch, q, k, v, out, lse, tma: attention.attention_bwd(
+                        out, q, k, v, out, lse, tma=arch == 90 and tma, arch=arch, **gemma),
+                    q=q, k=k, v=v, out=out, lse=lse, tma=tma), "shared-memory"
 
 
 CASE_GROUPS = {"memory": _memory_bound_cases, "attention": _attention_cases, "pointer": _pointer_cases}

@@ -58,6 +58,7 @@ once, 2·B·Hk·Skv·D·elem, plus q and out.
 """
 
 import functools
+import math
 import os
 from typing import NamedTuple
 
@@ -172,6 +173,21 @@ _DQ_VARIANT_SPILLS |= {(80, False, False, False, "window"): {(128, 64, 8, 3)},
                        (90, False, False, True, "fp32", "window"): {(64, 32, 4, 2)},
                        (90, False, False, False, "16-bit", "window"): {(64, 64, 4, 3)},
                        (90, False, False, True, "16-bit", "window"): {(64, 64, 4, 3)}}
+# Gemma 2's soft-cap (HAS_SOFTCAP) holds a σ per score, and its slope through the backward's products:
+# at Llama-3-8B heads (head_dim 128, bf16, TMA) on sm_90a the forward's 128 x 128 / 8 / 2 spills 72 B
+# (64 B with a window), and with a window too the dK/dV kernel's 32 x 64 / 4 / 2 8 B; on sm_80 the dK/dV
+# kernel without the atomic dQ (deterministic mode) spills 8 B at 16 x 64 / 4 / 1 (python -m bench audit,
+# "attention softcap" cases, Triton 3.8, 2026-12-04); the packed-sequence variants (VARLEN), which hold
+# more, drop the same tiles. Through pointers on sm_90a (the "pointer" cases), the dQ kernel's 64 x 64 / 4 / 3
+# spills 8 B with unaligned bf16, as it does with a window.
+_DQ_VARIANT_SPILLS |= {(90, False, False, False, "16-bit", "softcap"): {(64, 64, 4, 3)},
+                       (90, False, False, True, "16-bit", "softcap"): {(64, 64, 4, 3)}}
+_FWD_VARIANT_SPILLS |= {(90, True, False, False, "softcap"): {(128, 128, 8, 2)},
+                        (90, True, False, True, "softcap"): {(128, 128, 8, 2)}}
+_DKDV_VARIANT_SPILLS |= {(90, True, False, False, "softcap", "window"): {(32, 64, 4, 2)},
+                         (90, True, False, True, "softcap", "window"): {(32, 64, 4, 2)},
+                         (80, False, False, False, "softcap"): {(16, 64, 4, 1)},
+                         (80, False, False, True, "softcap"): {(16, 64, 4, 1)}}
 # Tiles the pointer path (USE_TMA=False) chooses from instead of the architecture's list, where given:
 # the sm_90a dK/dV list and 16 x 128 / 8 / 2, last so that LLAMA_FAST_AUTOTUNE=0 keeps 16 x 64 where it
 # fits (unaligned 16-bit inputs, dense sequences).
@@ -256,15 +272,20 @@ class _Pruner:
             target_arch = _arch(device.index or 0)
         variant = (target_arch, bool(arg("USE_TMA")), bool(arg("ATOMIC_DQ")), bool(arg("VARLEN")))
         spilling = set(self.variant_spills.get(variant, ()))
-        window = ("window",) if arg("HAS_WINDOW") else ()  # a sliding window's loop holds more registers
+        # A sliding window's loop and the soft-cap's σ hold more registers: keys ending in "softcap",
+        # "window" or both ("softcap", "window") apply to launches with those switches on.
+        extras = tuple(name for name, flag in (("softcap", "HAS_SOFTCAP"), ("window", "HAS_WINDOW")) if arg(flag))
+        suffixes = [(extra,) for extra in extras] + ([extras] if len(extras) > 1 else [])
         # The pointer path's own lists and spills (5-tuple keys) were counted at head_dim 64 and 128; wider
         # heads keep the choice they had (step 1's small tiles).
         counted = (arg("BLOCK_D") or 0) <= 128
-        spilling |= self.variant_spills.get((*variant, *window), set()) if window else set()
+        element = "fp32" if named_args["q_ptr"].dtype == torch.float32 else "16-bit"
         if counted:
-            element = "fp32" if named_args["q_ptr"].dtype == torch.float32 else "16-bit"
             spilling |= self.variant_spills.get((*variant, element), set())
-            spilling |= self.variant_spills.get((*variant, element, *window), set()) if window else set()
+        for suffix in suffixes:
+            spilling |= self.variant_spills.get((*variant, *suffix), set())
+            if counted:
+                spilling |= self.variant_spills.get((*variant, element, *suffix), set())
         pointer = not arg("USE_TMA") and counted and target_arch in self.pointer_tiles
         tiles = self.pointer_tiles if pointer else self.tiles
         allowed = [t for t in tiles.get(target_arch, self.tiles[80]) if t not in spilling]
@@ -316,7 +337,8 @@ _BENCH = None if _AUTOTUNE else _no_benchmark  # None: Triton's own timing
 # retune every token), batch x query heads (power-of-two buckets: with the lengths, the grid, and so
 # how well a tile fills the SMs), the GQA group (how many query heads share a K/V tile), the head
 # size, the masks.
-_TUNE_KEY = ["q_len_bucket", "kv_len_bucket", "heads_bucket", "group", "HEAD_DIM", "CAUSAL", "HAS_PAD", "HAS_WINDOW"]
+_TUNE_KEY = ["q_len_bucket", "kv_len_bucket", "heads_bucket", "group", "HEAD_DIM", "CAUSAL", "HAS_PAD", "HAS_WINDOW",
+             "HAS_SOFTCAP"]
 
 
 @triton.jit
@@ -357,8 +379,19 @@ def _fwd_values(v_src, start_n, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM: tl
 
 
 @triton.jit
-def _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len, window, qk_scale,
-                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _softcap(qk, cap_scale):
+    """(tanh(x), 1 − tanh²(x)) at x = cap_scale·qk, through g = σ(2x): tanh = 2g − 1 and its slope
+    4g(1 − g). The forward keeps the first (the compiler drops the second); the backward scales dS
+    by the second. Where tanh nears ±1 both carry fp32's absolute error (about 1e-7). One σ
+    (an EX2 and a reciprocal) more per score than without the cap."""
+    g = tl.sigmoid(2.0 * cap_scale * qk)
+    return 2.0 * g - 1.0, 4.0 * g * (1.0 - g)
+
+
+@triton.jit
+def _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len, window, qk_scale, cap_scale,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr):
     """One online-softmax step on the scores of the key block at start_n: (p, alpha, m_new, l_new)
     with p = 2^(s2·qk − m_new), alpha = 2^(m_old − m_new) the factor that brings the accumulator to
     the new max, l_new = alpha·l + Σ_j p. MASKED adds the bounds and causal masks (and, with
@@ -366,7 +399,12 @@ def _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len
     inside Skv skip them.
 
     The scale is applied inside the exponent, 2^(s2·qk − m), one FFMA per score, with m the running
-    maximum of s2·qk (taken on the unscaled scores: s2 > 0, checked by the caller)."""
+    maximum of s2·qk (taken on the unscaled scores: s2 > 0, checked by the caller).
+
+    HAS_SOFTCAP (Gemma 2's cap·tanh(scale·qk / cap)): the scores become tanh(cap_scale·qk) before the
+    masks (tanh(−∞) would be −1), with cap_scale = scale / cap and the cap folded into s2."""
+    if HAS_SOFTCAP:
+        qk, _ = _softcap(qk, cap_scale)
     cols = start_n + offs_n
     if MASKED:
         visible = (cols < kv_len)[None, :]
@@ -393,9 +431,9 @@ def _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len
 @triton.jit
 def _fwd_block_loop(
     acc, l_i, m_i, q, k_src, v_src, pad_base,
-    lo, hi, offs_m, offs_d, offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
+    lo, hi, offs_m, offs_d, offset, kv_len, window, stride_k_s, stride_v_s, qk_scale, cap_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi), one block after the other: scores, softmax, P·V.
     The decode kernel's loop, and the forward's where it does not overlap (OVERLAP in ``_attn_fwd_kernel``)."""
@@ -403,7 +441,7 @@ def _fwd_block_loop(
     for start_n in range(lo, hi, BLOCK_N):
         qk = _fwd_scores(q, k_src, start_n, offs_n, offs_d, kv_len, stride_k_s, HEAD_DIM, USE_TMA)
         p, alpha, m_i, l_i = _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len,
-                                          window, qk_scale, MASKED, CAUSAL, HAS_PAD, HAS_WINDOW)
+                                          window, qk_scale, cap_scale, MASKED, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP)
         v = _fwd_values(v_src, start_n, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_i
@@ -412,9 +450,9 @@ def _fwd_block_loop(
 @triton.jit
 def _fwd_block_loop_overlapped(
     acc, l_i, m_i, q, k_src, v_src, pad_base,
-    lo, hi, offs_m, offs_d, offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
+    lo, hi, offs_m, offs_d, offset, kv_len, window, stride_k_s, stride_v_s, qk_scale, cap_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """The online softmax of ``_fwd_block_loop`` over key blocks [lo, hi), software-pipelined by one
     block so that the exponentials of one block issue while the tensor cores multiply another (the
@@ -447,14 +485,15 @@ def _fwd_block_loop_overlapped(
     if lo < hi:
         qk = _fwd_scores(q, k_src, lo, offs_n, offs_d, kv_len, stride_k_s, HEAD_DIM, USE_TMA)
         p, alpha, m_i, l_i = _fwd_softmax(qk, m_i, l_i, pad_base, lo, offs_n, offs_m, offset, kv_len,
-                                          window, qk_scale, MASKED, CAUSAL, HAS_PAD, HAS_WINDOW)
+                                          window, qk_scale, cap_scale, MASKED, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_SOFTCAP)
         if lo + BLOCK_N < hi:
             for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
                 qk = _fwd_scores(q, k_src, start_n, offs_n, offs_d, kv_len, stride_k_s, HEAD_DIM, USE_TMA)
                 v = _fwd_values(v_src, start_n - BLOCK_N, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM, USE_TMA)
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
                 p, alpha, m_i, l_i = _fwd_softmax(qk, m_i, l_i, pad_base, start_n, offs_n, offs_m, offset, kv_len,
-                                                  window, qk_scale, MASKED, CAUSAL, HAS_PAD, HAS_WINDOW)
+                                                  window, qk_scale, cap_scale, MASKED, CAUSAL, HAS_PAD, HAS_WINDOW,
+                                                  HAS_SOFTCAP)
         acc = acc * alpha[:, None]
         last = lo + (hi - lo - 1) // BLOCK_N * BLOCK_N
         v = _fwd_values(v_src, last, offs_n, offs_d, kv_len, stride_v_s, HEAD_DIM, USE_TMA)
@@ -465,19 +504,22 @@ def _fwd_block_loop_overlapped(
 @triton.jit
 def _fwd_blocks(
     acc, l_i, m_i, q, k_src, v_src, pad_base,
-    lo, hi, offs_m, offs_d, offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
+    lo, hi, offs_m, offs_d, offset, kv_len, window, stride_k_s, stride_v_s, qk_scale, cap_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr, USE_TMA: tl.constexpr, OVERLAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """Key blocks [lo, hi) through ``_fwd_block_loop_overlapped`` (OVERLAP) or ``_fwd_block_loop``."""
     if OVERLAP:
         acc, l_i, m_i = _fwd_block_loop_overlapped(acc, l_i, m_i, q, k_src, v_src, pad_base, lo, hi, offs_m, offs_d,
-                                                   offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
-                                                   HEAD_DIM, BLOCK_N, MASKED, CAUSAL, HAS_PAD, USE_TMA, HAS_WINDOW)
+                                                   offset, kv_len, window, stride_k_s, stride_v_s, qk_scale, cap_scale,
+                                                   HEAD_DIM, BLOCK_N, MASKED, CAUSAL, HAS_PAD, USE_TMA, HAS_WINDOW,
+                                        HAS_SOFTCAP)
     else:
         acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_src, v_src, pad_base, lo, hi, offs_m, offs_d,
-                                        offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
-                                        HEAD_DIM, BLOCK_N, MASKED, CAUSAL, HAS_PAD, USE_TMA, HAS_WINDOW)
+                                        offset, kv_len, window, stride_k_s, stride_v_s, qk_scale, cap_scale,
+                                        HEAD_DIM, BLOCK_N, MASKED, CAUSAL, HAS_PAD, USE_TMA, HAS_WINDOW,
+                                        HAS_SOFTCAP)
     return acc, l_i, m_i
 
 
@@ -530,11 +572,11 @@ def _attn_fwd_kernel(
     stride_o_b, stride_o_h, stride_o_s,
     stride_pad_b,
     # parameters
-    qk_scale, window,
+    qk_scale, window, cap_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (batch x query head, query block). The grid's first axis is the heads, its
     second the query blocks in reverse, so the GPU starts the longest causal rows (the last query
@@ -599,15 +641,18 @@ def _attn_fwd_kernel(
         inside = tl.cdiv(tl.maximum(start_m + BLOCK_M + offset - window, 0), BLOCK_N) * BLOCK_N
         inside = tl.maximum(tl.minimum(inside, full), lo)  # lo <= full: a row sees its own diagonal key
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_src, v_src, pad_base, lo, inside, offs_m, offs_d,
-                                    offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
-                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA, OVERLAP, HAS_WINDOW)
+                                    offset, kv_len, window, stride_k_s, stride_v_s, qk_scale, cap_scale,
+                                    HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA, OVERLAP, HAS_WINDOW,
+                                HAS_SOFTCAP)
         lo = inside
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_src, v_src, pad_base, lo, full, offs_m, offs_d,
-                                offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
-                                HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_PAD, USE_TMA, OVERLAP, HAS_WINDOW)
+                                offset, kv_len, window, stride_k_s, stride_v_s, qk_scale, cap_scale,
+                                HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_PAD, USE_TMA, OVERLAP, HAS_WINDOW,
+                                HAS_SOFTCAP)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_src, v_src, pad_base, full, hi, offs_m, offs_d,
-                                offset, kv_len, window, stride_k_s, stride_v_s, qk_scale,
-                                HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA, OVERLAP, HAS_WINDOW)
+                                offset, kv_len, window, stride_k_s, stride_v_s, qk_scale, cap_scale,
+                                HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, USE_TMA, OVERLAP, HAS_WINDOW,
+                                HAS_SOFTCAP)
     out, lse = _finish_rows(acc, l_i, m_i)
     tl.store(o_ptr + sq * stride_o_b + q_start * stride_o_s + h * stride_o_h + offs_m[:, None] * stride_o_s
              + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=tile)
@@ -627,11 +672,11 @@ def _attn_decode_kernel(
     stride_o_b, stride_o_h, stride_o_s,
     stride_pad_b,
     # parameters
-    qk_scale, window,
+    qk_scale, window, cap_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    HAS_KV_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    FINAL: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, FINAL: tl.constexpr,
 ):
     """One program per (batch x KV head, split, row tile): BLOCK_R of the G·Sq query rows of the KV
     head against keys [first + split·split_len, first + (split + 1)·split_len), where ``first`` is 0,
@@ -665,7 +710,8 @@ def _attn_decode_kernel(
     acc, l_i, m_i = _fwd_block_loop(acc, l_i, m_i, q, k_ptr + b * stride_k_b + kv_h * stride_k_h,
                                     v_ptr + b * stride_v_b + kv_h * stride_v_h, pad_ptr + b * stride_pad_b,
                                     lo, hi, qi, offs_d, kv_len - q_len, kv_len, window, stride_k_s, stride_v_s,
-                                    qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, False, HAS_WINDOW)
+                                    qk_scale, cap_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_PAD, False, HAS_WINDOW,
+                                    HAS_SOFTCAP)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     # A split a row sees nothing of weighs 2^(−∞) = 0 in the combine; a final row that sees nothing
@@ -747,10 +793,10 @@ def _attn_bwd_delta_kernel(
 def _attn_bwd_kv_inner(
     dk, dv, k, v, key_ok, offs_n, offs_d,
     q_src, do_src, g, lse_base, delta_base, dq_base,
-    lo, hi, q_len, offset, window, stride_q_s, stride_do_s, sm_scale, qk_scale,
+    lo, hi, q_len, offset, window, stride_q_s, stride_do_s, sm_scale, qk_scale, cap_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TRANSPOSED: tl.constexpr,
-    USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """dK, dV of one key block over query blocks [lo, hi) of one query head; with ATOMIC_DQ also
     each block's share of dQ, added atomically to the fp32 accumulator at dq_base. MASKED applies
@@ -771,7 +817,10 @@ def _attn_bwd_kv_inner(
         delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
 
         # Transposed tiles (keys × queries), so dK and dV accumulate without a transpose.
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        s_t = tl.dot(k, tl.trans(q))
+        if HAS_SOFTCAP:
+            s_t, slope_t = _softcap(s_t, cap_scale)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
         if MASKED:
             visible = key_ok[:, None] & in_q[None, :]
             if CAUSAL:
@@ -784,6 +833,8 @@ def _attn_bwd_kv_inner(
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ds_t = ds_t * slope_t
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
         if ATOMIC_DQ:
             # The scale goes on the (keys x queries) dS tile before the cast, half the elements of the dQ tile.
@@ -823,11 +874,11 @@ def _attn_bwd_dkdv_kernel(
     stride_dv_b, stride_dv_h, stride_dv_s,
     stride_pad_b,
     # parameters
-    sm_scale, qk_scale, window,
+    sm_scale, qk_scale, window, cap_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, DQ_TRANSPOSED: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of one KV block, summed over all query blocks of the G query heads of its group; with
     ATOMIC_DQ, dQ too (five matrix products per block pair instead of seven with the dQ kernel).
@@ -908,23 +959,24 @@ def _attn_bwd_dkdv_kernel(
         dq_base = dq_acc_ptr + row0 * HEAD_DIM
         dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, g, lse_ptr + row0,
                                     delta_ptr + row0, dq_base, q_lo, q_full, q_len, offset, window,
-                                    stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                                    BLOCK_D=BLOCK_D, MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD, ATOMIC_DQ=ATOMIC_DQ,
-                                    DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA, HAS_WINDOW=HAS_WINDOW)
+                                    stride_q_s, stride_do_s, sm_scale, qk_scale, cap_scale, HEAD_DIM=HEAD_DIM,
+                                    BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD,
+                                    ATOMIC_DQ=ATOMIC_DQ, DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA,
+                                    HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP)
         if not (HAS_WINDOW and not USE_TMA):
             dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, g, lse_ptr + row0,
                                         delta_ptr + row0, dq_base, q_full, q_inside, q_len, offset, window,
-                                        stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM,
+                                        stride_q_s, stride_do_s, sm_scale, qk_scale, cap_scale, HEAD_DIM=HEAD_DIM,
                                         BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, MASKED=False, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD,
                                         ATOMIC_DQ=ATOMIC_DQ, DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA,
-                                        HAS_WINDOW=HAS_WINDOW)
+                                        HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP)
         if HAS_WINDOW and USE_TMA:
             dk, dv = _attn_bwd_kv_inner(dk, dv, k, v, key_ok, offs_n, offs_d, q_src, do_src, g, lse_ptr + row0,
                                         delta_ptr + row0, dq_base, q_inside, q_stop, q_len, offset, window,
-                                        stride_q_s, stride_do_s, sm_scale, qk_scale, HEAD_DIM=HEAD_DIM,
+                                        stride_q_s, stride_do_s, sm_scale, qk_scale, cap_scale, HEAD_DIM=HEAD_DIM,
                                         BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, MASKED=True, CAUSAL=CAUSAL, HAS_PAD=HAS_PAD,
                                         ATOMIC_DQ=ATOMIC_DQ, DQ_TRANSPOSED=DQ_TRANSPOSED, USE_TMA=USE_TMA,
-                                        HAS_WINDOW=HAS_WINDOW)
+                                        HAS_WINDOW=HAS_WINDOW, HAS_SOFTCAP=HAS_SOFTCAP)
 
     tl.store(dk_ptr + sk * stride_dk_b + k_start * stride_dk_s + kv_h * stride_dk_h + offs_n[:, None] * stride_dk_s
              + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_tile)
@@ -949,11 +1001,11 @@ def _attn_bwd_dq_kernel(
     stride_dq_b, stride_dq_h, stride_dq_s,
     stride_pad_b,
     # parameters
-    sm_scale, qk_scale, window,
+    sm_scale, qk_scale, window, cap_scale,
     # meta-parameters
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-    VARLEN: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, USE_TMA: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block, over the key blocks it sees (K and V through tensor descriptors with
     USE_TMA). VARLEN: as in the forward."""
@@ -1004,7 +1056,10 @@ def _attn_bwd_dq_kernel(
             kv_tile = in_kv[:, None] & (offs_d[None, :] < HEAD_DIM)
             k = tl.load(k_src + offs_n[:, None] * stride_k_s + offs_d[None, :], mask=kv_tile, other=0.0)
             v = tl.load(v_src + offs_n[:, None] * stride_v_s + offs_d[None, :], mask=kv_tile, other=0.0)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        s = tl.dot(q, tl.trans(k))
+        if HAS_SOFTCAP:
+            s, slope = _softcap(s, cap_scale)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
         visible = in_q[:, None] & in_kv[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
@@ -1015,6 +1070,8 @@ def _attn_bwd_dq_kernel(
             visible = visible & real[None, :]
         p = tl.where(visible, p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * slope
         dq = tl.dot(ds.to(k.dtype), k, dq)
 
     tl.store(dq_ptr + sq * stride_dq_b + q_start * stride_dq_s + h * stride_dq_h + offs_m[:, None] * stride_dq_s
@@ -1159,11 +1216,21 @@ def _effective_window(window: int, longest_k: int) -> int:
     return 0 if window >= longest_k else window
 
 
+def _score_scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
+    """(s2, cap_scale): the kernels' exponent is 2^(s2·x − m) over x = q·kᵀ, s2 = scale·log2 e; with
+    a cap, over x = tanh(cap_scale·q·kᵀ), cap_scale = scale / cap and s2 = cap·log2 e."""
+    if not softcap:
+        return softmax_scale * _LOG2E, 0.0
+    if not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"attention: softcap must be a positive finite number or 0 (none), got {softcap}")
+    return softcap * _LOG2E, softmax_scale / softcap
+
+
 @on_tensor_device
 def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
                   kv_lens: torch.Tensor | None = None, splits: int | None = None,
                   tma: bool | None = None, packed: Packed | None = None,
-                  arch: int | None = None, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  arch: int | None = None, window: int = 0, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """out (q's shape, in a (B, Sq, Hq, D) buffer) and base-2 lse (B, Hq, Sq) fp32.
 
     q, k, v with unit stride along D; ``softmax_scale`` > 0; ``pad`` a (B, Skv) uint8 view of the key
@@ -1176,10 +1243,13 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     decode path); out and lse keep that layout. ``arch``: the architecture (90 or 80) whose shared
     memory the decode tile must fit when q is not on a GPU (the ahead-of-time audit); on a GPU, its own.
     ``window``: with ``causal``, a sliding window (query i sees only keys j with i + offset − j < window);
-    0 for none. Key blocks outside every row's window are not read.
+    0 for none. Key blocks outside every row's window are not read. ``softcap``: > 0 caps each score
+    s = scale·q·kᵀ to softcap·tanh(s / softcap) before the softmax (Gemma 2's attention logit
+    soft-capping); 0 for none. The lse is then that of the capped scores.
     """
     if window and not causal:
         raise ValueError("attention_fwd: a sliding window needs causal attention")
+    qk_scale, cap_scale = _score_scales(softmax_scale, softcap)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -1195,7 +1265,6 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         splits = 0
         if entries == 0 or longest_q == 0:  # no sequence has a query (the caller checked the lengths)
             return out.zero_(), lse.fill_(float("inf"))
-    qk_scale = softmax_scale * _LOG2E
     has_pad = pad is not None
     pad_arg = pad if has_pad else q  # never read when HAS_PAD is False
     stride_pad = pad.stride(0) if has_pad else 0
@@ -1205,7 +1274,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
     # The keys the decode path splits: with a window, those the earliest query's window starts at
     # onwards (the kernel finds that start per row of the batch; no row's span is longer).
     span = min(kv_len, window + q_len - 1) if window else kv_len
-    window_args = dict(HAS_WINDOW=bool(window))
+    window_args = dict(HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap))
     if splits is None:
         target = persistent_programs(q.device, 1 << 30, per_sm=2)
         splits = decode_splits(batch, q_heads, kv_heads, q_len, span, target)
@@ -1228,7 +1297,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
             q, k, v, o_part, lse_part, pad_arg, kv_lens_arg,
             kv_heads, group, q_len, kv_len, split_len, splits,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o_part), stride_pad,
-            qk_scale, window,
+            qk_scale, window, cap_scale,
             HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, **lens, **window_args,
             BLOCK_R=block_r, BLOCK_N=block_n, FINAL=final, num_warps=4, num_stages=stages,
         )
@@ -1252,7 +1321,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
         q, k, v, out, lse, pad_arg, kv_lens_arg, cu_q, cu_k,
         q_heads, group, q_len, kv_len, _bucket(longest_q), _bucket(longest_k), _bucket(entries * q_heads),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_pad,
-        qk_scale, window,
+        qk_scale, window, cap_scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, USE_TMA=tma, VARLEN=varlen, **lens,
         **window_args,
     )
@@ -1262,7 +1331,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
 @on_tensor_device
 def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
                   deterministic: bool = False, tma: bool | None = None, packed: Packed | None = None,
-                  arch: int | None = None, window: int = 0):
+                  arch: int | None = None, window: int = 0, softcap: float = 0.0):
     """dq, dk, dv (each in its input's layout) from the output gradient ``do`` (unit stride along D).
 
     Default: dQ accumulates atomically in fp32 inside the dK/dV kernel (five matrix products per
@@ -1277,19 +1346,22 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     dK/dV tile whose products wgmma covers without duplicated work (128 keys on 8 warps, 64 on 4)
     spills registers once it also holds the dQ tile (32 x 128 on 8 warps: 40-240 bytes, Triton 3.8,
     2026-12-02), so there dQ comes from the dQ kernel in both modes (seven products, all on wgmma,
-    no atomics) and the atomic mode is deterministic too. ``window``: as for ``attention_fwd``.
+    no atomics) and the atomic mode is deterministic too. ``window``, ``softcap``: as for
+    ``attention_fwd`` (``lse`` the forward's, from the same cap).
     """
     if window and not causal:
         raise ValueError("attention_bwd: a sliding window needs causal attention")
+    qk_scale, cap_scale = _score_scales(softmax_scale, softcap)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     if arch is None:
         arch = _arch(q.device.index or 0) if q.is_cuda else 80
     # fp32 packed sequences on Hopper too: every dK/dV tile spills there with the dQ tile (16 x 128 on 8
-    # warps 16 B, 16 x 64 on 4 64 B at head_dim 64; the tile lists, _DKDV_VARIANT_SPILLS).
-    atomic_dq = not deterministic and not (arch == 90 and (_block_d(head_dim) > 64
-                                                           or (packed is not None and q.dtype == torch.float32)))
+    # warps 16 B, 16 x 64 on 4 64 B at head_dim 64; the tile lists, _DKDV_VARIANT_SPILLS); and fp32 with the
+    # soft-cap, whose last clean tile there, 16 x 64 on 4, spills 8 B with it (SmolLM2's heads, 2026-12-04).
+    fp32_spills = q.dtype == torch.float32 and (packed is not None or bool(softcap))
+    atomic_dq = not deterministic and not (arch == 90 and (_block_d(head_dim) > 64 or fp32_spills))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -1297,7 +1369,6 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     has_pad = pad is not None
     pad_arg = pad if has_pad else q
     stride_pad = pad.stride(0) if has_pad else 0
-    qk_scale = softmax_scale * _LOG2E
     entries, longest_q, longest_k, cu_q, cu_k, varlen = _sequences(batch, q_len, kv_len, packed, q)
     window = _effective_window(window, longest_k)
     if varlen and (entries == 0 or longest_q == 0):
@@ -1305,7 +1376,7 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     buckets = (_bucket(longest_q), _bucket(longest_k), _bucket(entries * q_heads))
     tma = _use_tma(tma, q, k, v, do)
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_PAD=has_pad, VARLEN=varlen, USE_TMA=tma,
-                HAS_WINDOW=bool(window))
+                HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap))
 
     delta = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=q.device)
     delta_rows = 16 if _INTERPRET else 64
@@ -1323,7 +1394,7 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
         q, k, v, do, lse, delta, dk, dv, pad_arg, dq_acc, cu_q, cu_k,
         kv_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), stride_pad,
-        softmax_scale, qk_scale, window, ATOMIC_DQ=atomic_dq, DQ_TRANSPOSED=arch == 90, **meta,
+        softmax_scale, qk_scale, window, cap_scale, ATOMIC_DQ=atomic_dq, DQ_TRANSPOSED=arch == 90, **meta,
     )
     if atomic_dq:
         return dq.copy_(dq_acc), dk, dv
@@ -1331,6 +1402,6 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
         q, k, v, do, lse, delta, dq, pad_arg, cu_q, cu_k,
         q_heads, group, q_len, kv_len, *buckets,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), stride_pad,
-        softmax_scale, qk_scale, window, **meta,
+        softmax_scale, qk_scale, window, cap_scale, **meta,
     )
     return dq, dk, dv

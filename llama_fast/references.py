@@ -53,14 +53,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> to
 
 
 def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None, key_padding_mask=None,
-              kv_lens=None, window: int | None = None):
+              kv_lens=None, window: int | None = None, softcap: float | None = None):
     """Softmax attention over an explicitly masked score matrix, the reference for flash_attention.
 
     q (B, Hq, Sq, D); k, v (B, Hk, Skv, D), Hq a multiple of Hk. Causal visibility is aligned
     bottom-right: query i sees keys j <= i + Skv - Sq. key_padding_mask (B, Skv) bool, True for
     real keys. kv_lens (B,) integers: row b sees only keys j < kv_lens[b], with kv_lens[b] in place
     of Skv in the causal rule (a static cache filled up to there). window (with causal): query i also
-    sees only keys j > i + Skv - Sq - window, transformers' sliding window. Rows that see no key give zeros
+    sees only keys j > i + Skv - Sq - window, transformers' sliding window. softcap: the scaled scores
+    become softcap·tanh(s / softcap) before the masks (Gemma 2). Rows that see no key give zeros
     (and zero gradients). Scores and softmax are computed in fp32 (float64 for float64 inputs), the
     products in the input dtype, as eager attention in transformers does.
     """
@@ -71,6 +72,8 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = Non
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q, k.transpose(-1, -2)).to(compute) * scale  # (B, Hq, Sq, Skv)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     i = torch.arange(q_len, device=q.device)[None, :, None]
     j = torch.arange(kv_len, device=q.device)[None, None, :]
     valid = torch.full((1, 1, 1), kv_len, device=q.device) if kv_lens is None else kv_lens.view(-1, 1, 1)
@@ -91,7 +94,7 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = Non
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, softmax_scale: float | None = None,
-                     window: int | None = None):
+                     window: int | None = None, softcap: float | None = None):
     """The reference for flash_attention_varlen: ``attention`` on each packed sequence alone.
 
     q (total_q, Hq, D); k, v (total_k, Hk, D); cu_seqlens_q/k (batch + 1,) offsets (read on the
@@ -101,7 +104,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True
     pieces = [q.new_zeros((0, *q.shape[1:]))]
     for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
         seq = [t[lo:hi].transpose(0, 1)[None] for t, lo, hi in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
-        pieces.append(attention(*seq, causal=causal, softmax_scale=softmax_scale, window=window)[0].transpose(0, 1))
+        pieces.append(attention(*seq, causal=causal, softmax_scale=softmax_scale, window=window,
+                                softcap=softcap)[0].transpose(0, 1))
     return torch.cat(pieces)  # the offsets cover q's rows from 0 to the end (checked by the op)
 
 

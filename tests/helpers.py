@@ -103,6 +103,37 @@ def check_op(fn, ref_fn, inputs, dtype, *, names, backward=True, floor_scale=1.0
                            floor_scale=floor_scale)
 
 
+def module_layout_qkv(device, batch, heads, q_len, kv_len, head_dim=32):
+    """q, k, v as transformers' attention modules hand them over: (B, S, H, D) projections viewed as
+    (B, H, S, D); ``heads`` is (query heads, KV heads)."""
+    q_heads, kv_heads = heads
+    return (torch.randn(batch, q_len, q_heads, head_dim, device=device).transpose(1, 2),
+            torch.randn(batch, kv_len, kv_heads, head_dim, device=device).transpose(1, 2),
+            torch.randn(batch, kv_len, kv_heads, head_dim, device=device).transpose(1, 2))
+
+
+def check_packed_attention(device, dtype, name, **options):
+    """``flash_attention_varlen`` against the reference over packed sequences of 0, 1, 7, 40 and 65 tokens
+    (4 query heads on 2 KV heads, head_dim 32), output and gradients by the error-ratio rule; ``options``
+    (window=, softcap=, softmax_scale=) go to both."""
+    from llama_fast import ops, references
+
+    lengths = [0, 1, 7, 40, 65]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    total = sum(lengths)
+    q = torch.randn(total, 4, 32, device=device)
+    k, v = torch.randn(total, 2, 32, device=device), torch.randn(total, 2, 32, device=device)
+
+    def ours(q, k, v):
+        return ops.flash_attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths), **options)
+
+    def ref(q, k, v):
+        return references.attention_varlen(q, k, v, cu, cu, **options)
+
+    check_op(ours, ref, [(q, True), (k, True), (v, True)], dtype, names=(name, ("q", "k", "v")),
+             floor_scale=4 * 2 * 32 ** 0.5)
+
+
 def user_env(**extra) -> dict:
     """The environment of a new shell on this machine, for commands run as a user runs them: none of
     this test run's own variables (TRITON_INTERPRET above all, which conftest.py sets), plus ``extra``."""

@@ -17,7 +17,7 @@ _SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_k
               initializer_range=0.1, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # The families patch() serves besides Llama, and the window of their local layers: shorter than the test
 # sequences (and than a 16-key block of the interpreter), so that it matters.
-FAMILIES = ("qwen2", "qwen3", "mistral", "gemma3", "phi3")
+FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
 WINDOW = 6
 
 
@@ -26,10 +26,12 @@ def tiny_config(**overrides) -> LlamaConfig:
 
 
 def family_config(family: str, **overrides):
-    """A tiny config of ``family`` (FAMILIES, "gemma2", or "llama") shaped as ``tiny_config``. Mistral: every
+    """A tiny config of ``family`` (FAMILIES or "llama") shaped as ``tiny_config``. Mistral: every
     layer local (window WINDOW). Qwen2, Qwen3: layer 0 global and layer 1 local (``max_window_layers=1``).
     Gemma 2 and 3: layer 0 local and layer 1 global, as they alternate; their query_pre_attn_scalar (256)
-    makes a softmax scale other than head_dim's; Gemma 2's soft-caps at its defaults (50 and 30). Phi-3: its
+    makes a softmax scale other than head_dim's. Gemma 2's attention logit cap 0.5, which the tiny model's
+    scores (up to ~0.7) reach, where its default of 50 would leave them as they are; its final-logit cap at its
+    default, 30. Phi-3: its
     packed qkv and gate_up projections, RoPE over half of each head (partial_rotary_factor 0.5), no window."""
     import transformers
 
@@ -40,10 +42,12 @@ def family_config(family: str, **overrides):
         return transformers.MistralConfig(**{"sliding_window": WINDOW, **shape})
     if family == "phi3":
         return transformers.Phi3Config(**{"partial_rotary_factor": 0.5, **shape})
-    if family in ("gemma2", "gemma3"):
-        config_class = transformers.Gemma2Config if family == "gemma2" else transformers.Gemma3TextConfig
-        return config_class(**{"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"],
-                               **shape})
+    if family == "gemma2":
+        return transformers.Gemma2Config(**{"sliding_window": WINDOW, "attn_logit_softcapping": 0.5,
+                                            "layer_types": ["sliding_attention", "full_attention"], **shape})
+    if family == "gemma3":
+        return transformers.Gemma3TextConfig(**{"sliding_window": WINDOW,
+                                                "layer_types": ["sliding_attention", "full_attention"], **shape})
     config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
     return config_class(**{"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1, **shape})
 

@@ -8,7 +8,7 @@ outside every window never read (NaN there changes nothing); bad windows named."
 import pytest
 import torch
 
-from helpers import DTYPES, assert_error_ratio, check_op
+from helpers import DTYPES, assert_error_ratio, check_op, check_packed_attention, module_layout_qkv
 from llama_fast import ops, references
 from llama_fast.kernels import attention as kernel
 
@@ -16,13 +16,6 @@ from llama_fast.kernels import attention as kernel
 pytestmark = pytest.mark.usefixtures("tf32_for_fp32_on_gpu")
 
 GQA, MQA = (4, 2), (3, 1)
-
-
-def _qkv(device, batch, heads, q_len, kv_len, head_dim=32):
-    q_heads, kv_heads = heads
-    return (torch.randn(batch, q_len, q_heads, head_dim, device=device).transpose(1, 2),
-            torch.randn(batch, kv_len, kv_heads, head_dim, device=device).transpose(1, 2),
-            torch.randn(batch, kv_len, kv_heads, head_dim, device=device).transpose(1, 2))
 
 
 def _check(q, k, v, dtype, window, mask=None):
@@ -44,7 +37,7 @@ def _check(q, k, v, dtype, window, mask=None):
     (GQA, 33, 70, 20), (MQA, 40, 30, 7), (GQA, 3, 90, 40),
 ], ids=lambda x: str(x))
 def test_window_forward_and_backward(device, dtype, heads, q_len, kv_len, window):
-    _check(*_qkv(device, 2, heads, q_len, kv_len), dtype, window)
+    _check(*module_layout_qkv(device, 2, heads, q_len, kv_len), dtype, window)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,7 +45,7 @@ def test_window_forward_and_backward(device, dtype, heads, q_len, kv_len, window
 def test_window_with_left_padding(device, dtype, q_len):
     """Left padding counts as positions, as in transformers' sliding-window mask: a window of 9 over
     a row whose first 13 keys are padding, and a row of nothing but padding (zeros)."""
-    q, k, v = _qkv(device, 3, GQA, q_len, 50)
+    q, k, v = module_layout_qkv(device, 3, GQA, q_len, 50)
     mask = torch.ones(3, 50, dtype=torch.bool, device=device)
     mask[0, :13] = False
     mask[2] = False
@@ -65,7 +58,7 @@ def test_window_with_left_padding(device, dtype, q_len):
 def test_window_backward_schemes(device, deterministic, arch, tma):
     """Every backward scheme (atomic dQ, plain and transposed as on Hopper; the dQ kernel) with a window
     that crosses blocks, through pointers and tensor descriptors, against the reference's gradients."""
-    q, k, v = (t.half().requires_grad_() for t in _qkv(device, 2, GQA, 65, 80, 64))
+    q, k, v = (t.half().requires_grad_() for t in module_layout_qkv(device, 2, GQA, 65, 80, 64))
     out, lse = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=None, splits=0, tma=tma, window=24)
     dout = torch.randn_like(out)
     got = kernel.attention_bwd(dout, q, k, v, out, lse, causal=True, softmax_scale=0.125, pad=None,
@@ -84,7 +77,7 @@ def test_window_backward_schemes(device, deterministic, arch, tma):
 def test_window_decode_splits_cover_only_the_window(device, dtype, q_len, splits):
     """The split-KV path with a window: its splits share out the window's keys, and every split
     still gives the reference, left padding included."""
-    q, k, v = (t.to(dtype) for t in _qkv(device, 2, (8, 2), q_len, 150, 64))
+    q, k, v = (t.to(dtype) for t in module_layout_qkv(device, 2, (8, 2), q_len, 150, 64))
     mask = torch.ones(2, 150, dtype=torch.bool, device=device)
     mask[1, :37] = False
     out, _ = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=mask.view(torch.uint8),
@@ -98,7 +91,7 @@ def test_window_decode_splits_cover_only_the_window(device, dtype, q_len, splits
 @pytest.mark.parametrize("q_len,splits", [(1, None), (1, 3), (5, 0)], ids=lambda x: str(x))
 def test_window_with_a_static_cache(device, q_len, splits):
     """kv_lens (a static cache filled to 45 and 12 of 70 slots): the window ends at each row's own fill."""
-    q, k, v = _qkv(device, 2, GQA, q_len, 70, 64)
+    q, k, v = module_layout_qkv(device, 2, GQA, q_len, 70, 64)
     kv_lens = torch.tensor([45, 12], dtype=torch.int32, device=device)
     out, _ = kernel.attention_fwd(q, k, v, causal=True, softmax_scale=0.125, pad=None, kv_lens=kv_lens, splits=splits,
                                   window=10)
@@ -110,20 +103,7 @@ def test_window_with_a_static_cache(device, q_len, splits):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_window_packed_sequences(device, dtype):
     """Packed sequences: each sequence's window counts within that sequence only."""
-    lengths = [0, 1, 7, 40, 65]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    total = sum(lengths)
-    q = torch.randn(total, 4, 32, device=device)
-    k, v = torch.randn(total, 2, 32, device=device), torch.randn(total, 2, 32, device=device)
-
-    def ours(q, k, v):
-        return ops.flash_attention_varlen(q, k, v, cu, cu, 65, 65, window=12)
-
-    def ref(q, k, v):
-        return references.attention_varlen(q, k, v, cu, cu, window=12)
-
-    check_op(ours, ref, [(q, True), (k, True), (v, True)], dtype, names=("varlen window", ("q", "k", "v")),
-             floor_scale=4 * 2 * 32 ** 0.5)
+    check_packed_attention(device, dtype, "varlen window", window=12)
 
 
 @pytest.mark.parametrize("q_len", [1, 16])
@@ -132,7 +112,7 @@ def test_keys_outside_every_window_are_never_read(device, q_len):
     leaves the output, dq and the other keys' gradients finite and equal to the clean run's, and the
     skipped keys' gradients exactly zero. The last 16 queries of 100 keys with a window of 20 reach
     back to key 65 (prefill reads from its block, 64; decode from the key itself)."""
-    q, k, v = _qkv(device, 1, GQA, q_len, 100)
+    q, k, v = module_layout_qkv(device, 1, GQA, q_len, 100)
     first = 64 if q_len > 1 else 100 - 20
     dirty_k, dirty_v = k.clone(), v.clone()
     dirty_k[:, :, :first], dirty_v[:, :, :first] = float("nan"), float("nan")
@@ -153,7 +133,8 @@ def test_keys_outside_every_window_are_never_read(device, q_len):
 def test_a_window_no_query_reaches_past_runs_the_plain_kernels(device, monkeypatch):
     """A window of at least the key length hides no key from any query: the launch runs without it
     (HAS_WINDOW off, no extra loop), bit for bit the causal result; one key shorter, it runs with it."""
-    q, k, v = _qkv(device, 2, GQA, 40, 40)  # 80 packed query rows: the ordinary forward, not the decode path
+    # 80 packed query rows: the ordinary forward, not the decode path
+    q, k, v = module_layout_qkv(device, 2, GQA, 40, 40)
     launched = []
     launch = kernel._attn_fwd_kernel.run
     monkeypatch.setattr(kernel._attn_fwd_kernel, "run",

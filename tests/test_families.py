@@ -1,12 +1,13 @@
 """patch() on the families besides Llama (tests/models.py, FAMILIES: Qwen2 and Qwen3 with a global and a local
-layer, Mistral with every layer local, Gemma 3 with a local and a global one, its norms Gemma's, its MLP a GeGLU,
-and its query scale not head_dim's; windows shorter than the sequences) against the same model unpatched:
+layer, Mistral with every layer local, Gemma 2 and 3 with a local and a global one, their norms Gemma's, their MLP
+a GeGLU, their query scale not head_dim's, Gemma 2's attention logits soft-capped; Phi-3's packed projections and
+partial rotation; windows shorter than the sequences) against the same model unpatched:
 logits, loss and every gradient by the error-ratio rule (fp32 and bf16); every kernel runs, none falls back to
 eager, each local layer's window reaching the attention kernel; greedy generate() token-identical with dynamic
 and static caches and a left-padded batch whose prompts are longer than the window; LoRA gradients; packed
-batches through DataCollatorWithFlattening; torch.compile fullgraph without graph breaks; Gemma 2 without
-attention (its soft-capped logits) and with its final soft-cap in the fused loss; and the families, or the
-parts of them, that llama_fast does not serve refused at patch() by name."""
+batches through DataCollatorWithFlattening; torch.compile fullgraph without graph breaks; Gemma 2's final
+soft-cap in the fused loss; and the families, or the parts of them, that llama_fast does not serve refused at
+patch() by name."""
 
 from unittest import mock
 
@@ -23,11 +24,12 @@ from llama_fast.kernels import swiglu as swiglu_kernel
 from models import DEVICE, FAMILIES, WINDOW, clone, family_config, family_model, tokens
 
 # the window each layer's attention runs with (0: none), as the family's config lays them out
-WINDOWS = {"qwen2": [0, WINDOW], "qwen3": [0, WINDOW], "mistral": [WINDOW, WINDOW], "gemma3": [WINDOW, 0],
-           "phi3": [0, 0]}
+WINDOWS = {"qwen2": [0, WINDOW], "qwen3": [0, WINDOW], "mistral": [WINDOW, WINDOW], "gemma2": [WINDOW, 0],
+           "gemma3": [WINDOW, 0], "phi3": [0, 0]}
+GEMMA = ("gemma2", "gemma3")
 # RMSNorms per decoder layer: input and post-attention (Qwen3 and Gemma 3: q_norm and k_norm too; Gemma's
 # layers: a pre- and a post-feedforward norm as well, and no fused residual add: it adds after its own norm)
-NORMS = {"qwen2": 2, "qwen3": 4, "mistral": 2, "gemma3": 6, "phi3": 2}
+NORMS = {"qwen2": 2, "qwen3": 4, "mistral": 2, "gemma2": 4, "gemma3": 6, "phi3": 2}
 
 
 def _grads(model):
@@ -82,7 +84,7 @@ def test_forward_and_backward_match(family, dtype):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_kernel_runs_with_each_layers_window(family):
     """No op falls back to eager: each kernel runs once per layer and way (NORMS per layer), and each layer's
-    attention runs with its own window."""
+    attention runs with its own window and Gemma 2's with its logit cap."""
     model = llama_fast.patch(family_model(family))
     spied = [("rms_norm", rms_norm_kernel, "rms_norm_fwd"), ("rms_norm_bwd", rms_norm_kernel, "rms_norm_bwd"),
              ("add_rms_norm", rms_norm_kernel, "add_rms_norm_fwd"),
@@ -101,18 +103,21 @@ def test_every_kernel_runs_with_each_layers_window(family):
     layers = 2
     # the post-attention norms that run as add_rms_norm: not Gemma's (another layer design) nor Phi-3's (its layer
     # forward, with residual dropout, is not the verified source)
-    fused = 0 if family in ("gemma3", "phi3") else layers
+    fused = 0 if family in (*GEMMA, "phi3") else layers
     norms = NORMS[family] * layers + 1 - fused
     assert mocks["rms_norm"].call_count == mocks["rms_norm_bwd"].call_count == norms
     assert mocks["add_rms_norm"].call_count == mocks["add_rms_norm_bwd"].call_count == fused
     for op in ("rope", "swiglu", "attention"):
         assert mocks[op].call_count == mocks[f"{op}_bwd"].call_count == layers, op
-    unit_offset = family == "gemma3"
+    unit_offset = family in GEMMA
     assert all(c.args[3] is unit_offset for c in mocks["rms_norm"].call_args_list)
-    activation = "gelu_tanh" if family == "gemma3" else "silu"
+    activation = "gelu_tanh" if family in GEMMA else "silu"
     assert all(c.args[2] == activation for c in mocks["swiglu"].call_args_list)
     assert [c.kwargs["window"] for c in mocks["attention"].call_args_list] == WINDOWS[family]
     assert [c.kwargs["window"] for c in mocks["attention_bwd"].call_args_list] == WINDOWS[family][::-1]
+    softcap = 0.5 if family == "gemma2" else 0.0
+    for call in (*mocks["attention"].call_args_list, *mocks["attention_bwd"].call_args_list):
+        assert call.kwargs["softcap"] == softcap
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -135,13 +140,14 @@ def test_greedy_generation_matches(family, cache):
     assert torch.equal(got, want)
 
 
-def test_peft_lora_gradients_match():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_lora_gradients_match(family):
+    """LoRA on every linear layer but lm_head (Phi-3's packed qkv_proj and gate_up_proj included)."""
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"])
+                             target_modules="all-linear")
     torch.manual_seed(7)
-    lora = peft.get_peft_model(family_model("qwen3"), config)
+    lora = peft.get_peft_model(family_model(family), config)
     models = {"patched": llama_fast.patch(clone(lora)), "eager": clone(lora), "ref": clone(lora, torch.float64)}
     grads = {}
     for name, model in models.items():
@@ -154,12 +160,14 @@ def test_peft_lora_gradients_match():
         assert_error_ratio(grads["patched"][n], grads["eager"][n], grads["ref"][n], name=f"grad {n}", floor_scale=8)
 
 
-@pytest.mark.parametrize("flash_kwargs", [True, False], ids=["cu_seq_lens", "position_ids"])
-def test_packed_batch_with_windows_matches_transformers(flash_kwargs):
-    """A packed batch (DataCollatorWithFlattening) through Qwen2's global and local layers: each example
-    sees only itself, and within it only its window; loss and every gradient against the unpatched
-    model on the same packed batch (transformers' own block-diagonal sliding mask)."""
-    base = family_model("qwen2").train()
+@pytest.mark.parametrize("family,flash_kwargs", [("qwen2", False), *((family, True) for family in FAMILIES)],
+                         ids=lambda x: {True: "cu_seq_lens", False: "position_ids"}.get(x, x))
+def test_packed_batch_with_windows_matches_transformers(family, flash_kwargs):
+    """A packed batch (DataCollatorWithFlattening) through each family's layers, its local ones with their
+    window: each example sees only itself, and within it only its window; loss and every gradient against
+    the unpatched model on the same packed batch (transformers' own block-diagonal sliding mask). Qwen2's also
+    with position_ids alone, the sequences found from where they restart."""
+    base = family_model(family).train()
     examples = [{"input_ids": tokens(1, n, seed=10 + i)[0].tolist()} for i, n in enumerate((5, 1, 19, 8))]
     batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(examples)
     batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -170,7 +178,7 @@ def test_packed_batch_with_windows_matches_transformers(flash_kwargs):
                           what="packed ")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "mistral", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fullgraph_without_graph_breaks(family):
     torch._dynamo.reset()
     model = llama_fast.patch(family_model(family))
@@ -213,17 +221,15 @@ def test_sliding_window_cache_masks():
 
 
 def test_what_a_family_needs_and_llama_fast_lacks_is_refused_by_name():
-    """Gemma 2's soft-capped attention logits, a packed MLP or partial rotation whose source is not Phi-3's,
-    another norm, another activation: refused at patch(), naming the module or setting and what to pass, and
-    nothing changed; with those ops off, the rest patches and computes the unpatched model's logits."""
+    """A packed MLP or partial rotation whose source is not Phi-3's, another norm, another activation: refused
+    at patch(), naming the module or setting and what to pass, and nothing changed; with those ops off, the
+    rest patches and computes the unpatched model's logits."""
     from llama_fast.patch import families
 
-    gemma2 = family_model("gemma2")
     relu = family_model("gemma3", hidden_activation="relu")
     layer_norm = family_model("qwen2")
     layer_norm.model.norm = torch.nn.LayerNorm(64)
-    for model, match in ((gemma2, "attn_logit_softcapping = 50.0"),
-                         (relu, "or GELU with the tanh approximation \\(GeGLU\\), this model uses 'relu'"),
+    for model, match in ((relu, "or GELU with the tanh approximation \\(GeGLU\\), this model uses 'relu'"),
                          (layer_norm, "model.norm is a LayerNorm, which computes neither Llama's RMSNorm nor Gemma's")):
         with pytest.raises(ValueError, match=match):
             llama_fast.patch(model)
@@ -238,7 +244,6 @@ def test_what_a_family_needs_and_llama_fast_lacks_is_refused_by_name():
             llama_fast.patch(phi3, swiglu=False)
         assert not llama_fast.is_patched(phi3)
         _patched_logits_match(phi3, swiglu=False, rope=False)
-    _patched_logits_match(gemma2, attention=False)
 
 
 def _patched_logits_match(model, **options):
@@ -249,16 +254,39 @@ def _patched_logits_match(model, **options):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_gemma2_attention_cap_changes_what_the_family_tests_check():
+    """The tests above check Gemma 2 with its attention logits capped at 0.5 (tests/models.py): a cap its
+    scores reach, so an attention that ignored it would be measurably off, well past the rounding they allow."""
+    model = llama_fast.patch(family_model("gemma2"))
+    uncapped = clone(model)
+    uncapped.config.attn_logit_softcapping = None
+    for layer in uncapped.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    ids = tokens(2, 13)
+    with torch.no_grad():
+        capped, plain = model(input_ids=ids).logits, uncapped(input_ids=ids).logits
+    assert (capped - plain).abs().max().item() > 1e-3 * capped.abs().max().item()
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])
+def test_fused_loss_matches(family):
+    """cross_entropy=True: lm_head fused with the loss, loss and every gradient against the unpatched model
+    (Gemma 2's final soft-cap: the next test)."""
+    base = family_model(family).train()
+    ids = tokens(2, 13)
+    _check_loss_and_grads({"patched": llama_fast.patch(clone(base), cross_entropy=True), "eager": clone(base),
+                           "ref": clone(base, torch.float64)}, lambda name, model: model(input_ids=ids, labels=ids))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemma2_fused_loss_takes_its_final_soft_cap(dtype):
-    """Gemma 2 with attention=False (its logits are soft-capped there) and cross_entropy=True: the fused loss
-    soft-caps the logits as Gemma2ForCausalLM does, loss and every gradient against the unpatched model; without
+    """Gemma 2 with cross_entropy=True: the fused loss soft-caps the logits as Gemma2ForCausalLM does, loss
+    and every gradient against the unpatched model; without
     the cap the loss is measurably another (a cap of 5 rather than Gemma 2's 30, which the small logits of a tiny
     random model would barely reach)."""
     base = family_model("gemma2", final_logit_softcapping=5.0).train()
     ids = tokens(2, 13)
-    ref_loss = _check_loss_and_grads({"patched": llama_fast.patch(clone(base, dtype), attention=False,
-                                                                  cross_entropy=True),
+    ref_loss = _check_loss_and_grads({"patched": llama_fast.patch(clone(base, dtype), cross_entropy=True),
                                       "eager": clone(base, dtype), "ref": clone(base, torch.float64)},
                                      lambda name, model: model(input_ids=ids, labels=ids))
     uncapped = clone(base)
@@ -275,7 +303,7 @@ def test_fused_loss_refuses_a_soft_cap_it_has_not_verified(monkeypatch):
     monkeypatch.setattr(loss, "SOFT_CAPPING_FORWARDS", set())
     model = family_model("gemma2")
     with pytest.raises(ValueError, match="Gemma2ForCausalLM.forward is not one that llama_fast verified applies it"):
-        llama_fast.patch(model, attention=False, cross_entropy=True)
+        llama_fast.patch(model, cross_entropy=True)
     assert not llama_fast.is_patched(model)
 
 

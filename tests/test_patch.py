@@ -355,8 +355,8 @@ def test_unknown_attention_keywords_are_refused_not_ignored():
     those are implemented now, tests/test_packing.py); the Trainer's loss normaliser passes."""
     model = llama_fast.patch(tiny_model())
     ids = tokens(1, 6)
-    with pytest.raises(NotImplementedError, match="does not implement softcap"):
-        model(input_ids=ids, softcap=30.0)
+    with pytest.raises(NotImplementedError, match="does not implement s_aux"):
+        model(input_ids=ids, s_aux=torch.zeros(4))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         normalised = model(input_ids=ids, num_items_in_batch=torch.tensor(5, device=DEVICE)).logits

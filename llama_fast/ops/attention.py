@@ -15,37 +15,38 @@ _MAX_HEAD_DIM = 256
 # launcher itself. pad: the (B, Skv) key padding mask as uint8 (a view of the bool one) or int32, or None.
 def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None,
                 kv_lens: torch.Tensor | None, causal: bool, softmax_scale: float,
-                window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention
 
     return attention.attention_fwd(q, k, v, causal=causal, softmax_scale=softmax_scale, pad=pad, kv_lens=kv_lens,
-                                   window=window)
+                                   window=window, softcap=softcap)
 
 
 def _launch_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                 lse: torch.Tensor, pad: torch.Tensor | None, causal: bool, softmax_scale: float, window: int,
-                deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                softcap: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import attention
 
     return attention.attention_bwd(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale, pad=pad,
-                                   deterministic=deterministic, window=window)
+                                   deterministic=deterministic, window=window, softcap=softcap)
 
 
-def _fake_fwd(q, k, v, pad, kv_lens, causal, softmax_scale, window):
+def _fake_fwd(q, k, v, pad, kv_lens, causal, softmax_scale, window, softcap):
     # out in a (B, Sq, Hq, D) buffer viewed as (B, Hq, Sq, D), so transformers' transpose back is free
     batch, heads, q_len, head_dim = q.shape
     out = q.new_empty((batch, q_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
 
 
-def _fake_bwd(dout, q, k, v, out, lse, pad, causal, softmax_scale, window, deterministic):
+def _fake_bwd(dout, q, k, v, out, lse, pad, causal, softmax_scale, window, softcap, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pad, kv_lens, causal, softmax_scale, window = inputs
+    q, k, v, pad, kv_lens, causal, softmax_scale, window, softcap = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], pad)
-    ctx.causal, ctx.softmax_scale, ctx.window, ctx.has_kv_lens = causal, softmax_scale, window, kv_lens is not None
+    ctx.causal, ctx.softmax_scale, ctx.window, ctx.softcap = causal, softmax_scale, window, softcap
+    ctx.has_kv_lens = kv_lens is not None
 
 
 def _backward_with(bwd_op):
@@ -55,8 +56,8 @@ def _backward_with(bwd_op):
                                       "inference); train with the keys sliced to their length instead")
         q, k, v, out, lse, pad = ctx.saved_tensors
         dq, dk, dv = bwd_op(unit_stride_last(dout), q, k, v, out, lse, pad, ctx.causal, ctx.softmax_scale,
-                            ctx.window, torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, None, None, None, None, None
+                            ctx.window, ctx.softcap, torch.are_deterministic_algorithms_enabled())
+        return dq, dk, dv, None, None, None, None, None, None
 
     return backward
 
@@ -103,6 +104,16 @@ def _window(op, window, causal) -> int:
     return window
 
 
+def _softcap(op, softcap) -> float:
+    """The attention logit cap as the kernels take it: 0.0 for none, else a positive finite float."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 < softcap < float("inf"):
+        raise ValueError(f"{op}: softcap must be a positive finite number (Gemma 2's attn_logit_softcapping) or "
+                         f"None, got {softcap!r}")
+    return float(softcap)
+
+
 def _check(q, k, v, key_padding_mask, kv_lens) -> None:
     op = "flash_attention"
     check_dtype(op, q=q, k=k, v=v)
@@ -134,7 +145,8 @@ def _check(q, k, v, key_padding_mask, kv_lens) -> None:
 
 def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None,
                     key_padding_mask: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
-                    window: int | None = None, backend: str | None = None) -> torch.Tensor:
+                    window: int | None = None, softcap: float | None = None,
+                    backend: str | None = None) -> torch.Tensor:
     """Softmax attention of q over k, v without materialising the score matrix.
 
     q: (batch, q_heads, q_len, head_dim); k, v: (batch, kv_heads, kv_len, head_dim) with q_heads a
@@ -155,6 +167,8 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     layers): query i sees keys j with i + kv_len − q_len − window < j <= i + kv_len − q_len, as
     transformers' sliding-window mask (``kv_idx > q_idx − sliding_window``). Key blocks outside every
     row's window are never read. None (default): no window.
+    softcap: each scaled score s becomes softcap·tanh(s / softcap) before the softmax (Gemma 2's
+    ``attn_logit_softcapping``), forward and backward. None (default): no cap.
     A query that sees no key returns zeros, with zero gradient.
 
     Returns out with q's shape and dtype. Differentiable in q, k and v. The backward accumulates dQ
@@ -166,16 +180,17 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     _check(q, k, v, key_padding_mask, kv_lens)
     scale = _scale("flash_attention", q, softmax_scale)
     window = _window("flash_attention", window, causal)
+    softcap = _softcap("flash_attention", softcap)
     if _dtensor.has_dtensor(q, k, v, key_padding_mask, kv_lens):
-        return _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, backend)
-    return _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, backend)
+        return _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, backend)
+    return _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, backend)
 
 
-def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, backend):
+def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, backend):
     """``flash_attention`` on checked plain tensors."""
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
-                                    kv_lens=kv_lens, window=window or None)
+                                    kv_lens=kv_lens, window=window or None, softcap=softcap or None)
     _check_kernel_head_dim("flash_attention", q.shape[-1])
     pad = None
     if key_padding_mask is not None:
@@ -188,11 +203,11 @@ def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, backen
     if kv_lens is not None:
         kv_lens = kv_lens.to(torch.int32).contiguous()
     out, _ = _KERNELS.run("triton", direct_call_ok(q, k, v), unit_stride_last(q), unit_stride_last(k),
-                          unit_stride_last(v), pad, kv_lens, bool(causal), scale, window)
+                          unit_stride_last(v), pad, kv_lens, bool(causal), scale, window, softcap)
     return out
 
 
-def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, backend):
+def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, backend):
     """DTensor inputs: q, k, v split alike, along the batch, or the heads with each rank's query heads the
     GQA groups of its KV heads; key_padding_mask and kv_lens (a row per batch entry) follow a batch split
     and are replicated otherwise. The output is split as q."""
@@ -209,7 +224,8 @@ def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, back
             raise _dtensor.refuse(name, aux, tensors[aux], f"with q split as {tuple(q.placements)} it must be {want}",
                                   "Distribute it like q's batch")
     local = [None if t is None else t.to_local() for t in (key_padding_mask, kv_lens)]
-    out = _attention(q.to_local(), k.to_local(), v.to_local(), causal, scale, local[0], local[1], window, backend)
+    out = _attention(q.to_local(), k.to_local(), v.to_local(), causal, scale, local[0], local[1], window, softcap,
+                     backend)
     return _dtensor.wrap(out, mesh, placements["q"], q.shape)
 
 
@@ -217,25 +233,25 @@ def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, back
 # sequence (kernels/attention.py, Packed). Separate ops because the signature differs.
 def _launch_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                       softmax_scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       softmax_scale: float, window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention
 
     packed = attention.Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out, lse = attention.attention_fwd(*_heads_first(q, k, v), causal=causal, softmax_scale=softmax_scale, pad=None,
-                                       packed=packed, window=window)
+                                       packed=packed, window=window, softcap=softcap)
     return out.transpose(1, 2).squeeze(0), lse.squeeze(0)
 
 
 def _launch_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                       max_seqlen_k: int, causal: bool, softmax_scale: float, window: int,
+                       max_seqlen_k: int, causal: bool, softmax_scale: float, window: int, softcap: float,
                        deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import attention
 
     packed = attention.Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     grads = attention.attention_bwd(*_heads_first(dout, q, k, v, out), lse.unsqueeze(0), causal=causal,
                                     softmax_scale=softmax_scale, pad=None, deterministic=deterministic, packed=packed,
-                                    window=window)
+                                    window=window, softcap=softcap)
     return tuple(g.transpose(1, 2).squeeze(0) for g in grads)
 
 
@@ -245,20 +261,20 @@ def _heads_first(*packed: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                     window):
+                     window, softcap):
     total, heads, head_dim = q.shape
     return q.new_empty((total, heads, head_dim)), q.new_empty((heads, total), dtype=torch.float32)
 
 
 def _fake_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                     softmax_scale, window, deterministic):
+                     softmax_scale, window, softcap, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window, softcap = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
-    ctx.args = max_q, max_k, causal, softmax_scale, window
+    ctx.args = max_q, max_k, causal, softmax_scale, window, softcap
 
 
 def _varlen_backward_with(bwd_op):
@@ -266,7 +282,7 @@ def _varlen_backward_with(bwd_op):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv = bwd_op(unit_stride_last(dout), q, k, v, out, lse, cu_q, cu_k, *ctx.args,
                             torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
     return backward
 
@@ -338,7 +354,7 @@ def _check_varlen_values(cu_q, cu_k, total_q, total_k, max_q, max_k) -> None:
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal: bool = True,
                            softmax_scale: float | None = None, window: int | None = None,
-                           backend: str | None = None) -> torch.Tensor:
+                           softcap: float | None = None, backend: str | None = None) -> torch.Tensor:
     """Flash attention over sequences packed without padding, in flash-attn's varlen layout.
 
     q: (total_q, q_heads, head_dim); k, v: (total_k, kv_heads, head_dim), q_heads a multiple of
@@ -348,7 +364,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_seqlen_k: ints at least every sequence's length (they size the grid; a tensor is read on
     the host). Each sequence attends only to itself; ``causal`` is bottom-right aligned per
     sequence (query i of a sequence sees its keys j <= i + len_k − len_q), and ``window`` limits it
-    per sequence as in ``flash_attention``. Other arguments and
+    per sequence as in ``flash_attention``. Other arguments (``softcap`` too) and
     numerics as ``flash_attention``. Returns (total_q, q_heads, head_dim) in q's dtype,
     differentiable in q, k and v. No host sync on a GPU (the offsets are checked by a device-side
     assert there).
@@ -356,25 +372,29 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_q, max_k = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _scale("flash_attention_varlen", q, softmax_scale)
     window = _window("flash_attention_varlen", window, causal)
+    softcap = _softcap("flash_attention_varlen", softcap)
     if _dtensor.has_dtensor(q, k, v, cu_seqlens_q, cu_seqlens_k):
-        return _varlen_on_dtensors(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, backend)
-    return _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, backend)
+        return _varlen_on_dtensors(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, softcap,
+                                   backend)
+    return _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, softcap,
+                             backend)
 
 
-def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, backend):
+def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, softcap, backend):
     """``flash_attention_varlen`` on checked plain tensors (the offsets' values are checked here)."""
     _check_varlen_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_q, max_k)
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale,
-                                           window=window or None)
+                                           window=window or None, softcap=softcap or None)
     _check_kernel_head_dim("flash_attention_varlen", q.shape[-1])
     out, _ = _VARLEN_KERNELS.run("triton", direct_call_ok(q, k, v), unit_stride_last(q), unit_stride_last(k),
                                  unit_stride_last(v), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_q,
-                                 max_k, bool(causal), scale, window)
+                                 max_k, bool(causal), scale, window, softcap)
     return out
 
 
-def _varlen_on_dtensors(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, backend):
+def _varlen_on_dtensors(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, softcap,
+                        backend):
     """DTensor inputs: q, k, v split alike along the heads (as ``_on_dtensors``; a sequence split would
     cut sequences), the offsets replicated."""
     name = "flash_attention_varlen"
@@ -385,5 +405,5 @@ def _varlen_on_dtensors(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causa
     for cu in ("cu_seqlens_q", "cu_seqlens_k"):
         _dtensor.require_replicated(name, cu, tensors[cu], placements[cu], "the sequence offsets must be replicated")
     out = _attention_varlen(q.to_local(), k.to_local(), v.to_local(), cu_seqlens_q.to_local(),
-                            cu_seqlens_k.to_local(), max_q, max_k, causal, scale, window, backend)
+                            cu_seqlens_k.to_local(), max_q, max_k, causal, scale, window, softcap, backend)
     return _dtensor.wrap(out, mesh, placements["q"], q.shape)

@@ -16,13 +16,13 @@ ATTENTION_NAME = "llama_fast"
 # Keywords transformers hands the attention function that do not change what it computes here (the
 # cache and positions act before attention: RoPE, the cache update, the mask function; position_ids
 # also show packed sequences, read by _packed_sequences with the _PACKED_KWARGS; sliding_window is the
-# layer's window, read by attention_forward). Any other keyword with a value is refused rather than
-# ignored: e.g. softcap or attention sinks.
+# layer's window and softcap Gemma 2's attention logit cap, both read by attention_forward). Any other
+# keyword with a value is refused rather than ignored: e.g. attention sinks.
 _NEUTRAL_KWARGS = frozenset({"position_ids", "use_cache", "cache", "past_key_values", "cache_position", "layer_idx",
                              "output_attentions", "output_hidden_states", "output_router_logits",
                              # the loss's normaliser, which transformers' Trainer passes down the whole model
                              "num_items_in_batch",
-                             "is_causal", "sliding_window"})  # honoured by attention_forward
+                             "is_causal", "sliding_window", "softcap"})  # honoured by attention_forward
 # TRL's padding-free collator adds ``seq_idx`` (each token's sequence number) beside the cu_seq_lens_*
 # it makes from the same lengths: with those it says nothing new. Alone it is refused, like any other.
 
@@ -58,9 +58,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     # A local layer's window (Mistral, Qwen2 with use_sliding_window): transformers hands it to the attention
     # function as FlashAttention-2 takes it, and the mask function a sliding mask of the same config window.
     window = kwargs.get("sliding_window")
+    # Gemma 2's cap·tanh(s / cap) on every score, which its eager attention applies before the mask.
+    softcap = kwargs.get("softcap")
     packed = _packed_sequences(query, key, attention_mask, kwargs, window)
     if packed is not None:
-        return _packed_attention(query, key, value, packed, causal, scaling, window), None
+        return _packed_attention(query, key, value, packed, causal, scaling, window, softcap), None
     if attention_mask is not None and is_packed_marker(attention_mask):
         attention_mask = None  # traced: each row is one sequence (asserted on the device)
     kv_lens = None
@@ -71,10 +73,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             f"llama_fast attention: expected the (batch, kv_len) padding mask made by llama_fast's mask function, "
             f"got a {attention_mask.dim()}-D mask (was the attention implementation changed after patch()?)"
         )
-    if window is None and _sdpa_serves(query, key, attention_mask, kv_lens, causal):
+    if window is None and softcap is None and _sdpa_serves(query, key, attention_mask, kv_lens, causal):
         return _sdpa(query, key, value, causal, scaling), None
     out = ops.flash_attention(query, key, value, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
-                              kv_lens=kv_lens, window=window)
+                              kv_lens=kv_lens, window=window, softcap=softcap)
     return out.transpose(1, 2), None
 
 
@@ -191,7 +193,7 @@ def _assert_one_run_per_row(position_ids: torch.Tensor) -> None:
                         "return_flash_attn_kwargs=True)) so that no host read is needed")
 
 
-def _packed_attention(query, key, value, packed, causal, scaling, window=None):
+def _packed_attention(query, key, value, packed, causal, scaling, window=None, softcap=None):
     """Attention over packed sequences: the (B, H, S, D) views the module hands over, which are
     (B, S, H, D) projections transposed, as flash-attn's (B·S, H, D) layout (views, no copy), and
     the result back as (B, S, H, D)."""
@@ -199,7 +201,8 @@ def _packed_attention(query, key, value, packed, causal, scaling, window=None):
 
     batch, heads, q_len, head_dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], head_dim) for t in (query, key, value))
-    out = ops.flash_attention_varlen(q, k, v, *packed, causal=causal, softmax_scale=scaling, window=window)
+    out = ops.flash_attention_varlen(q, k, v, *packed, causal=causal, softmax_scale=scaling, window=window,
+                                     softcap=softcap)
     return out.view(batch, q_len, heads, head_dim)
 
 

@@ -41,11 +41,6 @@ def validate(model: torch.nn.Module, options: dict) -> None:
         if not getattr(config, "is_causal", True) or getattr(config, "use_bidirectional_attention", False):
             raise ValueError("llama_fast.patch: the model is configured for bidirectional attention "
                              "(config.is_causal = False or use_bidirectional_attention); pass attention=False")
-        softcap = getattr(config, "attn_logit_softcapping", None)
-        if softcap:
-            raise ValueError(f"llama_fast.patch: attention logit soft-capping ({type(config).__name__}."
-                             f"attn_logit_softcapping = {softcap}) is not implemented by llama_fast's attention "
-                             "kernel yet; pass attention=False")
     if options["cross_entropy"]:
         head = getattr(model, "lm_head", None)
         if head is None or not isinstance(head_linear(head), torch.nn.Linear):
