@@ -112,10 +112,13 @@ setup(
     version="0.1.0",
     description="Fused Triton kernels (RMSNorm, RoPE, SwiGLU, flash attention) for Llama models in transformers",
     python_requires=">=3.10",
-    packages=["llama_fast", "llama_fast.ops", "llama_fast.patch", "llama_fast.kernels"],
+    packages=["llama_fast", "llama_fast.ops", "llama_fast.patch", "llama_fast.kernels", "llama_fast.hub"],
     package_dir={"llama_fast": "llama_fast", "llama_fast.kernels": "kernels"},
-    # The instruction set of `python -m llama_fast train`, read with importlib.resources.
-    package_data={"llama_fast": ["data/*.jsonl"]},
+    # The instruction set of `python -m llama_fast train`, read with importlib.resources; the kernel
+    # repository Hugging Face's kernels package loads llama_fast.hub's layers from (a folder, not a package).
+    package_data={"llama_fast": ["data/*.jsonl"],
+                  "llama_fast.hub": ["repository/torch-universal/metadata.json",
+                                     "repository/torch-universal/llama_fast_layers/*.py"]},
     install_requires=["torch>=2.11", "triton>=3.6", "transformers>=5.17,<6"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -53,10 +53,10 @@ compile tests     100
 e2e     e2e        75
 '
 # The correctness tests, new paths first (xdist hands tests out in this order): launch limits (shared
-# memory, grid), sliding-window attention and the model families, attention (TMA on sm_90), packed
-# sequences, the fused loss kernel, then the rest.
-FIRST_TESTS=(tests/test_launch_limits.py tests/test_attention_window.py tests/test_families.py tests/test_attention.py
-             tests/test_attention_varlen.py tests/test_linear_cross_entropy.py tests/test_ops.py tests/test_zero_size.py
+# memory, grid), sliding-window and soft-capped attention, the model families and the hub-kernel route,
+# attention (TMA on sm_90), packed sequences, the fused loss kernel, then the rest.
+FIRST_TESTS=(tests/test_launch_limits.py tests/test_attention_window.py tests/test_attention_softcap.py
+             tests/test_families.py tests/test_hub.py tests/test_attention.py tests/test_attention_varlen.py tests/test_linear_cross_entropy.py tests/test_ops.py tests/test_zero_size.py
              tests/test_packing.py tests/test_patch.py tests/test_transformers_match.py)
 COMPILE_TESTS=(tests/test_compile.py tests/test_custom_ops.py)
 

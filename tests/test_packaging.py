@@ -82,6 +82,9 @@ def test_pip_wheel(fresh, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("llama_fast/_C") and n.endswith(".so") for n in names), names
     assert "llama_fast/_build_info.py" in names and "llama_fast/kernels/attention.py" in names
+    hub = "llama_fast/hub/repository/torch-universal/"  # the kernel repository llama_fast.hub registers
+    assert {f"{hub}{name}" for name in ("metadata.json", "llama_fast_layers/__init__.py",
+                                        "llama_fast_layers/layers.py")} <= set(names)
     assert not [n for n in names if n.split("/")[0] in ("kernels", "bench", "tests", "csrc")], names
 
 

@@ -67,17 +67,28 @@ def _forward_hash(module: torch.nn.Module) -> str | None:
     return _hash_or_none(type(module).forward)
 
 
+def norm_kind(norm_class: type) -> str | None:
+    """What a norm class's forward computes, by its source: "llama" (Llama's RMSNorm), "gemma" (Gemma's,
+    its ``_norm`` helper's source too), or None."""
+    source = _hash_or_none(getattr(norm_class, "forward", None))
+    if source in RMS_NORM_SOURCES:
+        return "llama"
+    helper = _hash_or_none(getattr(norm_class, "_norm", None))
+    if source in GEMMA_RMS_NORM_SOURCES and helper in GEMMA_NORM_HELPER_SOURCES:
+        return "gemma"
+    return None
+
+
 def is_rms_norm(module: torch.nn.Module) -> bool:
     """Whether ``module`` computes Llama's RMSNorm (``ops.rms_norm`` of its weight and variance_epsilon)."""
     return (isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")
-            and _forward_hash(module) in RMS_NORM_SOURCES)
+            and norm_kind(type(module)) == "llama")
 
 
 def is_gemma_rms_norm(module: torch.nn.Module) -> bool:
     """Whether ``module`` computes Gemma's RMSNorm (``ops.rms_norm(unit_offset=True)`` of its weight and eps)."""
     return (isinstance(getattr(module, "weight", None), torch.Tensor)
-            and isinstance(getattr(module, "eps", None), float) and _forward_hash(module) in GEMMA_RMS_NORM_SOURCES
-            and _hash_or_none(getattr(type(module), "_norm", None)) in GEMMA_NORM_HELPER_SOURCES)
+            and isinstance(getattr(module, "eps", None), float) and norm_kind(type(module)) == "gemma")
 
 
 def is_gated_mlp(module: torch.nn.Module) -> bool:
@@ -111,15 +122,25 @@ def rotary_function(attention_class: type):
     forward = inspect.unwrap(attention_class.forward)
     function = getattr(forward, "__globals__", {}).get("apply_rotary_pos_emb")
     if isinstance(function, torch.nn.Module) and hasattr(function, "kernel_layer_name"):
-        code = type(function).forward
-        cells = dict(zip(code.__code__.co_freevars, code.__closure__ or ()))
-        function = cells["func"].cell_contents if "func" in cells else None
+        function = hub_function(type(function))
     return function
+
+
+def hub_function(func_class: type):
+    """The function a ``kernels`` ``Func`` module class was made from (``use_kernel_forward_from_hub`` on a
+    function; kernels 0.19.1 holds it in the closure of the class's forward as ``func``), or None."""
+    code = getattr(func_class, "forward", None)
+    cells = dict(zip(code.__code__.co_freevars, code.__closure__ or ())) if hasattr(code, "__code__") else {}
+    return cells["func"].cell_contents if "func" in cells else None
 
 
 def rotation(attention_class: type) -> str | None:
     """Which rotation ``attention_class.forward`` calls: "whole" (Llama's rotate-half over the whole head),
     "partial" (Phi-3's, over the first cos.shape[-1] features), or None (another, or none found)."""
-    function = rotary_function(attention_class)
+    return rotation_of(rotary_function(attention_class))
+
+
+def rotation_of(function) -> str | None:
+    """``rotation`` of an ``apply_rotary_pos_emb`` function itself (None for None)."""
     source = None if function is None else _hash_or_none(function)
     return "whole" if source in ROTARY_SOURCES else "partial" if source in PARTIAL_ROTARY_SOURCES else None
