@@ -308,7 +308,13 @@ def test_forward_overlaps_softmax_and_matrix_products(full_audit):
                                                                                       else 2) for r in forward)
     for r in forward:
         for loop, under in zip(r["matrix_loops"], r["ex2_under_hgmma"]):
-            assert 2 * under >= loop["ex2"] > 0, r
+            if " softcap " in r["case"]:
+                # Two EX2 per score with the soft-cap (its σ's and the softmax's): at least 40% of them issue
+                # under a product, the fewest at SmolLM2's head_dim 64 (14 of 34 per loop at 64 x 32, 29 of
+                # 66 at 128 x 64 with a window; Llama-3's heads 34 of 66 and 18 of 34), 2026-12-04
+                assert 5 * under >= 2 * loop["ex2"] > 0, r
+            else:
+                assert 2 * under >= loop["ex2"] > 0, r
     baseline = json.loads((ROOT / "bench" / "audit_baseline.json").read_text())["kernels"]
     recorded = [k for k, entry in baseline.items() if "ex2_under_hgmma" in entry]
     # the dQ kernel's exponentials run under its own products too (29 of 32 a loop at 128 x 64), so it
@@ -390,7 +396,7 @@ def test_pointer_path_on_sm90a_compiles_without_spills(tmp_path):
         ours = [r for r in reports if r["case"].startswith(f"llama3-8b pointer {dtype} attention")]
         cases = {r["case"].removeprefix(f"llama3-8b pointer {dtype} attention ") for r in ours}
         assert cases == {"fwd", "bwd", "bwd determ.", "varlen fwd", "varlen bwd", "decode", "chunk", "window fwd",
-                         "window bwd"}, cases
+                         "window bwd", "softcap fwd", "softcap bwd", "softcap window bwd"}, cases
         assert {r["kernel"] for r in ours} >= MATRIX_KERNELS | {"_attn_bwd_delta_kernel", "_attn_decode_kernel"}
         for r in ours:
             assert r["spill_bytes"] == 0 and r["spill_instructions"] == 0 and not r["problems"], r

@@ -29,15 +29,16 @@ def _one_error_line(proc, expect: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def gemma2_folder(tmp_path_factory):
-    """A tiny Gemma 2 model folder (random weights, a word-level tokenizer): a causal LM transformers loads
-    and llama_fast does not patch (its RMSNorm scales by 1 + weight: no kernel for it yet)."""
+def relu_gemma2_folder(tmp_path_factory):
+    """A tiny Gemma 2 model folder (random weights, a word-level tokenizer) with a ReLU MLP: a causal LM
+    transformers loads and llama_fast does not patch (its gated-MLP kernels are SwiGLU and GeGLU)."""
     from tokenizers import Tokenizer, models
     from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("gemma2")
     config = Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=16, vocab_size=16, max_position_embeddings=64)
+                          num_key_value_heads=1, head_dim=16, vocab_size=16, max_position_embeddings=64,
+                          hidden_activation="relu")
     Gemma2ForCausalLM(config).save_pretrained(folder)
     words = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(folder)
@@ -55,10 +56,10 @@ def test_a_model_that_is_not_there(tmp_path, model, expect):
     _one_error_line(run(["chat", "--model", model], tmp_path), expect)
 
 
-def test_a_model_llama_fast_does_not_patch(tmp_path, gemma2_folder):
-    proc = run(["chat", "--model", str(gemma2_folder)], tmp_path)
-    # Gemma 2's norms and MLP run the kernels; its soft-capped attention logits the attention kernel lacks
-    _one_error_line(proc, "attention logit soft-capping (Gemma2Config.attn_logit_softcapping = 50.0)")
+def test_a_model_llama_fast_does_not_patch(tmp_path, relu_gemma2_folder):
+    proc = run(["chat", "--model", str(relu_gemma2_folder)], tmp_path)
+    # Gemma 2's norms, rotation and attention run the kernels; a ReLU MLP none does
+    _one_error_line(proc, "or GELU with the tanh approximation (GeGLU), this model uses 'relu'")
     assert "answer" not in proc.stdout, "refused before generating with the unpatched model"
 
 
