@@ -103,8 +103,9 @@ def rms_norm(module, hidden_states):
         return ops.rms_norm(hidden_states, module.weight, module.eps, unit_offset=True)
     raise NotImplementedError(
         f"llama_fast.hub: {type(module).__qualname__} is marked \"RMSNorm\" for hub kernels but computes neither "
-        "Llama's RMSNorm nor Gemma's (its forward is not a source llama_fast verified); leave it out of the kernel "
-        "mapping (register only the marks it computes) or use llama_fast.patch(model), which refuses it by name")
+        "Llama's RMSNorm nor Gemma's (its forward is not a source llama_fast verified); register the other marks "
+        "only (kernels.register_kernel_mapping of llama_fast.hub.kernel_mapping() without \"RMSNorm\") or use "
+        "llama_fast.patch(model), which refuses it by name")
 
 
 def apply_rotary_pos_emb(module, q, k, cos, sin, unsqueeze_dim=1):
@@ -120,5 +121,6 @@ def apply_rotary_pos_emb(module, q, k, cos, sin, unsqueeze_dim=1):
         return partial_rotation(q, k, cos, sin, unsqueeze_dim)
     raise NotImplementedError(
         "llama_fast.hub: an apply_rotary_pos_emb marked \"rotary_pos_emb\" for hub kernels is neither Llama's "
-        "rotation nor Phi-3's partial one (its source is not one llama_fast verified); leave \"rotary_pos_emb\" "
-        "out of the kernel mapping for this model or use llama_fast.patch(model)")
+        "rotation nor Phi-3's partial one (its source is not one llama_fast verified); register the other marks only "
+        "(kernels.register_kernel_mapping of llama_fast.hub.kernel_mapping() without \"rotary_pos_emb\") or use "
+        "llama_fast.patch(model)")
