@@ -118,7 +118,8 @@ def fused_loss_forwards(model: torch.nn.Module):
                              "call returns)")
         if self.lm_head is not head:
             raise RuntimeError("llama_fast cross_entropy: lm_head was replaced after patch() (resize_token_embeddings "
-                               "does that); call llama_fast.patch(model, cross_entropy=True) again")
+                               "does that), or this model is a copy.deepcopy of a patched one (whose forward still "
+                               "serves the original's lm_head); call llama_fast.patch(model, cross_entropy=True) again")
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
