@@ -28,6 +28,7 @@ is harmless. A model the kernels cannot serve is refused at ``patch()`` time (va
 
 import copy
 import dataclasses
+import sys
 import types
 
 import torch
@@ -61,12 +62,16 @@ def _is_fsdp1(model: torch.nn.Module) -> bool:
 
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside ``model``: a DDP (or DataParallel) wrapper and a PEFT
-    ``PeftModel`` are unwrapped. The wrappers' forward calls the model's, so patching the model
-    inside patches what they run; FSDP2's ``fully_shard`` wraps nothing (it changes the modules in
-    place), so a sharded model is patched as it is. FSDP1's ``FullyShardedDataParallel`` is refused:
+    """The transformers model inside ``model``: a DDP (or DataParallel) wrapper, DeepSpeed's engine and a
+    PEFT ``PeftModel`` are unwrapped. The wrappers' forward calls the model's, so patching the model
+    inside patches what they run (ZeRO-3's gathering hooks stay on the modules, which patching keeps);
+    FSDP2's ``fully_shard`` wraps nothing (it changes the modules in place), so a sharded model is
+    patched as it is. FSDP1's ``FullyShardedDataParallel`` is refused:
     it needs a GPU even to wrap (so it is untested here), and torch deprecates it for FSDP2."""
     if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    deepspeed_engine = sys.modules.get("deepspeed.runtime.engine")  # never imported here: it takes seconds
+    if deepspeed_engine is not None and isinstance(model, deepspeed_engine.DeepSpeedEngine):
         model = model.module
     if torch.distributed.is_available() and _is_fsdp1(model):
         raise ValueError("llama_fast.patch: the model is wrapped in FSDP1's FullyShardedDataParallel, which llama_fast "
