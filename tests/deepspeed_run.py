@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from trainer_run import recording  # noqa: E402
+
 from models import clone, tiny_model, tokens  # noqa: E402
 
 STEPS = 3
@@ -156,7 +158,6 @@ class FusedLossShapes:
 
 
 def run_trainer(scenario: str, patched: bool, out: str) -> dict:
-    import torch.distributed as dist
     from transformers import Trainer
 
     from llama_fast import is_patched
@@ -170,15 +171,7 @@ def run_trainer(scenario: str, patched: bool, out: str) -> dict:
     model = base_model(tied, lora)  # after the arguments, as transformers' DeepSpeed integration asks
     losses = []
 
-    class Recording(Trainer):
-        def training_step(self, *args, **kwargs):
-            loss = super().training_step(*args, **kwargs)
-            total = loss.detach().double().clone()
-            dist.all_reduce(total)
-            losses.append(total.item() / dist.get_world_size())
-            return loss
-
-    trainer = Recording(model=model, args=args, train_dataset=examples(),
+    trainer = recording(Trainer, losses)(model=model, args=args, train_dataset=examples(),
                         callbacks=[LlamaFastCallback(cross_entropy=True)] if patched else [])
     trainer.train()
     engine = trainer.model_wrapped

@@ -1,4 +1,4 @@
-"""Tolerances by the error-ratio rule, and input builders shared by the test modules.
+"""Tolerances by the error-ratio rule, input builders and the torchrun launcher shared by the test modules.
 
 The rule (flash-attention's; docs/testing.md, "The accuracy rule"): against a reference computed in float64 from the
 same inputs (more precise than any dtype under test, fp32 included), the kernel's error may be at
@@ -12,6 +12,8 @@ of a group, so attention tests pass floor_scale = 4·G·sqrt(head_dim).
 """
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -140,3 +142,18 @@ def user_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TRITON_", "LLAMA_FAST_", "PYTEST_")) and k != "PYTHONPATH"}
     return {**env, **extra}
+
+
+def torchrun(script: str, out, processes: int, *args, timeout: int = 900, **env) -> None:
+    """Run ``script`` (a path) under ``torchrun --standalone`` with ``processes`` processes, its first
+    argument ``out``, in a user's environment plus ``env``; fail with the end of its output if it fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               script, str(out), *args]
+    done = subprocess.run(command, env=user_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+def load_runs(dirs: dict) -> dict:
+    """{(name, scenario): result} for every OUT/<scenario>.pt a run wrote, ``dirs`` naming each run's OUT."""
+    return {(name, file.removesuffix(".pt")): torch.load(os.path.join(folder, file))
+            for name, folder in dirs.items() for file in os.listdir(folder) if file.endswith(".pt")}

@@ -7,15 +7,13 @@ scenario runs again under Triton's interpreter, the kernels a GPU runs (flash at
 """
 
 import os
-import subprocess
-import sys
 
 import deepspeed_run as runs
 import pytest
 import torch
 
 import llama_fast
-from helpers import assert_error_ratio, user_env
+from helpers import assert_error_ratio, load_runs, torchrun
 
 pytestmark = pytest.mark.system  # several processes (torchrun)
 
@@ -23,26 +21,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRITON_SCENARIOS = ("zero3",)  # ~1 min under the interpreter on two cores
 
 
-def _torchrun(out, processes: int, *args, **env):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               os.path.join(HERE, "deepspeed_run.py"), str(out), *args]
-    done = subprocess.run(command, env=user_env(**env), capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """{(variant, scenario): result} for the patched two-process runs and the one-process comparisons."""
     dirs = {name: tmp_path_factory.mktemp(name) for name in ("cpu_kernels", "triton", "eager")}
-    _torchrun(dirs["cpu_kernels"], 2)
-    _torchrun(dirs["triton"], 2, "--scenarios", *TRITON_SCENARIOS, TRITON_INTERPRET="1")
-    _torchrun(dirs["eager"], 1, "--unpatched")
-    found = {}
-    for name, folder in dirs.items():
-        for file in os.listdir(folder):
-            if file.endswith(".pt"):
-                found[name, file.removesuffix(".pt")] = torch.load(os.path.join(folder, file))
-    return found
+    script = os.path.join(HERE, "deepspeed_run.py")
+    torchrun(script, dirs["cpu_kernels"], 2, timeout=1200)
+    torchrun(script, dirs["triton"], 2, "--scenarios", *TRITON_SCENARIOS, timeout=1200, TRITON_INTERPRET="1")
+    torchrun(script, dirs["eager"], 1, "--unpatched", timeout=1200)
+    return load_runs(dirs)
 
 
 ALL = (*runs.SCENARIOS, runs.PATCHED_AFTER_INITIALIZE)

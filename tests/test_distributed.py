@@ -10,15 +10,13 @@ makes that run about 25 s, the CPU kernels all six take about 10.
 """
 
 import os
-import subprocess
-import sys
 
 import distributed_run as runs
 import pytest
 import torch
 
 import llama_fast
-from helpers import assert_error_ratio, user_env
+from helpers import assert_error_ratio, load_runs, torchrun
 
 pytestmark = pytest.mark.system  # several processes (torchrun)
 
@@ -28,25 +26,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRITON_SCENARIOS = ("fsdp2_fused_loss",)
 
 
-def _torchrun(out, processes: int, *args, **env):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               os.path.join(HERE, "distributed_run.py"), str(out), *args]
-    done = subprocess.run(command, env=user_env(**env), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """{(variant, scenario): result} for the patched two-process runs and the one-process comparisons."""
     dirs = {name: tmp_path_factory.mktemp(name) for name in ("cpu_kernels", "triton", "eager")}
-    _torchrun(dirs["cpu_kernels"], 2)
-    _torchrun(dirs["triton"], 2, "--scenarios", *TRITON_SCENARIOS, TRITON_INTERPRET="1")
-    _torchrun(dirs["eager"], 1, "--unpatched")
-    found = {}
-    for name, folder in dirs.items():
-        for file in os.listdir(folder):
-            found[name, file.removesuffix(".pt")] = torch.load(os.path.join(folder, file))
-    return found
+    script = os.path.join(HERE, "distributed_run.py")
+    torchrun(script, dirs["cpu_kernels"], 2)
+    torchrun(script, dirs["triton"], 2, "--scenarios", *TRITON_SCENARIOS, TRITON_INTERPRET="1")
+    torchrun(script, dirs["eager"], 1, "--unpatched")
+    return load_runs(dirs)
 
 
 def _reference(scenario: str) -> dict:
@@ -83,10 +71,7 @@ def test_hf_trainer_on_two_processes(tmp_path):
     """transformers' Trainer under torchrun (DDP on gloo): a PEFT LoRA model with gradient
     checkpointing, patched by LlamaFastCallback, trains as the unpatched model does (loss of each
     step and the adapter's weights, against the float64 run, by the rule)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(HERE, "trainer_run.py"), str(tmp_path)]
-    done = subprocess.run(command, env=user_env(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"trainer_run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    torchrun(os.path.join(HERE, "trainer_run.py"), tmp_path, 2)
     runs_ = torch.load(tmp_path / "trainer.pt")
     ours, eager, ref = runs_["ours"], runs_["eager"], runs_["ref"]
     assert ours["patched"] and not eager["patched"]

@@ -12,15 +12,13 @@ copy's forward belongs to the original's lm_head) without patching the copy agai
 
 import copy
 import os
-import subprocess
-import sys
 
 import pipeline_run as runs
 import pytest
 import torch
 
 import llama_fast
-from helpers import assert_error_ratio, assert_gradients_error_ratio, user_env
+from helpers import assert_error_ratio, assert_gradients_error_ratio, load_runs, torchrun
 
 pytestmark = pytest.mark.system  # several processes (torchrun)
 
@@ -28,20 +26,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRITON_SCENARIOS = ("1f1b_fused",)  # the kernels a GPU runs, under the interpreter
 
 
-def _torchrun(out, *args, **env):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(HERE, "pipeline_run.py"), str(out), *args]
-    done = subprocess.run(command, env=user_env(**env), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     dirs = {name: tmp_path_factory.mktemp(name) for name in ("cpu_kernels", "triton")}
-    _torchrun(dirs["cpu_kernels"])
-    _torchrun(dirs["triton"], "--scenarios", *TRITON_SCENARIOS, TRITON_INTERPRET="1")
-    found = {(name, file.removesuffix(".pt")): torch.load(os.path.join(folder, file))
-             for name, folder in dirs.items() for file in os.listdir(folder)}
+    script = os.path.join(HERE, "pipeline_run.py")
+    torchrun(script, dirs["cpu_kernels"], 2)
+    torchrun(script, dirs["triton"], 2, "--scenarios", *TRITON_SCENARIOS, TRITON_INTERPRET="1")
+    found = load_runs(dirs)
     found["eager"] = runs.train(runs.base_model())
     found["ref"] = runs.train(runs.base_model(torch.float64))
     return found

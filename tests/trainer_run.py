@@ -26,6 +26,21 @@ def _examples():
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
+def recording(trainer_class, losses: list):
+    """``trainer_class`` appending each step's loss, the mean over the ranks, to ``losses``."""
+    import torch.distributed as dist
+
+    class Recording(trainer_class):
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            total = loss.detach().double().clone()
+            dist.all_reduce(total)
+            losses.append(total.item() / dist.get_world_size())
+            return loss
+
+    return Recording
+
+
 def run(variant: str, out: str) -> dict:
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
@@ -41,20 +56,12 @@ def run(variant: str, out: str) -> dict:
     initial = {name: p.detach().double().clone() for name, p in model.named_parameters() if p.requires_grad}
     losses = []
 
-    class Recording(Trainer):
-        def training_step(self, *args, **kwargs):
-            loss = super().training_step(*args, **kwargs)
-            total = loss.detach().double().clone()
-            dist.all_reduce(total)
-            losses.append(total.item() / dist.get_world_size())
-            return loss
-
     args = TrainingArguments(output_dir=os.path.join(out, variant), per_device_train_batch_size=PER_DEVICE,
                              max_steps=STEPS, learning_rate=3e-3, gradient_checkpointing=True,
                              gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=True, report_to=[],
                              save_strategy="no", seed=0, logging_steps=1, disable_tqdm=True,
                              dataloader_pin_memory=False)
-    trainer = Recording(model=model, args=args, train_dataset=_examples(),
+    trainer = recording(Trainer, losses)(model=model, args=args, train_dataset=_examples(),
                         callbacks=[LlamaFastCallback()] if variant == "ours" else [])
     trainer.train()
     assert trainer.args.world_size == dist.get_world_size() == 2, "the Trainer did not train on both processes"
