@@ -1331,7 +1331,7 @@ def attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, pad: torch.Ten
 @on_tensor_device
 def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, pad: torch.Tensor | None,
                   deterministic: bool = False, tma: bool | None = None, packed: Packed | None = None,
-                  arch: int | None = None, window: int = 0, softcap: float = 0.0):
+                  arch: int | None = None, window: int = 0, softcap: float = 0.0, dlse: torch.Tensor | None = None):
     """dq, dk, dv (each in its input's layout) from the output gradient ``do`` (unit stride along D).
 
     Default: dQ accumulates atomically in fp32 inside the dK/dV kernel (five matrix products per
@@ -1347,7 +1347,10 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
     spills registers once it also holds the dQ tile (32 x 128 on 8 warps: 40-240 bytes, Triton 3.8,
     2026-12-02), so there dQ comes from the dQ kernel in both modes (seven products, all on wgmma,
     no atomics) and the atomic mode is deterministic too. ``window``, ``softcap``: as for
-    ``attention_fwd`` (``lse`` the forward's, from the same cap).
+    ``attention_fwd`` (``lse`` the forward's, from the same cap). ``dlse``: the gradient of the
+    forward's base-2 lse (B, Hq, Sq) fp32 as well, where the caller used the lse (ring attention merges
+    partial results by it), or None. The natural lse's gradient in score s_ij is p_ij, so it enters as
+    p·(dP − (Δ − dlse·log2 e)): Δ lowered, one operation over (B, Hq, Sq) and nothing in the main kernels.
     """
     if window and not causal:
         raise ValueError("attention_bwd: a sliding window needs causal attention")
@@ -1388,6 +1391,8 @@ def attention_bwd(do, q, k, v, out, lse, *, causal: bool, softmax_scale: float, 
         out, do, delta, q_heads, q_len, *_strides(out), *_strides(do),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows, num_warps=8 if narrow else 4,
     )
+    if dlse is not None:
+        delta.sub_(dlse, alpha=_LOG2E)
     # (B, Hq, Sq, D) fp32, zeroed: the atomic dQ's accumulator (empty, never touched, when the dQ kernel runs).
     dq_acc = q.new_zeros((batch, q_heads, q_len, head_dim) if atomic_dq else (0,), dtype=torch.float32)
     _attn_bwd_dkdv_kernel[lambda m: grid_of(entries * kv_heads, cdiv(longest_k, m["BLOCK_N"]))](

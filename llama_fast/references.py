@@ -53,7 +53,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> to
 
 
 def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None, key_padding_mask=None,
-              kv_lens=None, window: int | None = None, softcap: float | None = None):
+              kv_lens=None, window: int | None = None, softcap: float | None = None, return_lse: bool = False):
     """Softmax attention over an explicitly masked score matrix, the reference for flash_attention.
 
     q (B, Hq, Sq, D); k, v (B, Hk, Skv, D), Hq a multiple of Hk. Causal visibility is aligned
@@ -63,7 +63,9 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = Non
     sees only keys j > i + Skv - Sq - window, transformers' sliding window. softcap: the scaled scores
     become softcap·tanh(s / softcap) before the masks (Gemma 2). Rows that see no key give zeros
     (and zero gradients). Scores and softmax are computed in fp32 (float64 for float64 inputs), the
-    products in the input dtype, as eager attention in transformers does.
+    products in the input dtype, as eager attention in transformers does. return_lse: also the
+    natural-log log-sum-exp of each row's visible scores, (B, Hq, Sq) float32 (float64 for float64
+    inputs), -inf for a row that sees no key.
     """
     q_len, kv_len = q.shape[2], k.shape[2]
     group = q.shape[1] // k.shape[1]
@@ -90,23 +92,31 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = Non
     # gradient makes NaN) and are zeroed after it.
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~sees_any, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(~sees_any, 0.0)
-    return torch.matmul(probs.to(v.dtype), v)
+    out = torch.matmul(probs.to(v.dtype), v)
+    if not return_lse:
+        return out
+    return out, torch.logsumexp(scores, dim=-1).masked_fill(~sees_any[..., 0], float("-inf"))
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True, softmax_scale: float | None = None,
-                     window: int | None = None, softcap: float | None = None):
+                     window: int | None = None, softcap: float | None = None, return_lse: bool = False):
     """The reference for flash_attention_varlen: ``attention`` on each packed sequence alone.
 
     q (total_q, Hq, D); k, v (total_k, Hk, D); cu_seqlens_q/k (batch + 1,) offsets (read on the
-    host: this is a reference, not a fast path). Returns (total_q, Hq, D).
+    host: this is a reference, not a fast path). Returns (total_q, Hq, D), and with return_lse the
+    lse laid out (Hq, total_q).
     """
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     pieces = [q.new_zeros((0, *q.shape[1:]))]
+    lses = [q.new_zeros((q.shape[1], 0), dtype=torch.promote_types(q.dtype, torch.float32))]
     for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
         seq = [t[lo:hi].transpose(0, 1)[None] for t, lo, hi in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
-        pieces.append(attention(*seq, causal=causal, softmax_scale=softmax_scale, window=window,
-                                softcap=softcap)[0].transpose(0, 1))
-    return torch.cat(pieces)  # the offsets cover q's rows from 0 to the end (checked by the op)
+        out, lse = attention(*seq, causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                             return_lse=True)
+        pieces.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    # the offsets cover q's rows from 0 to the end (checked by the op)
+    return (torch.cat(pieces), torch.cat(lses, dim=1)) if return_lse else torch.cat(pieces)
 
 
 def linear_cross_entropy_rows(hidden, weight, labels, bias=None, *, ignore_index: int = -100,

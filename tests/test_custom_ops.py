@@ -32,12 +32,13 @@ def _cases(device, dtype):
     pad = torch.ones(2, 9, dtype=torch.bool, device=device)
     pad[1, :3] = False
     pad = pad.view(torch.uint8)
-    out, lse = ops.triton_flash_attention_fwd.default(qa, ka, va, pad, None, True, 0.25, 0, 0.0)
+    out, lse = ops.triton_flash_attention_fwd.default(qa, ka, va, pad, None, True, 0.25, 0, 0.0, False)
     kv_lens = torch.tensor([9, 6], dtype=torch.int32, device=device)
     # packed: sequences of 5, 0 and 12 queries over 7, 3 and 12 keys
     qp, kp, vp = (torch.randn(n, h, 16, device=device, dtype=dtype) for n, h in ((17, 4), (22, 2), (22, 2)))
     cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=device) for c in ([0, 5, 5, 17], [0, 7, 10, 22]))
-    out_p, lse_p = ops.triton_flash_attention_varlen_fwd.default(qp, kp, vp, cu_q, cu_k, 12, 12, True, 0.25, 0, 0.0)
+    out_p, lse_p = ops.triton_flash_attention_varlen_fwd.default(qp, kp, vp, cu_q, cu_k, 12, 12, True, 0.25, 0, 0.0,
+                                                                  False)
     return [
         ("rms_norm_fwd", ops.triton_rms_norm_fwd.default, (x, w, 1e-6)),
         ("rms_norm_bwd", ops.triton_rms_norm_bwd.default, (torch.randn_like(x), x, w, rstd)),
@@ -55,37 +56,52 @@ def _cases(device, dtype):
         ("rope_into_cache views", ops.triton_rope_into_cache.default,
          (q, k, torch.randn_like(k), cos, sin, torch.zeros(2, 2, 9, 16, device=device, dtype=dtype)[:, :, 2:7],
           torch.zeros(2, 2, 9, 16, device=device, dtype=dtype)[:, :, 2:7], None)),
-        ("flash_attention_fwd", ops.triton_flash_attention_fwd.default, (qa, ka, va, pad, None, True, 0.25, 0, 0.0)),
+        ("flash_attention_fwd", ops.triton_flash_attention_fwd.default,
+         (qa, ka, va, pad, None, True, 0.25, 0, 0.0, False)),
+        # the caller uses the lse (return_lse=True): its gradient goes into the backward
+        ("flash_attention_fwd lse", ops.triton_flash_attention_fwd.default,
+         (qa, ka, va, pad, None, True, 0.25, 0, 0.0, True)),
         ("flash_attention_fwd window", ops.triton_flash_attention_fwd.default,
-         (qa, ka, va, pad, None, True, 0.25, 4, 0.0)),
+         (qa, ka, va, pad, None, True, 0.25, 4, 0.0, False)),
         # Gemma 2's local layers: a window and the logit soft-cap
         ("flash_attention_fwd window softcap", ops.triton_flash_attention_fwd.default,
-         (qa, ka, va, pad, None, True, 0.25, 4, 2.0)),
+         (qa, ka, va, pad, None, True, 0.25, 4, 2.0, False)),
         ("flash_attention_fwd nopad", ops.triton_flash_attention_fwd.default,
-         (qa, ka, va, None, None, True, 0.25, 0, 0.0)),
+         (qa, ka, va, None, None, True, 0.25, 0, 0.0, False)),
         # a static cache: inference only, so no gradients asked for
         ("flash_attention_fwd kv_lens", ops.triton_flash_attention_fwd.default,
-         (qa, ka, va, pad, kv_lens, True, 0.25, 0, 0.0)),
+         (qa, ka, va, pad, kv_lens, True, 0.25, 0, 0.0, False)),
         ("flash_attention_bwd", ops.triton_flash_attention_bwd.default,
-         (torch.randn_like(out), qa, ka, va, out, lse, pad, True, 0.25, 0, 0.0, False)),
+         (torch.randn_like(out), qa, ka, va, out, lse, None, pad, True, 0.25, 0, 0.0, False)),
+        ("flash_attention_bwd lse", ops.triton_flash_attention_bwd.default,
+         (torch.randn_like(out), qa, ka, va, out, lse, torch.randn_like(lse), pad, True, 0.25, 0, 0.0, False)),
         ("flash_attention_bwd deterministic", ops.triton_flash_attention_bwd.default,
-         (torch.randn_like(out), qa, ka, va, out, lse, pad, True, 0.25, 0, 0.0, True)),
+         (torch.randn_like(out), qa, ka, va, out, lse, None, pad, True, 0.25, 0, 0.0, True)),
         ("flash_attention_bwd capped", ops.triton_flash_attention_bwd.default,
-         (torch.randn_like(out), qa, ka, va, out, lse, pad, True, 0.25, 0, 2.0, False)),
+         (torch.randn_like(out), qa, ka, va, out, lse, None, pad, True, 0.25, 0, 2.0, False)),
         ("flash_attention_varlen_fwd", ops.triton_flash_attention_varlen_fwd.default,
-         (qp, kp, vp, cu_q, cu_k, 12, 12, True, 0.25, 0, 0.0)),
+         (qp, kp, vp, cu_q, cu_k, 12, 12, True, 0.25, 0, 0.0, False)),
+        ("flash_attention_varlen_fwd lse", ops.triton_flash_attention_varlen_fwd.default,
+         (qp, kp, vp, cu_q, cu_k, 12, 12, True, 0.25, 0, 0.0, True)),
         ("flash_attention_varlen_bwd", ops.triton_flash_attention_varlen_bwd.default,
-         (torch.randn_like(out_p), qp, kp, vp, out_p, lse_p, cu_q, cu_k, 12, 12, True, 0.25, 0, 0.0, False)),
+         (torch.randn_like(out_p), qp, kp, vp, out_p, lse_p, None, cu_q, cu_k, 12, 12, True, 0.25, 0, 0.0, False)),
+        ("flash_attention_varlen_bwd lse", ops.triton_flash_attention_varlen_bwd.default,
+         (torch.randn_like(out_p), qp, kp, vp, out_p, lse_p, torch.randn_like(lse_p), cu_q, cu_k, 12, 12, True, 0.25,
+          0, 0.0, False)),
     ]
 
 
+CASES = 24  # len(_cases(...)); test_every_triton_op_is_checked holds it to that
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("index", range(19))
+@pytest.mark.parametrize("index", range(CASES))
 def test_triton_ops(device, dtype, index):
     if device.type == "cpu" and not llama_fast.backend.interpreting():
         pytest.skip("the Triton ops run on CPU tensors only under the interpreter")
     name, op, args = _cases(device, dtype)[index]
-    differentiable = name.endswith(("fwd", "nopad", "softcap"))  # the capped forward's autograd too
+    # the capped forward's and the lse-returning forward's autograd too
+    differentiable = "_fwd" in name and name.endswith(("fwd", "nopad", "softcap", "lse"))
     grads = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and differentiable else a
              for a in args]
     torch.library.opcheck(op, tuple(grads))
@@ -94,7 +110,9 @@ def test_triton_ops(device, dtype, index):
 def test_every_triton_op_is_checked(device):
     if device.type == "cpu" and not llama_fast.backend.interpreting():
         pytest.skip("the Triton ops run on CPU tensors only under the interpreter")
-    names = {name.split()[0] for name, _, _ in _cases(device, torch.float32)}  # importing llama_fast registered them
+    cases = _cases(device, torch.float32)
+    assert len(cases) == CASES, "test_triton_ops runs CASES cases: a case past them would go unchecked"
+    names = {name.split()[0] for name, _, _ in cases}  # importing llama_fast registered them
     registered = {n.removeprefix("triton_") for n in dir(torch.ops.llama_fast) if n.startswith("triton_")}
     assert names == registered
 

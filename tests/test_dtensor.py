@@ -68,6 +68,14 @@ def _attention_ref(refs, t):
     return refs.attention(t["q"], t["k"], t["v"], key_padding_mask=t.get("key_padding_mask"), kv_lens=t.get("kv_lens"))
 
 
+def _attention_lse(ops, t):
+    return ops.flash_attention(t["q"], t["k"], t["v"], key_padding_mask=t.get("key_padding_mask"), return_lse=True)
+
+
+def _attention_lse_ref(refs, t):
+    return refs.attention(t["q"], t["k"], t["v"], key_padding_mask=t.get("key_padding_mask"), return_lse=True)
+
+
 def _varlen(ops, t):
     return ops.flash_attention_varlen(t["q"], t["k"], t["v"], t["cu_q"], t["cu_k"], 7, 7)
 
@@ -101,13 +109,19 @@ OPS = {"rms_norm": (_rms_norm, lambda refs, t: refs.rms_norm(t["x"], t["weight"]
        "add_rms_norm": (_add_rms_norm, lambda refs, t: refs.add_rms_norm(t["x"], t["residual"], t["weight"], EPS)),
        "swiglu": (_swiglu, lambda refs, t: refs.swiglu(t["gate"], t["up"])),
        "rope": _rope(1), "rope_bshd": _rope(2), "attention": (_attention, _attention_ref),
-       "varlen": (_varlen, _varlen_ref), "loss_mean": _loss(), "loss_sum": _loss(reduction="sum"),
+       "attention_lse": (_attention_lse, _attention_lse_ref), "varlen": (_varlen, _varlen_ref),
+       "varlen_lse": (lambda ops, t: ops.flash_attention_varlen(t["q"], t["k"], t["v"], t["cu_q"], t["cu_k"], 7, 7,
+                                                                 return_lse=True),
+                      lambda refs, t: refs.attention_varlen(t["q"], t["k"], t["v"], t["cu_q"], t["cu_k"],
+                                                            return_lse=True)),
+       "loss_mean": _loss(), "loss_sum": _loss(reduction="sum"),
        "loss_none": _loss(reduction="none"), "loss_items": _loss(num_items_in_batch=7)}
 
 
 def _inputs(op: str, shapes: str = "") -> dict:
     """The full (unsharded) fp32 inputs of an op's cases. ``shapes`` picks a variant."""
     g = torch.Generator().manual_seed(zlib.crc32(f"{op}/{shapes}".encode()))
+    op = op.removesuffix("_lse")  # the same inputs, the op asked for its lse too
 
     def randn(*shape):
         return torch.randn(*shape, generator=g)
@@ -189,6 +203,10 @@ SUPPORTED = [
     ("attention_batch_kv_lens", "attention", "decode_kv_lens", dict(q="S0", k="S0", v="S0", kv_lens="S0"),
      torch.float32, False),
     ("varlen_heads", "varlen", "", dict(q="S1", k="S1", v="S1"), torch.float32, False),
+    ("attention_lse_heads", "attention_lse", "", dict(q="S1", k="S1", v="S1"), torch.float32, False),
+    ("attention_lse_batch_padded", "attention_lse", "padded", dict(q="S0", k="S0", v="S0", key_padding_mask="S0"),
+     torch.float32, False),
+    ("varlen_lse_heads", "varlen_lse", "", dict(q="S1", k="S1", v="S1"), torch.float32, False),
     ("loss_mean_tokens", "loss_mean", "", dict(hidden="S0", labels="S0"), torch.float32, False),
     ("loss_mean_tokens_bias", "loss_mean", "bias", dict(hidden="S0", labels="S0"), torch.float32, False),
     ("loss_sum_tokens", "loss_sum", "", dict(hidden="S0", labels="S0"), torch.float32, False),

@@ -6,10 +6,11 @@ from ..backend import BACKENDS, available_backends, backend_for, backend_on
 from .add_rms_norm import add_rms_norm
 from .attention import flash_attention, flash_attention_varlen
 from .linear_cross_entropy import linear_cross_entropy
+from .merge_attention import merge_attention
 from .rms_norm import rms_norm
 from .rope import apply_rotary_pos_emb, rope_into_cache
 from .swiglu import geglu, swiglu
 
 __all__ = ["BACKENDS", "add_rms_norm", "apply_rotary_pos_emb", "available_backends", "backend_for", "backend_on",
-           "flash_attention", "flash_attention_varlen", "geglu", "linear_cross_entropy", "rms_norm", "rope_into_cache",
-           "swiglu"]
+           "flash_attention", "flash_attention_varlen", "geglu", "linear_cross_entropy", "merge_attention", "rms_norm",
+           "rope_into_cache", "swiglu"]

@@ -9,13 +9,16 @@ from ._checks import check_dtype, check_same_device, check_same_dtype, unit_stri
 from ._dispatch import KernelOp, direct_call_ok
 
 _MAX_HEAD_DIM = 256
+_LN2 = 0.6931471805599453
 
 
 # The Triton kernels as custom ops, registered by KernelOp (ops/_dispatch.py); eager inference calls the
 # launcher itself. pad: the (B, Skv) key padding mask as uint8 (a view of the bool one) or int32, or None.
 def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None,
                 kv_lens: torch.Tensor | None, causal: bool, softmax_scale: float,
-                window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+                window: int, softcap: float, lse_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # lse_grad: the caller uses the lse, so its gradient goes into the backward (autograd gives the
+    # backward zeros for an unused output, which would cost an operation for nothing)
     from ..kernels import attention
 
     return attention.attention_fwd(q, k, v, causal=causal, softmax_scale=softmax_scale, pad=pad, kv_lens=kv_lens,
@@ -23,41 +26,43 @@ def _launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Te
 
 
 def _launch_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse: torch.Tensor, pad: torch.Tensor | None, causal: bool, softmax_scale: float, window: int,
-                softcap: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                lse: torch.Tensor, dlse: torch.Tensor | None, pad: torch.Tensor | None, causal: bool,
+                softmax_scale: float, window: int, softcap: float,
+                deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import attention
 
     return attention.attention_bwd(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale, pad=pad,
-                                   deterministic=deterministic, window=window, softcap=softcap)
+                                   deterministic=deterministic, window=window, softcap=softcap, dlse=dlse)
 
 
-def _fake_fwd(q, k, v, pad, kv_lens, causal, softmax_scale, window, softcap):
+def _fake_fwd(q, k, v, pad, kv_lens, causal, softmax_scale, window, softcap, lse_grad):
     # out in a (B, Sq, Hq, D) buffer viewed as (B, Hq, Sq, D), so transformers' transpose back is free
     batch, heads, q_len, head_dim = q.shape
     out = q.new_empty((batch, q_len, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
 
 
-def _fake_bwd(dout, q, k, v, out, lse, pad, causal, softmax_scale, window, softcap, deterministic):
+def _fake_bwd(dout, q, k, v, out, lse, dlse, pad, causal, softmax_scale, window, softcap, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pad, kv_lens, causal, softmax_scale, window, softcap = inputs
+    q, k, v, pad, kv_lens, causal, softmax_scale, window, softcap, lse_grad = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], pad)
     ctx.causal, ctx.softmax_scale, ctx.window, ctx.softcap = causal, softmax_scale, window, softcap
-    ctx.has_kv_lens = kv_lens is not None
+    ctx.has_kv_lens, ctx.lse_grad = kv_lens is not None, lse_grad
 
 
 def _backward_with(bwd_op):
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         if ctx.has_kv_lens:
             raise NotImplementedError("flash_attention: no backward with kv_lens (a static KV cache is for "
                                       "inference); train with the keys sliced to their length instead")
         q, k, v, out, lse, pad = ctx.saved_tensors
-        dq, dk, dv = bwd_op(unit_stride_last(dout), q, k, v, out, lse, pad, ctx.causal, ctx.softmax_scale,
-                            ctx.window, ctx.softcap, torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = bwd_op(unit_stride_last(dout), q, k, v, out, lse, dlse if ctx.lse_grad else None, pad,
+                            ctx.causal, ctx.softmax_scale, ctx.window, ctx.softcap,
+                            torch.are_deterministic_algorithms_enabled())
+        return dq, dk, dv, None, None, None, None, None, None, None
 
     return backward
 
@@ -145,8 +150,8 @@ def _check(q, k, v, key_padding_mask, kv_lens) -> None:
 
 def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None,
                     key_padding_mask: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
-                    window: int | None = None, softcap: float | None = None,
-                    backend: str | None = None) -> torch.Tensor:
+                    window: int | None = None, softcap: float | None = None, return_lse: bool = False,
+                    backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q over k, v without materialising the score matrix.
 
     q: (batch, q_heads, q_len, head_dim); k, v: (batch, kv_heads, kv_len, head_dim) with q_heads a
@@ -170,9 +175,12 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     softcap: each scaled score s becomes softcap·tanh(s / softcap) before the softmax (Gemma 2's
     ``attn_logit_softcapping``), forward and backward. None (default): no cap.
     A query that sees no key returns zeros, with zero gradient.
+    return_lse: also return lse, the natural-log log-sum-exp of each query row's scaled (and capped)
+    visible scores, (batch, q_heads, q_len) float32, -inf for a row that sees no key: what merges
+    attention over several key sets into attention over their union (``merge_attention``).
 
-    Returns out with q's shape and dtype. Differentiable in q, k and v. The backward accumulates dQ
-    with atomic additions (fastest; its last bits vary run to run) unless
+    Returns out with q's shape and dtype, or (out, lse). Differentiable in q, k and v, through lse
+    too. The backward accumulates dQ with atomic additions (fastest; its last bits vary run to run) unless
     ``torch.use_deterministic_algorithms(True)`` is on, when a separate dQ kernel makes every
     gradient bit-for-bit reproducible; dK and dV are deterministic either way.
     Decoding shapes (few queries, long KV) take the split-KV path automatically.
@@ -181,16 +189,30 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     scale = _scale("flash_attention", q, softmax_scale)
     window = _window("flash_attention", window, causal)
     softcap = _softcap("flash_attention", softcap)
+    return_lse = _flag("flash_attention", "return_lse", return_lse)
     if _dtensor.has_dtensor(q, k, v, key_padding_mask, kv_lens):
-        return _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, backend)
-    return _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, backend)
+        return _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend)
+    return _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend)
 
 
-def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, backend):
+def _flag(op, name, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+    return value
+
+
+def _natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernels' base-2 lse (+inf for a row that sees no key, their convention) as the ops return it:
+    natural log, -inf for such a row. Differentiable: the kernels' backward takes the base-2 gradient."""
+    return torch.where(lse2 == float("inf"), float("-inf"), lse2 * _LN2)
+
+
+def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend):
     """``flash_attention`` on checked plain tensors."""
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
-                                    kv_lens=kv_lens, window=window or None, softcap=softcap or None)
+                                    kv_lens=kv_lens, window=window or None, softcap=softcap or None,
+                                    return_lse=return_lse)
     _check_kernel_head_dim("flash_attention", q.shape[-1])
     pad = None
     if key_padding_mask is not None:
@@ -202,12 +224,12 @@ def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softca
             pad = pad.to(torch.uint8) if torch.compiler.is_compiling() else pad.view(torch.uint8)
     if kv_lens is not None:
         kv_lens = kv_lens.to(torch.int32).contiguous()
-    out, _ = _KERNELS.run("triton", direct_call_ok(q, k, v), unit_stride_last(q), unit_stride_last(k),
-                          unit_stride_last(v), pad, kv_lens, bool(causal), scale, window, softcap)
-    return out
+    out, lse = _KERNELS.run("triton", direct_call_ok(q, k, v), unit_stride_last(q), unit_stride_last(k),
+                            unit_stride_last(v), pad, kv_lens, bool(causal), scale, window, softcap, return_lse)
+    return (out, _natural_lse(lse)) if return_lse else out
 
 
-def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, backend):
+def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend):
     """DTensor inputs: q, k, v split alike, along the batch, or the heads with each rank's query heads the
     GQA groups of its KV heads; key_padding_mask and kv_lens (a row per batch entry) follow a batch split
     and are replicated otherwise. The output is split as q."""
@@ -224,16 +246,20 @@ def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, soft
             raise _dtensor.refuse(name, aux, tensors[aux], f"with q split as {tuple(q.placements)} it must be {want}",
                                   "Distribute it like q's batch")
     local = [None if t is None else t.to_local() for t in (key_padding_mask, kv_lens)]
-    out = _attention(q.to_local(), k.to_local(), v.to_local(), causal, scale, local[0], local[1], window, softcap,
-                     backend)
-    return _dtensor.wrap(out, mesh, placements["q"], q.shape)
+    result = _attention(q.to_local(), k.to_local(), v.to_local(), causal, scale, local[0], local[1], window, softcap,
+                        return_lse, backend)
+    if not return_lse:
+        return _dtensor.wrap(result, mesh, placements["q"], q.shape)
+    out, lse = result  # lse (batch, heads, q_len): split as q's first two dimensions
+    return _dtensor.wrap(out, mesh, placements["q"], q.shape), _dtensor.wrap(lse, mesh, placements["q"], q.shape[:3])
 
 
 # Packed (varlen) sequences: the same kernels over (1, H, total, D) views, each "batch" entry a
 # sequence (kernels/attention.py, Packed). Separate ops because the signature differs.
 def _launch_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                       softmax_scale: float, window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       softmax_scale: float, window: int, softcap: float,
+                       lse_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention
 
     packed = attention.Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -243,7 +269,8 @@ def _launch_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
 
 
 def _launch_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                       lse: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
+                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                        max_seqlen_k: int, causal: bool, softmax_scale: float, window: int, softcap: float,
                        deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import attention
@@ -251,7 +278,7 @@ def _launch_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     packed = attention.Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     grads = attention.attention_bwd(*_heads_first(dout, q, k, v, out), lse.unsqueeze(0), causal=causal,
                                     softmax_scale=softmax_scale, pad=None, deterministic=deterministic, packed=packed,
-                                    window=window, softcap=softcap)
+                                    window=window, softcap=softcap, dlse=None if dlse is None else dlse.unsqueeze(0))
     return tuple(g.transpose(1, 2).squeeze(0) for g in grads)
 
 
@@ -261,28 +288,29 @@ def _heads_first(*packed: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _fake_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                     window, softcap):
+                     window, softcap, lse_grad):
     total, heads, head_dim = q.shape
     return q.new_empty((total, heads, head_dim)), q.new_empty((heads, total), dtype=torch.float32)
 
 
-def _fake_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+def _fake_varlen_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                      softmax_scale, window, softcap, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window, softcap = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale, window, softcap, lse_grad = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
     ctx.args = max_q, max_k, causal, softmax_scale, window, softcap
+    ctx.lse_grad = lse_grad
 
 
 def _varlen_backward_with(bwd_op):
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = bwd_op(unit_stride_last(dout), q, k, v, out, lse, cu_q, cu_k, *ctx.args,
-                            torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        dq, dk, dv = bwd_op(unit_stride_last(dout), q, k, v, out, lse, dlse if ctx.lse_grad else None, cu_q, cu_k,
+                            *ctx.args, torch.are_deterministic_algorithms_enabled())
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
     return backward
 
@@ -354,7 +382,8 @@ def _check_varlen_values(cu_q, cu_k, total_q, total_k, max_q, max_k) -> None:
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal: bool = True,
                            softmax_scale: float | None = None, window: int | None = None,
-                           softcap: float | None = None, backend: str | None = None) -> torch.Tensor:
+                           softcap: float | None = None, return_lse: bool = False,
+                           backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash attention over sequences packed without padding, in flash-attn's varlen layout.
 
     q: (total_q, q_heads, head_dim); k, v: (total_k, kv_heads, head_dim), q_heads a multiple of
@@ -366,35 +395,38 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     sequence (query i of a sequence sees its keys j <= i + len_k − len_q), and ``window`` limits it
     per sequence as in ``flash_attention``. Other arguments (``softcap`` too) and
     numerics as ``flash_attention``. Returns (total_q, q_heads, head_dim) in q's dtype,
-    differentiable in q, k and v. No host sync on a GPU (the offsets are checked by a device-side
+    differentiable in q, k and v; with ``return_lse``, also the lse as ``flash_attention``'s, laid
+    out (q_heads, total_q) as flash-attn's varlen lse. No host sync on a GPU (the offsets are checked by a device-side
     assert there).
     """
     max_q, max_k = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _scale("flash_attention_varlen", q, softmax_scale)
     window = _window("flash_attention_varlen", window, causal)
     softcap = _softcap("flash_attention_varlen", softcap)
+    return_lse = _flag("flash_attention_varlen", "return_lse", return_lse)
     if _dtensor.has_dtensor(q, k, v, cu_seqlens_q, cu_seqlens_k):
         return _varlen_on_dtensors(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, softcap,
-                                   backend)
+                                   return_lse, backend)
     return _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, softcap,
-                             backend)
+                             return_lse, backend)
 
 
-def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, softcap, backend):
+def _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, softcap, return_lse,
+                      backend):
     """``flash_attention_varlen`` on checked plain tensors (the offsets' values are checked here)."""
     _check_varlen_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_q, max_k)
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale,
-                                           window=window or None, softcap=softcap or None)
+                                           window=window or None, softcap=softcap or None, return_lse=return_lse)
     _check_kernel_head_dim("flash_attention_varlen", q.shape[-1])
-    out, _ = _VARLEN_KERNELS.run("triton", direct_call_ok(q, k, v), unit_stride_last(q), unit_stride_last(k),
-                                 unit_stride_last(v), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_q,
-                                 max_k, bool(causal), scale, window, softcap)
-    return out
+    out, lse = _VARLEN_KERNELS.run("triton", direct_call_ok(q, k, v), unit_stride_last(q), unit_stride_last(k),
+                                   unit_stride_last(v), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_q,
+                                   max_k, bool(causal), scale, window, softcap, return_lse)
+    return (out, _natural_lse(lse)) if return_lse else out
 
 
 def _varlen_on_dtensors(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal, scale, window, softcap,
-                        backend):
+                        return_lse, backend):
     """DTensor inputs: q, k, v split alike along the heads (as ``_on_dtensors``; a sequence split would
     cut sequences), the offsets replicated."""
     name = "flash_attention_varlen"
@@ -404,6 +436,14 @@ def _varlen_on_dtensors(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causa
     _dtensor.check_head_split(name, q, k, placements["q"], 1)
     for cu in ("cu_seqlens_q", "cu_seqlens_k"):
         _dtensor.require_replicated(name, cu, tensors[cu], placements[cu], "the sequence offsets must be replicated")
-    out = _attention_varlen(q.to_local(), k.to_local(), v.to_local(), cu_seqlens_q.to_local(),
-                            cu_seqlens_k.to_local(), max_q, max_k, causal, scale, window, softcap, backend)
-    return _dtensor.wrap(out, mesh, placements["q"], q.shape)
+    result = _attention_varlen(q.to_local(), k.to_local(), v.to_local(), cu_seqlens_q.to_local(),
+                               cu_seqlens_k.to_local(), max_q, max_k, causal, scale, window, softcap, return_lse,
+                               backend)
+    if not return_lse:
+        return _dtensor.wrap(result, mesh, placements["q"], q.shape)
+    from torch.distributed.tensor import Shard
+
+    out, lse = result  # lse (heads, total_q): q's head split is its first dimension's
+    lse_placements = tuple(Shard(0) if p.is_shard(1) else p for p in placements["q"])
+    return (_dtensor.wrap(out, mesh, placements["q"], q.shape),
+            _dtensor.wrap(lse, mesh, lse_placements, (q.shape[1], q.shape[0])))
