@@ -65,6 +65,10 @@ ALLOWED = {
         covered="tests/test_gpu_script.py::test_within_skips_what_cannot_fit_and_restores_autotuning_results"),
     "bash bench/gpu.sh --dry-run all /tmp/x": dict(why="minutes on a CPU", check="bash bench/gpu.sh --help",
                                                    covered="tests/test_gpu_script.py::test_dry_run_of_every_step"),
+    # docs/context-parallel.md: the multi-GPU bench; its CPU form runs in test_context_parallel.py.
+    "torchrun --standalone --nproc_per_node N -m bench.context_parallel --out bench/results/cp-<date>": dict(
+        why="needs several GPUs", check=("torchrun --help", "python -m bench.context_parallel --help"),
+        covered="tests/test_context_parallel.py::test_bench_script_runs"),
     # docs/patching.md: LoRA fine-tuning of the real model (minutes); the short forms run in test_train.py.
     "python -m llama_fast train --compare --out out/train": dict(
         why="trains the real model (minutes)", check="python -m llama_fast train --help",

@@ -363,6 +363,23 @@ def test_unknown_attention_keywords_are_refused_not_ignored():
     assert torch.equal(expected, normalised)
 
 
+@pytest.mark.parametrize("cross_entropy", [False, True], ids=["logits", "fused"])
+def test_shift_labels_pass_through_to_the_loss(cross_entropy):
+    """transformers' ForCausalLMLoss takes labels already shifted (``shift_labels``, what a sharded
+    sequence needs: docs/context-parallel.md); the keyword goes down the model to the attention function
+    too, which once refused it. The loss is the one from the same labels unshifted."""
+    model = llama_fast.patch(tiny_model(), cross_entropy=cross_entropy).train()
+    ids = tokens(2, 7)
+    labels = ids.clone()
+    labels[0, 2] = -100
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=labels).loss
+        # labels must be given for a loss; shift_labels replaces them
+        loss = model(input_ids=ids, labels=torch.zeros_like(ids), shift_labels=shifted).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+
 def _count_reference_attention():
     return mock.patch.object(llama_fast.references, "attention", wraps=llama_fast.references.attention)
 

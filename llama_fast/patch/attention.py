@@ -20,9 +20,11 @@ ATTENTION_NAME = "llama_fast"
 # keyword with a value is refused rather than ignored: e.g. attention sinks.
 _NEUTRAL_KWARGS = frozenset({"position_ids", "use_cache", "cache", "past_key_values", "cache_position", "layer_idx",
                              "output_attentions", "output_hidden_states", "output_router_logits",
-                             # the loss's normaliser, which transformers' Trainer passes down the whole model
-                             "num_items_in_batch",
-                             "is_causal", "sliding_window", "softcap"})  # honoured by attention_forward
+                             # the loss's normaliser, which transformers' Trainer passes down the whole model,
+                             # and its labels shifted by the caller (ForCausalLMLoss's shift_labels)
+                             "num_items_in_batch", "shift_labels",
+                             "is_causal", "sliding_window", "softcap",  # honoured by attention_forward
+                             "context_parallel"})  # ring attention (_ring_attention)
 # TRL's padding-free collator adds ``seq_idx`` (each token's sequence number) beside the cu_seq_lens_*
 # it makes from the same lengths: with those it says nothing new. Alone it is refused, like any other.
 
@@ -60,6 +62,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     window = kwargs.get("sliding_window")
     # Gemma 2's cap·tanh(s / cap) on every score, which its eager attention applies before the mask.
     softcap = kwargs.get("softcap")
+    if kwargs.get("context_parallel") is not None:
+        return _ring_attention(query, key, value, attention_mask, kwargs, causal, scaling, window, softcap), None
     packed = _packed_sequences(query, key, attention_mask, kwargs, window)
     if packed is not None:
         return _packed_attention(query, key, value, packed, causal, scaling, window, softcap), None
@@ -191,6 +195,25 @@ def _assert_one_run_per_row(position_ids: torch.Tensor) -> None:
     torch._assert_async((steps == 1).all(), "llama_fast attention: position_ids show packed sequences; under "
                         "torch.compile pass cu_seq_lens_q/k and max_length_q/k (DataCollatorWithFlattening("
                         "return_flash_attn_kwargs=True)) so that no host read is needed")
+
+
+def _ring_attention(query, key, value, attention_mask, kwargs, causal, scaling, window, softcap):
+    """``context_parallel=shards`` (an ``ops.ZigzagShards``) handed to the model's forward: this rank's
+    zigzag shard of each sequence, attended over the whole sequence by ``ops.ring_attention``. The
+    position_ids the forward was given (``shards.positions()``) place RoPE; they jump between the shard's
+    two chunks, which transformers reads as packed sequences and answers with the packed marker: the
+    shards say the layout instead. What the ring does not implement is refused."""
+    from .. import ops
+
+    refused = [name for name, value in (("sliding_window", window), ("softcap", softcap)) if value is not None]
+    refused += [name for name in _PACKED_KWARGS if kwargs.get(name) is not None]
+    if attention_mask is not None and not is_packed_marker(attention_mask):
+        refused.append("a padding mask or a KV cache")
+    if refused:
+        raise NotImplementedError(f"llama_fast attention: context_parallel (ring attention) does not implement "
+                                  f"{', '.join(refused)}; shard unpadded sequences of a model without them")
+    out = ops.ring_attention(query, key, value, kwargs["context_parallel"], causal=causal, softmax_scale=scaling)
+    return out.transpose(1, 2)
 
 
 def _packed_attention(query, key, value, packed, causal, scaling, window=None, softcap=None):
