@@ -53,11 +53,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> to
 
 
 def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None, key_padding_mask=None,
-              kv_lens=None, window: int | None = None, softcap: float | None = None, return_lse: bool = False):
+              kv_lens=None, window: int | None = None, softcap: float | None = None, return_lse: bool = False,
+              causal_offset: int | None = None):
     """Softmax attention over an explicitly masked score matrix, the reference for flash_attention.
 
     q (B, Hq, Sq, D); k, v (B, Hk, Skv, D), Hq a multiple of Hk. Causal visibility is aligned
-    bottom-right: query i sees keys j <= i + Skv - Sq. key_padding_mask (B, Skv) bool, True for
+    bottom-right: query i sees keys j <= i + Skv - Sq, or j <= i + causal_offset when that is given
+    (shards of one sequence: flash_attention's causal_offset). key_padding_mask (B, Skv) bool, True for
     real keys. kv_lens (B,) integers: row b sees only keys j < kv_lens[b], with kv_lens[b] in place
     of Skv in the causal rule (a static cache filled up to there). window (with causal): query i also
     sees only keys j > i + Skv - Sq - window, transformers' sliding window. softcap: the scaled scores
@@ -81,9 +83,10 @@ def attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = Non
     valid = torch.full((1, 1, 1), kv_len, device=q.device) if kv_lens is None else kv_lens.view(-1, 1, 1)
     visible = j < valid  # (B or 1, 1, Skv)
     if causal:
-        visible = visible & (j <= i + (valid - q_len))
+        shift = valid - q_len if causal_offset is None else causal_offset
+        visible = visible & (j <= i + shift)
         if window is not None:
-            visible = visible & (j > i + (valid - q_len) - window)
+            visible = visible & (j > i + shift - window)
     visible = visible[:, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :].bool()

@@ -60,6 +60,32 @@ def test_lse_with_padding_window_and_softcap(device, dtype):
     _check(q, k, v, dtype, "capped attention lse", softcap=3.0, softmax_scale=0.5)
 
 
+# q_len 9, kv_len 13: bottom-right is offset 4. Offsets from every row blind (-9) to every row seeing every key (12+)
+@pytest.mark.parametrize("offset", [-12, -9, -3, 0, 2, 4, 7, 11, 12, 20])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_offset(device, dtype, offset):
+    """Query i sees keys j <= i + causal_offset: shards of one sequence, as a ring across shards would meet them.
+    Against the reference's mask of that rule, out and lse, forward and backward."""
+    q, k, v = _qkv(device, 2, (4, 2), 9, 13)
+    _check(q, k, v, dtype, f"attention causal_offset={offset}", causal_offset=offset)
+
+
+def test_causal_offset_with_padding_and_softcap(device):
+    q, k, v = _qkv(device, 2, (2, 1), 8, 12)
+    mask = torch.ones(2, 12, dtype=torch.bool, device=device)
+    mask[1, :3] = False
+    for offset in (-2, 1, 6):
+        _check(q, k, v, torch.float32, f"padded attention causal_offset={offset}", key_padding_mask=mask,
+               causal_offset=offset, softcap=4.0)
+
+
+def test_causal_offset_is_the_bottom_right_rule_where_they_agree(device):
+    q, k, v = _qkv(device, 1, (2, 2), 5, 8)
+    assert torch.equal(ops.flash_attention(q, k, v, causal_offset=3), ops.flash_attention(q, k, v))
+    out = ops.flash_attention(q, k, v, causal_offset=-5)  # every row blind: zeros
+    assert out.shape == q.shape and not out.any()
+
+
 def test_lse_is_float32_natural_log_and_minus_inf_where_no_key_is_seen(device):
     q, k, v = _qkv(device, 1, (2, 1), 6, 4)
     out, lse = ops.flash_attention(q.half(), k.half(), v.half(), return_lse=True)  # rows 0, 1 see no key
@@ -161,6 +187,14 @@ def test_bad_input_is_refused(device):
     with pytest.raises(TypeError, match="return_lse must be True or False"):
         ops.flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 4, 4,
                                    return_lse="yes")
+    with pytest.raises(TypeError, match="causal_offset must be an int or None"):
+        ops.flash_attention(q, k, v, causal_offset=1.0)
+    with pytest.raises(ValueError, match="it needs causal=True"):
+        ops.flash_attention(q, k, v, causal=False, causal_offset=1)
+    with pytest.raises(ValueError, match="causal_offset is not implemented with a window"):
+        ops.flash_attention(q, k, v, causal_offset=1, window=2)
+    with pytest.raises(ValueError, match="causal_offset is not implemented with kv_lens"):
+        ops.flash_attention(q, k, v, causal_offset=1, kv_lens=torch.tensor([4], device=device))
     out, lse = ops.flash_attention(q, k, v, return_lse=True)
     with pytest.raises(ValueError, match="must have one shape"):
         ops.merge_attention(out, lse, out[..., :2, :], lse)

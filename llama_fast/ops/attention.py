@@ -151,6 +151,7 @@ def _check(q, k, v, key_padding_mask, kv_lens) -> None:
 def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None = None,
                     key_padding_mask: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
                     window: int | None = None, softcap: float | None = None, return_lse: bool = False,
+                    causal_offset: int | None = None,
                     backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q over k, v without materialising the score matrix.
 
@@ -178,6 +179,10 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     return_lse: also return lse, the natural-log log-sum-exp of each query row's scaled (and capped)
     visible scores, (batch, q_heads, q_len) float32, -inf for a row that sees no key: what merges
     attention over several key sets into attention over their union (``merge_attention``).
+    causal_offset: with causal, query i sees keys j <= i + causal_offset instead: queries and keys that
+    are two shards of one sequence, the keys' first token causal_offset places before the queries'
+    (None: kv_len − q_len, bottom-right). Any int, negative included (rows that see no key give zeros
+    and lse -inf). Not with a window or kv_lens.
 
     Returns out with q's shape and dtype, or (out, lse). Differentiable in q, k and v, through lse
     too. The backward accumulates dQ with atomic additions (fastest; its last bits vary run to run) unless
@@ -190,9 +195,11 @@ def flash_attention(q, k, v, *, causal: bool = True, softmax_scale: float | None
     window = _window("flash_attention", window, causal)
     softcap = _softcap("flash_attention", softcap)
     return_lse = _flag("flash_attention", "return_lse", return_lse)
+    offset = _causal_offset("flash_attention", causal_offset, causal, window, kv_lens)
     if _dtensor.has_dtensor(q, k, v, key_padding_mask, kv_lens):
-        return _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend)
-    return _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend)
+        return _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend,
+                            offset)
+    return _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend, offset)
 
 
 def _flag(op, name, value) -> bool:
@@ -201,14 +208,47 @@ def _flag(op, name, value) -> bool:
     return value
 
 
+def _causal_offset(op, offset, causal, window, kv_lens) -> int | None:
+    if offset is None:
+        return None
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"{op}: causal_offset must be an int or None, got {offset!r}")
+    if not causal:
+        raise ValueError(f"{op}: causal_offset shifts the causal rule; it needs causal=True")
+    if window or kv_lens is not None:
+        raise ValueError(f"{op}: causal_offset is not implemented with {'a window' if window else 'kv_lens'}")
+    return offset
+
+
+def _offset_attention(q, k, v, offset, scale, key_padding_mask, softcap, return_lse, backend):
+    """Attention with query i seeing keys j <= i + offset, from the kernels' own rules on slices of the
+    rows: the first rows see no key (attention over none: zeros and lse -inf, in the graph with zero
+    gradients), the rows up to where the band reaches the last key see a prefix of the keys, bottom-right
+    causal, and the rest see every key (causal=False). Each row is computed once, by one of them."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    blind = min(max(-offset, 0), q_len)
+    band = min(max(kv_len - offset, blind), q_len)
+    pieces = []
+    for rows, keys, causal in ((slice(0, blind), 0, False), (slice(blind, band), band + offset, True),
+                               (slice(band, q_len), kv_len, False)):
+        if rows.stop > rows.start:
+            mask = None if key_padding_mask is None else key_padding_mask[:, :keys]
+            pieces.append(_attention(q[:, :, rows], k[:, :, :keys], v[:, :, :keys], causal, scale, mask, None, 0,
+                                     softcap, True, backend))
+    out = torch.cat([p[0] for p in pieces], 2)
+    return (out, torch.cat([p[1] for p in pieces], 2)) if return_lse else out
+
+
 def _natural_lse(lse2: torch.Tensor) -> torch.Tensor:
     """The kernels' base-2 lse (+inf for a row that sees no key, their convention) as the ops return it:
     natural log, -inf for such a row. Differentiable: the kernels' backward takes the base-2 gradient."""
     return torch.where(lse2 == float("inf"), float("-inf"), lse2 * _LN2)
 
 
-def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend):
+def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend, offset=None):
     """``flash_attention`` on checked plain tensors."""
+    if offset is not None and offset != k.shape[2] - q.shape[2] and q.shape[2]:
+        return _offset_attention(q, k, v, offset, scale, key_padding_mask, softcap, return_lse, backend)
     if backend_for(q, backend, extension_op=False) == "reference":
         return references.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
                                     kv_lens=kv_lens, window=window or None, softcap=softcap or None,
@@ -229,7 +269,7 @@ def _attention(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softca
     return (out, _natural_lse(lse)) if return_lse else out
 
 
-def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend):
+def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, softcap, return_lse, backend, offset):
     """DTensor inputs: q, k, v split alike, along the batch, or the heads with each rank's query heads the
     GQA groups of its KV heads; key_padding_mask and kv_lens (a row per batch entry) follow a batch split
     and are replicated otherwise. The output is split as q."""
@@ -247,7 +287,7 @@ def _on_dtensors(q, k, v, causal, scale, key_padding_mask, kv_lens, window, soft
                                   "Distribute it like q's batch")
     local = [None if t is None else t.to_local() for t in (key_padding_mask, kv_lens)]
     result = _attention(q.to_local(), k.to_local(), v.to_local(), causal, scale, local[0], local[1], window, softcap,
-                        return_lse, backend)
+                        return_lse, backend, offset)
     if not return_lse:
         return _dtensor.wrap(result, mesh, placements["q"], q.shape)
     out, lse = result  # lse (batch, heads, q_len): split as q's first two dimensions
